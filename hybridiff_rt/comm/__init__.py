@@ -1,0 +1,55 @@
+"""Moving tensors between ranks: the Transport interface and its backends.
+
+``make_transport`` picks a backend for a HybridConfig.transport value:
+  * "torch": torch.distributed (NCCL on GPUs, gloo on CPUs), works across nodes;
+  * "ipc": the CUDA IPC engine of the compiled extension (ranks on one node, CUDA tensors);
+  * "auto": IPC when every rank is on this node with CUDA and the engine is usable, else torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import ExtensionError
+from .base import PendingTransfer, Transport
+from .distributed import DistInfo, current_dist_info, init_distributed
+from .torch_backend import TorchTransport
+
+__all__ = ["PendingTransfer", "Transport", "TorchTransport", "DistInfo", "current_dist_info",
+           "init_distributed", "make_transport", "all_ranks_on_this_node"]
+
+
+def all_ranks_on_this_node() -> bool:
+    """True when torchrun says every rank of the job runs on this node."""
+    world = os.environ.get("WORLD_SIZE")
+    return world is not None and os.environ.get("LOCAL_WORLD_SIZE", world) == world
+
+
+def make_transport(kind: str, timeout_s: float, device: torch.device) -> Transport:
+    """Create the transport named by ``kind`` ("auto" | "ipc" | "torch") for this rank.
+
+    Raises:
+        ExtensionError: ``kind="ipc"`` but the IPC engine cannot serve these ranks (the message
+            says why: no CUDA compiled in, ranks on several nodes, no usable copy path, ...).
+    """
+    if kind == "torch":
+        return TorchTransport(timeout_s)
+    wants_ipc = device.type == "cuda" and all_ranks_on_this_node()
+    if kind == "auto" and not wants_ipc:
+        return TorchTransport(timeout_s)
+    if kind == "ipc" and not wants_ipc:
+        raise ExtensionError("transport='ipc' needs CUDA tensors and every rank on one node; "
+                             f"this rank runs on {device} (use transport='torch' or 'auto')")
+    from . import ipc
+
+    ok, reason = ipc.ipc_available()
+    if not ok:
+        if kind == "ipc":
+            raise ExtensionError(f"transport='ipc' is not usable here: {reason}")
+        return TorchTransport(timeout_s)
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    return ipc.make_ipc_transport(store, dist.get_rank(), dist.get_world_size(), device, timeout_s)

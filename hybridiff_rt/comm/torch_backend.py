@@ -1,0 +1,99 @@
+"""Transport over torch.distributed: NCCL on GPUs, gloo on CPUs (and CUDA tensors when NCCL
+cannot be used, e.g. two ranks on one GPU). Works across nodes.
+
+The transport owns one process group, created once at construction with the transport's timeout.
+On gloo every wait is bounded by ``timeout_s`` on the host; on NCCL waits are stream-ordered and
+the group's own timeout (the NCCL watchdog) bounds a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..errors import PeerTimeoutError
+from .base import PendingTransfer, Transport
+
+
+class _TorchWork:
+    """One or more torch.distributed work handles completed together."""
+
+    def __init__(self, transport: "TorchTransport", works: list, what: str) -> None:
+        self._transport = transport
+        self._works = works
+        self._what = what
+
+    def wait(self) -> None:
+        for work in self._works:
+            self._transport._wait(work, self._what)
+        self._works = []
+
+
+class TorchTransport(Transport):
+    """torch.distributed point-to-point and collectives on a dedicated process group."""
+
+    def __init__(self, timeout_s: float, group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("TorchTransport needs an initialised default process group; "
+                               "call hybridiff_rt.init_distributed() under torchrun first")
+        backend = dist.get_backend()
+        if group is None:
+            group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        super().__init__(dist.get_rank(), dist.get_world_size(), timeout_s)
+        self.group = group
+        self.backend = backend
+        self.name = f"torch-{backend}"
+        self._host_timeout = datetime.timedelta(seconds=timeout_s) if backend == "gloo" else None
+
+    def all_gather(self, tensor: torch.Tensor, *, what: str) -> list[torch.Tensor]:
+        tensor = tensor.contiguous()
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        work = self._call(what, dist.all_gather, out, tensor, group=self.group, async_op=True)
+        self._wait(work, what)
+        self.bytes_sent += self.payload_bytes([tensor]) * (self.world_size - 1)
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, src: int, *, what: str) -> torch.Tensor:
+        work = self._call(what, dist.broadcast, tensor, src=src, group=self.group, async_op=True)
+        self._wait(work, what)
+        if self.rank == src:
+            self.bytes_sent += self.payload_bytes([tensor]) * (self.world_size - 1)
+        return tensor
+
+    def isend(self, tensors: Sequence[torch.Tensor], dst: int, *, what: str) -> PendingTransfer:
+        works = [self._call(what, dist.isend, t.contiguous(), dst=dst, group=self.group)
+                 for t in tensors]
+        self.bytes_sent += self.payload_bytes(tensors)
+        return _TorchWork(self, works, what)
+
+    def irecv(self, buffers: Sequence[torch.Tensor], src: int, *, what: str) -> PendingTransfer:
+        works = [self._call(what, dist.irecv, b, src=src, group=self.group) for b in buffers]
+        return _TorchWork(self, works, what)
+
+    def close(self) -> None:
+        self.group = None
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:
+            raise self._peer_error(what, exc) from exc
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            if self._host_timeout is not None:
+                work.wait(timeout=self._host_timeout)
+            else:
+                work.wait()
+        except RuntimeError as exc:
+            raise self._peer_error(what, exc) from exc
+
+    def _peer_error(self, what: str, exc: BaseException) -> PeerTimeoutError:
+        return PeerTimeoutError(
+            f"rank {self.rank}/{self.world_size}: no answer from a peer within {self.timeout_s:g} s "
+            f"during '{what}' over {self.name} ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "A peer process died or hangs: check the other ranks' logs. The limit is "
+            "HybridConfig(timeout_s=...).")

@@ -1,0 +1,145 @@
+"""HybridConfig: every knob of the hybrid runtime, validated at construction, plus paper presets.
+
+The presets are the paper's defaults for 50 sampling steps (PAPER.md section 2). For another step
+count T, :meth:`HybridConfig.preset` rescales them with one documented rule (see
+:func:`scale_to_steps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any
+
+from .errors import ConfigError
+
+PIPELINE_GUIDANCE_POLICIES = ("off", "reuse")
+TRANSPORTS = ("auto", "ipc", "torch")
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+
+#: Paper defaults for 2 devices and 50 steps. SD3's slope_eps is the reference scripts' 0.5e-3;
+#: the paper's 0.1e-3 stays reachable as preset "sd3-paper" (or ``preset("sd3", slope_eps=1e-4)``).
+PRESETS: dict[str, dict[str, Any]] = {
+    "sdxl": dict(window=12, slope_eps=0.4e-3, k=5, tau_cap=15, guidance_scale=5.0),
+    "sd3": dict(window=15, slope_eps=0.5e-3, k=5, tau_cap=40, guidance_scale=7.0),
+    "sd3-paper": dict(window=15, slope_eps=0.1e-3, k=5, tau_cap=40, guidance_scale=7.0),
+}
+PRESET_STEPS = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig:
+    """Configuration of the hybrid data/pipeline-parallel runtime.
+
+    Attributes:
+        window: L, the number of steps the discrepancy slope is measured over (>= 1).
+        slope_eps: switch to pipelining at the first step whose slope G_i satisfies
+            ``0 <= G_i < slope_eps`` (dimensionless, per step).
+        k: number of stale-activation pipelined steps; 0 means condition-based partitioning
+            throughout.
+        tau_cap: latest switch point: if no slope fired by the end of step ``tau_cap - 1``,
+            tau1 = tau_cap.
+        pipeline_guidance: what the guided prediction is during pipelined steps: "off" (the
+            pipelined cond prediction alone, the paper's behaviour) or "reuse" (cond prediction plus
+            (w-1) times the last measured cond-uncond difference).
+        transport: "auto" (CUDA IPC when all ranks share a node with CUDA, else torch.distributed),
+            "ipc" or "torch".
+        cuda_graphs: "auto" | "on" | "off".
+        timeout_s: seconds a rank waits for a peer during a step before raising PeerTimeoutError.
+        handshake_timeout_s: seconds the first-step agreement check waits for slow peers (model
+            loading can skew ranks by tens of seconds).
+        guidance_scale: the preset's recommended w (informational; the call's own value is used).
+    """
+
+    window: int = 12
+    slope_eps: float = 0.4e-3
+    k: int = 5
+    tau_cap: int = 15
+    pipeline_guidance: str = "off"
+    transport: str = "auto"
+    cuda_graphs: str = "auto"
+    timeout_s: float = 30.0
+    handshake_timeout_s: float = 300.0
+    guidance_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("window", self.window, minimum=1)
+        _check_int("k", self.k, minimum=0)
+        _check_int("tau_cap", self.tau_cap, minimum=1)
+        if not isinstance(self.slope_eps, (int, float)) or not math.isfinite(self.slope_eps) \
+                or self.slope_eps < 0:
+            raise ConfigError(f"slope_eps must be a finite number >= 0, got {self.slope_eps!r}")
+        _check_choice("pipeline_guidance", self.pipeline_guidance, PIPELINE_GUIDANCE_POLICIES)
+        _check_choice("transport", self.transport, TRANSPORTS)
+        _check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
+        for name in ("timeout_s", "handshake_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+    @classmethod
+    def preset(cls, name: str, num_steps: int = PRESET_STEPS, **overrides: Any) -> "HybridConfig":
+        """The paper's defaults for model family ``name`` ("sdxl", "sd3", "sd3-paper").
+
+        Args:
+            name: preset name.
+            num_steps: sampling steps the config will be used with; values other than 50 are
+                rescaled by :func:`scale_to_steps`.
+            overrides: any HybridConfig field, applied after scaling.
+        """
+        key = name.lower()
+        if key not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        fields = scale_to_steps(PRESETS[key], num_steps)
+        fields.update(overrides)
+        return cls(**fields)
+
+    def replace(self, **changes: Any) -> "HybridConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short stable hash of every field, used to check that all ranks share one config."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def scale_to_steps(fields: dict[str, Any], num_steps: int) -> dict[str, Any]:
+    """Rescale 50-step preset fields to ``num_steps`` steps.
+
+    Rule: with r = num_steps / 50, window, tau_cap and k scale by r (rounded, window and tau_cap
+    at least 1, k at least 1 when it was positive), and slope_eps scales by 1/r because the
+    discrepancy changes r times faster per step when there are fewer steps. If the result would
+    leave no CBP step at the end (tau_cap + k > num_steps - 2), tau_cap is lowered to fit; if even
+    tau_cap = 1 does not fit, k is lowered. Fewer than 4 steps cannot hold a schedule with k > 0,
+    so k becomes 0 (condition-based partitioning throughout).
+    """
+    _check_int("num_steps", num_steps, minimum=1)
+    out = dict(fields)
+    if num_steps == PRESET_STEPS:
+        return out
+    ratio = num_steps / PRESET_STEPS
+    out["window"] = max(1, round(fields["window"] * ratio))
+    out["tau_cap"] = max(1, round(fields["tau_cap"] * ratio))
+    out["k"] = max(1, round(fields["k"] * ratio)) if fields["k"] > 0 else 0
+    out["slope_eps"] = fields["slope_eps"] / ratio
+    limit = num_steps - 2
+    if out["tau_cap"] + out["k"] > limit:
+        out["tau_cap"] = max(1, limit - out["k"])
+        out["k"] = max(0, min(out["k"], limit - out["tau_cap"]))
+    return out
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -1,0 +1,138 @@
+"""parallelize(pipe): run an unchanged diffusers pipeline with its CFG branches on two ranks.
+
+The returned ParallelPipeline is called exactly like the pipeline. Underneath, the pipeline's
+denoiser (``pipe.unet`` or ``pipe.transformer``) gets a forward proxy that splits the CFG-doubled
+batch ``[uncond; cond]`` into its branches, hands them to one HybridDenoiser (the same engine a
+custom sampling loop uses) and returns the doubled prediction, so the pipeline combines the
+branches and steps its scheduler itself, identically on every rank.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .config import HybridConfig
+from .engine import HybridDenoiser, RunReport
+from .engine.batch import join_cfg_batch, split_cfg_batch
+from .errors import HybridError, UnsupportedModelError
+
+DENOISER_ATTRIBUTES = ("unet", "transformer")
+_PROXY_MARK = "_hybridiff_rt_pipeline"
+
+
+class ParallelPipeline:
+    """A diffusers pipeline whose denoiser calls run through a HybridDenoiser.
+
+    Attribute reads and writes go to the wrapped pipeline (``.pipe``), so ``pipe.scheduler``,
+    ``pipe.to(...)`` and friends work unchanged. ``report`` is the RunReport of the last call.
+    """
+
+    def __init__(self, pipe: Any, cfg: HybridConfig | None = None) -> None:
+        name = next((a for a in DENOISER_ATTRIBUTES if getattr(pipe, a, None) is not None), None)
+        if name is None:
+            raise UnsupportedModelError(
+                f"{type(pipe).__name__} has no .unet or .transformer denoiser; hybridiff_rt "
+                "supports pipelines built on UNet2DConditionModel (StableDiffusionPipeline, "
+                "StableDiffusionXLPipeline, ...) or SD3Transformer2DModel "
+                "(StableDiffusion3Pipeline)")
+        model = getattr(pipe, name)
+        if getattr(model, _PROXY_MARK, None) is not None:
+            raise HybridError("this pipeline's denoiser is already parallelized; call the object "
+                              "hr.parallelize returned the first time")
+        object.__setattr__(self, "pipe", pipe)
+        object.__setattr__(self, "engine", HybridDenoiser(model, cfg))
+        object.__setattr__(self, "_in_call", False)
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_signature", inspect.signature(model.forward))
+        model.forward = self._proxy_forward
+        setattr(model, _PROXY_MARK, self)
+
+    @property
+    def report(self) -> RunReport:
+        return self.engine.report
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.engine.reset()
+        object.__setattr__(self, "_in_call", True)
+        try:
+            return self.pipe(*args, **kwargs)
+        finally:
+            object.__setattr__(self, "_in_call", False)
+
+    def restore(self) -> Any:
+        """Remove the forward proxy and return the plain pipeline."""
+        model = self._model
+        if getattr(model, _PROXY_MARK, None) is self:
+            del model.forward
+            delattr(model, _PROXY_MARK)
+        return self.pipe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.pipe, name, value)
+
+    def __repr__(self) -> str:
+        return f"ParallelPipeline({type(self.pipe).__name__}, rank={self.engine.rank}/" \
+               f"{self.engine.world_size})"
+
+    def _proxy_forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._in_call:
+            raise HybridError("the denoiser of a parallelized pipeline was called outside a call "
+                              "of the pipeline hr.parallelize returned; call that object (every "
+                              "rank must take part in each step)")
+        kw = dict(self._signature.bind(*args, **kwargs).arguments)
+        engine = self.engine
+        step = engine._next_step
+        num_steps = len(self.pipe.scheduler.timesteps) if step == 0 else None
+        if not getattr(self.pipe, "do_classifier_free_guidance", True):
+            return engine.serial_step(kw, step=step, num_steps=num_steps, reason=(
+                "no classifier-free guidance in this call (guidance_scale <= 1): no partitioning; "
+                "every rank ran the whole batch"))
+        return_dict = kw.pop("return_dict", True)
+        sample = kw[engine.sample_key]
+        pairs = {k: split_cfg_batch(v, sample.shape[0]) for k, v in kw.items()}
+        uncond_kw = {k: p[0] for k, p in pairs.items()}
+        cond_kw = {k: p[1] for k, p in pairs.items()}
+        uncond_pred, cond_pred = engine.predict_branches(
+            uncond_kw, cond_kw, guidance_scale=float(self.pipe.guidance_scale), step=step,
+            num_steps=num_steps, joint_kw=kw)
+        doubled = join_cfg_batch(uncond_pred, cond_pred)
+        if not return_dict:
+            return (doubled,)
+        return _output_class(engine.family)(sample=doubled)
+
+
+def parallelize(pipe: Any, cfg: HybridConfig | None = None) -> ParallelPipeline:
+    """Wrap a diffusers pipeline so its CFG branches run on the ranks of the process group.
+
+    Args:
+        pipe: a pipeline whose denoiser is a UNet2DConditionModel (``pipe.unet``) or an
+            SD3Transformer2DModel (``pipe.transformer``), the same on every rank.
+        cfg: HybridConfig; default HybridConfig().
+
+    Returns:
+        A ParallelPipeline, called exactly like ``pipe`` on every rank with the same arguments.
+        With world size 1 it is a serial wrapper that still records a RunReport.
+    """
+    return ParallelPipeline(pipe, cfg)
+
+
+def last_report(pipe: Any) -> RunReport:
+    """The RunReport of the last call of a parallelized pipeline (or of a HybridDenoiser)."""
+    if isinstance(pipe, (ParallelPipeline, HybridDenoiser)):
+        return pipe.report
+    raise TypeError(f"last_report needs the object hr.parallelize returned or a HybridDenoiser, "
+                    f"got {type(pipe).__name__}")
+
+
+def _output_class(family: str):
+    if family == "unet":
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput

@@ -1,0 +1,71 @@
+"""Pure helpers that split a CFG-doubled batch of denoiser arguments into its two branches.
+
+Diffusers pipelines call the denoiser once per step with the batch ``[uncond; cond]`` (uncond
+first). Every argument whose leading dimension equals the doubled batch size is batch-shaped and
+is split at the middle; everything else (scalars, 0-d timesteps, None, config dicts, tensors with
+another leading size) is passed to both branches unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ShapeError
+
+
+def split_cfg_batch(value: Any, full_batch: int) -> tuple[Any, Any]:
+    """Split ``value`` (a tensor or a nested dict/list/tuple of them) into (uncond, cond) halves.
+
+    Args:
+        value: an argument of the denoiser call.
+        full_batch: the doubled batch size 2B (the sample's leading dimension).
+
+    Returns:
+        (uncond_part, cond_part): tensors of leading size B, or ``value`` itself twice where the
+        argument is not batch-shaped.
+    """
+    if full_batch % 2:
+        raise ShapeError(f"a classifier-free-guided batch must have an even size [uncond; cond], "
+                         f"got {full_batch}")
+    half = full_batch // 2
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 1 and value.shape[0] == full_batch:
+            return value[:half], value[half:]
+        return value, value
+    if isinstance(value, dict):
+        pairs = {k: split_cfg_batch(v, full_batch) for k, v in value.items()}
+        return ({k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()})
+    if isinstance(value, (list, tuple)):
+        pairs = [split_cfg_batch(v, full_batch) for v in value]
+        return (type(value)(p[0] for p in pairs), type(value)(p[1] for p in pairs))
+    return value, value
+
+
+def join_cfg_batch(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The doubled prediction ``[uncond; cond]`` a diffusers pipeline expects back."""
+    return torch.cat([uncond, cond], dim=0)
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside a nested argument, in a deterministic order (dict keys sorted)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k in sorted(value, key=str) for t in tensors_in(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors_in(v)]
+    return []
+
+
+def describe_shapes(value: Any) -> str:
+    """A compact, deterministic text of the structure, shapes and dtypes of an argument tree."""
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)}:{str(value.dtype).replace('torch.', '')}"
+    if isinstance(value, dict):
+        inner = ",".join(f"{k}={describe_shapes(value[k])}" for k in sorted(value, key=str))
+        return "{" + inner + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(describe_shapes(v) for v in value) + "]"
+    return type(value).__name__ if value is not None else "None"

@@ -1,0 +1,269 @@
+"""HybridDenoiser: the per-rank step executor, one implementation for custom loops and diffusers.
+
+Per step it asks the SwitchSchedule for the mode and then
+  * "cbp": rank 0 runs the uncond branch, rank 1 the cond branch, the two predictions are
+    exchanged, the discrepancy statistic of the exchanged pair feeds the schedule (every rank
+    computes it from identical tensors, so every rank takes the same decision, no broadcast);
+  * "pipeline": the stale-activation stage pipeline (see pipeline.py) produces the cond
+    prediction; the uncond prediction is synthesised from the guidance policy;
+  * "serial" (world size 1, or a call without CFG): this rank runs everything itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..comm import Transport, init_distributed, make_transport
+from ..config import HybridConfig
+from ..errors import NonFinitePredictionError, UnsupportedModelError, WorldSizeError
+from ..ops import cfg_combine, discrepancy_stats, rel_mae
+from ..schedule import SwitchSchedule
+from .agreement import check_agreement
+from .batch import describe_shapes
+from .report import RunReport
+
+SUPPORTED_WORLD_SIZES = (1, 2)
+_INSTANCES = itertools.count()
+
+Kwargs = dict[str, Any]
+
+
+def model_family(model: torch.nn.Module) -> str:
+    """"unet" for UNet2DConditionModel, "mmdit" for SD3Transformer2DModel; else a clear error."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    if isinstance(model, UNet2DConditionModel):
+        return "unet"
+    if isinstance(model, SD3Transformer2DModel):
+        return "mmdit"
+    raise UnsupportedModelError(
+        f"hybridiff_rt cannot partition a {type(model).__name__}; supported denoisers are "
+        "diffusers UNet2DConditionModel (SD1.5/SD2.1/SDXL) and SD3Transformer2DModel (SD3/SD3.5)")
+
+
+class HybridDenoiser:
+    """Classifier-free-guided denoiser spread over the ranks of the default process group.
+
+    Args:
+        model: a UNet2DConditionModel or SD3Transformer2DModel, the same weights on every rank.
+        cfg: HybridConfig (default: HybridConfig()).
+        transport: a Transport to use instead of the one ``cfg.transport`` selects.
+
+    Call once per step, on every rank, with identical arguments::
+
+        eps = den(sample, timestep, cond={...}, uncond={...}, guidance_scale=w, step=i,
+                  num_steps=T)
+
+    ``cond`` / ``uncond`` hold the model's keyword inputs for each branch (encoder_hidden_states,
+    added_cond_kwargs, pooled_projections, ...). The result is the guided prediction
+    ``u + w (c - u)``, shape of ``sample``, identical on every rank.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: HybridConfig | None = None, *,
+                 transport: Transport | None = None) -> None:
+        self.family = model_family(model)
+        self.model = model
+        self.cfg = cfg if cfg is not None else HybridConfig()
+        self.dist = init_distributed(timeout_s=self.cfg.timeout_s)
+        if self.dist.world_size not in SUPPORTED_WORLD_SIZES:
+            raise WorldSizeError(
+                f"hybridiff_rt runs on world size 1 (serial) or 2 (one CFG branch per device); "
+                f"this job has {self.dist.world_size} ranks. Start it with "
+                "`torchrun --nproc_per_node=2 ...`.")
+        self.sample_key = "sample" if self.family == "unet" else "hidden_states"
+        self._model_forward: Callable[..., Any] = model.forward
+        self._transport = transport
+        self._instance = next(_INSTANCES)
+        self._run_index = -1
+        self.reset()
+
+    # ----------------------------------------------------------------------------- public API
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
+
+    @property
+    def report(self) -> RunReport:
+        """The RunReport of the current (or last finished) run."""
+        return self._report
+
+    def reset(self) -> None:
+        """Start a new run: the next call is step 0 and gets a fresh schedule and report."""
+        self._run_index += 1
+        self._report = RunReport(rank=self.rank, world_size=self.world_size,
+                                 config=self.cfg.to_dict())
+        self._schedule: SwitchSchedule | None = None
+        self._next_step = 0
+        self._last_difference: torch.Tensor | None = None
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, cond: Kwargs, uncond: Kwargs,
+                 guidance_scale: float, step: int | None = None,
+                 num_steps: int | None = None) -> torch.Tensor:
+        uncond_kw = {self.sample_key: sample, "timestep": timestep, **uncond}
+        cond_kw = {self.sample_key: sample, "timestep": timestep, **cond}
+        uncond_pred, cond_pred = self.predict_branches(uncond_kw, cond_kw,
+                                                       guidance_scale=guidance_scale, step=step,
+                                                       num_steps=num_steps)
+        guided, _ = cfg_combine(uncond_pred, cond_pred, guidance_scale)
+        return guided
+
+    def predict_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs, *, guidance_scale: float,
+                         step: int | None = None, num_steps: int | None = None,
+                         joint_kw: Kwargs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one step and return ``(uncond_pred, cond_pred)``, identical on every rank.
+
+        Args:
+            uncond_kw / cond_kw: complete keyword inputs of the model for each branch.
+            guidance_scale: w, used by the "reuse" pipeline guidance policy and the rank check.
+            step: step index (default: the next one); steps of a run must come in order.
+            num_steps: steps planned for the run (required at step 0).
+            joint_kw: the CFG-doubled inputs, if the caller has them; a world of one then runs
+                the ordinary batch-2 call (the serial baseline) instead of two branch calls.
+
+        During pipelined steps ``uncond_pred`` is synthesised so that the usual combination
+        ``u + w (c - u)`` gives the configured policy: ``c`` for "off", ``c + (w-1) d`` for
+        "reuse" (d = the last measured cond - uncond).
+        """
+        step = self._begin_step(step, num_steps)
+        started = time.perf_counter()
+        sent_before = self._bytes_sent()
+        if self._schedule is None:
+            self._start_run(uncond_kw, cond_kw, guidance_scale)
+        mode = "serial" if self.world_size == 1 else self._schedule.mode(step)
+        if mode == "pipeline":
+            uncond_pred, cond_pred = self._pipeline_step(cond_kw, step, guidance_scale)
+            measured = math.nan
+        else:
+            if mode == "serial":
+                uncond_pred, cond_pred = self._serial_branches(uncond_kw, cond_kw, joint_kw)
+            else:
+                uncond_pred, cond_pred = self._cbp_branches(uncond_kw, cond_kw, step)
+            measured = self._observe(step, uncond_pred, cond_pred)
+        self._finish_step(step, mode, measured, started, sent_before)
+        return uncond_pred, cond_pred
+
+    def serial_step(self, kw: Kwargs, *, step: int | None = None, num_steps: int | None = None,
+                    reason: str) -> Any:
+        """Run the model on ``kw`` unchanged on this rank (a call without CFG); returns the
+        model's own output. Recorded as a "serial" step with ``reason`` in the report notes."""
+        step = self._begin_step(step, num_steps)
+        started = time.perf_counter()
+        out = self._model_forward(**kw)
+        self._report.note(reason)
+        self._finish_step(step, "serial", math.nan, started, self._bytes_sent())
+        return out
+
+    # ------------------------------------------------------------------------------- internals
+    def _begin_step(self, step: int | None, num_steps: int | None) -> int:
+        if step is None:
+            step = self._next_step
+        if step == 0 and self._next_step != 0:
+            self.reset()
+        if step != self._next_step:
+            raise ValueError(f"step {step} called out of order: this run expects step "
+                             f"{self._next_step} next (call reset() to start a new run)")
+        if step == 0:
+            if num_steps is None or num_steps < 1:
+                raise ValueError("num_steps (the number of denoiser calls in the run, >= 1) "
+                                 "must be given at step 0")
+            self._report.num_steps = int(num_steps)
+        elif self._report.num_steps is not None and step >= self._report.num_steps:
+            raise ValueError(f"step {step} is past the planned {self._report.num_steps} steps; "
+                             "call reset() (or pass step=0) to start a new run")
+        return step
+
+    def _finish_step(self, step: int, mode: str, measured: float, started: float,
+                     sent_before: int) -> None:
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        self._report.record_step(mode, measured, elapsed_ms, self._bytes_sent() - sent_before)
+        self._next_step = step + 1
+        if self._schedule is not None:
+            self._report.tau1 = self._schedule.tau1
+            self._report.tau2 = self._schedule.tau2
+
+    def _start_run(self, uncond_kw: Kwargs, cond_kw: Kwargs, guidance_scale: float) -> None:
+        num_steps = self._report.num_steps
+        self._schedule = SwitchSchedule(self.cfg, num_steps)
+        if self.world_size == 1:
+            self._report.note("world size 1: serial run (both branches on this rank)")
+            return
+        transport = self._get_transport()
+        self._report.transport = transport.name
+        import torch.distributed as dist
+
+        sample = cond_kw[self.sample_key]
+        fields = {
+            "config": self.cfg.digest(),
+            "num_steps": num_steps,
+            "guidance_scale": float(guidance_scale),
+            "shapes": describe_shapes(uncond_kw) + "|" + describe_shapes(cond_kw),
+            "model": [type(self.model).__name__, str(next(self.model.parameters()).dtype),
+                      sum(p.numel() for p in self.model.parameters())],
+            "timestep": cond_kw.get("timestep"),
+            "sample": sample,
+            "cond": {k: v for k, v in cond_kw.items() if k not in (self.sample_key, "timestep")},
+            "uncond": {k: v for k, v in uncond_kw.items()
+                       if k not in (self.sample_key, "timestep")},
+        }
+        store = dist.distributed_c10d._get_default_store()
+        check_agreement(store, self.rank, self.world_size,
+                        f"hybridiff_rt/agree/{self._instance}/{self._run_index}", fields,
+                        self.cfg.handshake_timeout_s)
+
+    def _get_transport(self) -> Transport:
+        if self._transport is None:
+            self._transport = make_transport(self.cfg.transport, self.cfg.timeout_s,
+                                             self.dist.device)
+        return self._transport
+
+    def _bytes_sent(self) -> int:
+        return self._transport.bytes_sent if self._transport is not None else 0
+
+    def _run_model(self, kw: Kwargs) -> torch.Tensor:
+        kw = dict(kw)
+        kw["return_dict"] = False
+        return self._model_forward(**kw)[0]
+
+    def _serial_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs,
+                         joint_kw: Kwargs | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if joint_kw is not None:
+            uncond_pred, cond_pred = self._run_model(joint_kw).chunk(2)
+            return uncond_pred, cond_pred
+        return self._run_model(uncond_kw), self._run_model(cond_kw)
+
+    def _cbp_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs,
+                      step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mine = self._run_model(uncond_kw if self.rank == 0 else cond_kw)
+        uncond_pred, cond_pred = self._transport.all_gather(mine, what=f"cbp step {step}")
+        return uncond_pred, cond_pred
+
+    def _observe(self, step: int, uncond_pred: torch.Tensor, cond_pred: torch.Tensor) -> float:
+        """Discrepancy M_i of the pair, fed to the schedule; raises on non-finite predictions."""
+        measured = rel_mae(discrepancy_stats(uncond_pred, cond_pred))
+        if not math.isfinite(measured):
+            for name, pred in (("uncond", uncond_pred), ("cond", cond_pred)):
+                if not bool(torch.isfinite(pred).all()):
+                    raise NonFinitePredictionError(
+                        f"step {step}: the {name} prediction contains NaN or infinite values "
+                        f"(dtype {pred.dtype}). The model overflowed or got bad inputs: try "
+                        "torch_dtype=torch.bfloat16 or float32, or check the conditioning.")
+            self._report.nonfinite_steps.append(step)
+            self._report.note("some steps had a non-finite discrepancy (all-zero uncond "
+                              "prediction); they never trigger a switch")
+        self._schedule.observe(step, measured)
+        if self.cfg.pipeline_guidance == "reuse" and self.cfg.k > 0:
+            self._last_difference = cond_pred - uncond_pred
+        return measured
+
+    def _pipeline_step(self, cond_kw: Kwargs, step: int,
+                       guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("stage pipelining lands with the staged-pipeline issue")

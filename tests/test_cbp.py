@@ -1,0 +1,238 @@
+"""Condition-based partitioning through hr.parallelize on two CPU ranks (gloo, one thread each).
+
+Exactness contract (DESIGN.md section 3): in fp32 the two-rank output equals, bit for bit, a
+serial run that calls the denoiser once per CFG branch; it is within BATCH2_TOLERANCE of the
+ordinary batch-2 serial run; and it is identical on both ranks.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from hybridiff_rt.launch import all_ok, run_ranks
+
+#: fp32 max |difference| between batch-2 and per-branch denoiser calls, propagated through a
+#: few sampling steps (DESIGN.md measured 1e-6 to 2e-5 per call).
+BATCH2_TOLERANCE = 1e-3
+STEPS = 5
+
+
+def per_branch_forward(model):
+    """Patch ``model.forward`` to run each CFG branch as its own call (the exact serial
+    reference); returns a function that restores it."""
+    import inspect
+
+    from hybridiff_rt.engine.batch import join_cfg_batch, split_cfg_batch
+
+    original = model.forward
+    signature = inspect.signature(original)
+
+    def forward(*args, **kwargs):
+        kw = dict(signature.bind(*args, **kwargs).arguments)
+        return_dict = kw.pop("return_dict", True)
+        full = kw["sample" if "sample" in kw else "hidden_states"].shape[0]
+        pairs = {k: split_cfg_batch(v, full) for k, v in kw.items()}
+        outs = [original(**{k: p[i] for k, p in pairs.items()}, return_dict=False)[0]
+                for i in (0, 1)]
+        joined = join_cfg_batch(*outs)
+        return (joined,) if not return_dict else type(original(**kw))(sample=joined)
+
+    model.forward = forward
+    return lambda: delattr(model, "forward")
+
+
+def denoiser_of(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def _call(pipe, seed, **kw):
+    kw.setdefault("num_inference_steps", STEPS)
+    kw.setdefault("height", 32)
+    kw.setdefault("width", 32)
+    kw.setdefault("output_type", "latent")
+    out = pipe(generator=torch.Generator().manual_seed(seed), **kw)
+    images = out.images
+    return images.detach().numpy().copy() if isinstance(images, torch.Tensor) else np.asarray(images)
+
+
+def _rank_cases(rank, family, seed, cases):
+    """Run each case parallel, per-branch serial and batch-2 serial on this rank."""
+    import hybridiff_rt as hr
+    from hybridiff_rt import tiny
+
+    hr.init_distributed()
+    pipe = tiny.build(family, seed=seed)
+    results = {}
+    for name, kwargs in cases.items():
+        parallel = hr.parallelize(pipe, hr.HybridConfig(k=0))
+        seen = []
+
+        def callback(p, i, t, tensors):
+            seen.append((int(i), float(tensors["latents"].double().sum())))
+            return tensors
+
+        extra = {"callback_on_step_end": callback} if kwargs.pop("callback", False) else {}
+        par = _call(parallel, seed + 1, **kwargs, **extra)
+        report = hr.last_report(parallel).to_dict()
+        pipe = parallel.restore()
+        doubled = kwargs.get("guidance_scale", 5.0) > 1
+        undo = per_branch_forward(denoiser_of(pipe)) if doubled else (lambda: None)
+        branchwise = _call(pipe, seed + 1, **kwargs)
+        undo()
+        batch2 = _call(pipe, seed + 1, **kwargs)
+        results[name] = dict(par=par, branchwise=branchwise, batch2=batch2, report=report,
+                             callback=seen)
+    return results
+
+
+def _check_exact(results_by_rank, name):
+    r0, r1 = (results_by_rank[r][name] for r in (0, 1))
+    assert np.array_equal(r0["par"], r1["par"]), "ranks returned different images"
+    assert np.array_equal(r0["par"], r0["branchwise"]), (
+        "parallel output differs from the per-branch serial run: max |d| = "
+        f"{np.abs(r0['par'] - r0['branchwise']).max()}")
+    assert np.abs(r0["par"] - r0["batch2"]).max() <= BATCH2_TOLERANCE
+    return r0, r1
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "sd"])
+def test_cbp_matches_per_branch_serial_bit_for_bit(family):
+    seed = random.randrange(1 << 16)
+    cases = {
+        "basic": dict(prompt="a red fox in snow", guidance_scale=5.0),
+        "batched": dict(prompt=["a cat", "a dog on a hill"], negative_prompt=["blurry", "dark"],
+                        num_images_per_prompt=2, guidance_scale=4.0),
+    }
+    results = all_ok(run_ranks(_rank_cases, family, seed, cases))
+    for name in cases:
+        r0, r1 = _check_exact(results, name)
+        for rep, rank in ((r0["report"], 0), (r1["report"], 1)):
+            assert rep["rank"] == rank and rep["world_size"] == 2
+            assert rep["modes"] == ["cbp"] * STEPS
+            assert rep["num_steps"] == STEPS
+            assert all(b > 0 for b in rep["bytes_sent"]), rep["bytes_sent"]
+            assert len(rep["step_ms"]) == STEPS and all(t > 0 for t in rep["step_ms"])
+            assert rep["transport"] == "torch-gloo"
+        assert r0["report"]["rel_mae"] == r1["report"]["rel_mae"]
+        assert all(m is not None and m > 0 for m in r0["report"]["rel_mae"])
+    batched = results[0]["batched"]["par"]
+    assert batched.shape[0] == 4, "2 prompts x 2 images per prompt"
+
+
+def test_cbp_without_guidance_callbacks_and_decoded_output():
+    seed = random.randrange(1 << 16)
+    cases = {
+        "no_cfg": dict(prompt="a boat", guidance_scale=1.0),
+        "callback": dict(prompt="a boat", negative_prompt="fog", guidance_scale=6.0,
+                         callback=True),
+        "decoded": dict(prompt="a tree", guidance_scale=3.0, output_type="np"),
+    }
+    results = all_ok(run_ranks(_rank_cases, "sdxl", seed, cases))
+    r0, r1 = _check_exact(results, "no_cfg")
+    for rep in (r0["report"], r1["report"]):
+        assert rep["modes"] == ["serial"] * STEPS
+        assert any("no classifier-free guidance" in n for n in rep["notes"])
+        assert rep["bytes_sent"] == [0] * STEPS
+    r0, r1 = _check_exact(results, "callback")
+    assert [i for i, _ in r0["callback"]] == list(range(STEPS))
+    assert r0["callback"] == r1["callback"], "callbacks saw different latents on the two ranks"
+    r0, _ = _check_exact(results, "decoded")
+    assert r0["par"].shape == (1, 32, 32, 3) and np.isfinite(r0["par"]).all()
+
+
+def _rank_serial_wrapper(rank, seed):
+    import hybridiff_rt as hr
+    from hybridiff_rt import tiny
+
+    pipe = tiny.build("sd3", seed=seed)
+    plain = _call(pipe, seed, prompt="a lamp", guidance_scale=5.0)
+    wrapped = hr.parallelize(pipe, hr.HybridConfig(k=0))
+    out = _call(wrapped, seed, prompt="a lamp", guidance_scale=5.0)
+    return plain, out, hr.last_report(wrapped).to_dict()
+
+
+def test_world_size_one_is_a_serial_wrapper_with_report():
+    plain, out, report = all_ok(run_ranks(_rank_serial_wrapper, random.randrange(1 << 16),
+                                          world_size=1), world_size=1)[0]
+    assert np.array_equal(plain, out)
+    assert report["modes"] == ["serial"] * STEPS and report["world_size"] == 1
+    assert all(m is not None for m in report["rel_mae"])
+
+
+def _rank_world_three(rank):
+    import hybridiff_rt as hr
+    from hybridiff_rt import tiny
+
+    hr.HybridDenoiser(tiny.sd_pipeline().unet, hr.HybridConfig(k=0))
+
+
+def test_world_size_three_is_refused_on_every_rank():
+    outcomes = run_ranks(_rank_world_three, world_size=3)
+    assert sorted(outcomes) == [0, 1, 2]
+    for outcome in outcomes.values():
+        assert outcome.error_type == "WorldSizeError", outcome
+        assert "world size 1 (serial) or 2" in outcome.error and "3 ranks" in outcome.error
+
+
+def _rank_mismatch(rank, what):
+    import hybridiff_rt as hr
+    from hybridiff_rt import tiny
+
+    cfg = hr.HybridConfig(k=0, timeout_s=20)
+    if what == "config" and rank == 1:
+        cfg = cfg.replace(slope_eps=1e-3)
+    pipe = hr.parallelize(tiny.build("sdxl"), cfg)
+    prompt = "a red car" if (what == "prompt" and rank == 1) else "a blue car"
+    seed = 1 + rank if what == "seed" else 1
+    steps = STEPS + rank if what == "steps" else STEPS
+    _call(pipe, seed, prompt=prompt, guidance_scale=5.0, num_inference_steps=steps)
+
+
+@pytest.mark.parametrize("what,field", [("prompt", "cond"), ("seed", "sample"),
+                                        ("config", "config"), ("steps", "num_steps")])
+def test_rank_disagreement_raises_on_every_rank(what, field):
+    outcomes = run_ranks(_rank_mismatch, what)
+    assert sorted(outcomes) == [0, 1]
+    for outcome in outcomes.values():
+        assert outcome.error_type == "RankMismatchError", outcome
+        assert field in outcome.error, outcome.error
+
+
+def _rank_peer_failure(rank, how, timeout_s):
+    import os
+    import time
+
+    import hybridiff_rt as hr
+    from hybridiff_rt import tiny
+
+    pipe = hr.parallelize(tiny.build("sd3"), hr.HybridConfig(k=0, timeout_s=timeout_s))
+    started = {}
+
+    def callback(p, i, t, tensors):
+        if i == 2 and rank == 1:
+            if how == "exit":
+                os._exit(3)
+            time.sleep(4 * timeout_s)
+        started.setdefault("t", time.monotonic())
+        return tensors
+
+    try:
+        _call(pipe, 0, prompt="a dog", guidance_scale=5.0, callback_on_step_end=callback)
+    except hr.PeerTimeoutError:
+        started["waited"] = time.monotonic() - started["t"]
+        raise RuntimeError(f"PeerTimeoutError after {started['waited']:.1f} s") from None
+
+
+@pytest.mark.parametrize("how", ["exit", "hang"])
+def test_dead_or_hung_peer_raises_timeout_on_survivor(how):
+    timeout_s = 3.0
+    outcomes = run_ranks(_rank_peer_failure, how, timeout_s, timeout_s=120)
+    assert 0 in outcomes, "the surviving rank hung instead of raising"
+    survivor = outcomes[0]
+    assert not survivor.ok and survivor.error.startswith("PeerTimeoutError after"), survivor
+    waited = float(survivor.error.split("after ")[1].split(" s")[0])
+    assert waited < timeout_s + 15, f"survivor needed {waited} s to notice"
