@@ -19,7 +19,7 @@ import torch
 #: Image side in pixels each builder's default expects (latent side = image side / 2 for the
 #: one-level tiny VAE).
 DEFAULT_IMAGE_SIZE = 32
-TOKENIZER_MAX_LENGTH = 16
+TOKENIZER_MAX_LENGTH = 32
 
 
 def byte_level_vocab() -> dict[str, int]:

@@ -31,6 +31,9 @@ class Transport(abc.ABC):
 
     #: backend name shown in reports ("torch-gloo", "torch-nccl", "ipc").
     name: str = "abstract"
+    #: rough payload bandwidth in bytes per millisecond, used by the stage partitioner to weigh
+    #: transfers against compute (1e6 bytes/ms = 1 GB/s).
+    bytes_per_ms: float = 1e6
 
     def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
         self.rank = rank

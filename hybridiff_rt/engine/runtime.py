@@ -11,7 +11,9 @@ Per step it asks the SwitchSchedule for the mode and then
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import json
 import math
 import time
 from typing import Any, Callable
@@ -20,11 +22,14 @@ import torch
 
 from ..comm import Transport, init_distributed, make_transport
 from ..config import HybridConfig
-from ..errors import NonFinitePredictionError, UnsupportedModelError, WorldSizeError
+from ..errors import (NonFinitePredictionError, PeerTimeoutError, UnsupportedModelError,
+                      WorldSizeError)
 from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
+from ..stages import UnitProfile, profile_units, stage_denoiser
 from .agreement import check_agreement
 from .batch import describe_shapes
+from .pipeline import StagePipeline
 from .report import RunReport
 
 SUPPORTED_WORLD_SIZES = (1, 2)
@@ -76,6 +81,9 @@ class HybridDenoiser:
                 f"this job has {self.dist.world_size} ranks. Start it with "
                 "`torchrun --nproc_per_node=2 ...`.")
         self.sample_key = "sample" if self.family == "unet" else "hidden_states"
+        # staged before anyone (parallelize) wraps model.forward: units call the submodules
+        self._staged = stage_denoiser(model) if self.world_size > 1 and self.cfg.k > 0 else None
+        self._pipeline: StagePipeline | None = None
         self._model_forward: Callable[..., Any] = model.forward
         self._transport = transport
         self._instance = next(_INSTANCES)
@@ -99,6 +107,9 @@ class HybridDenoiser:
     def reset(self) -> None:
         """Start a new run: the next call is step 0 and gets a fresh schedule and report."""
         self._run_index += 1
+        if getattr(self, "_pipeline", None) is not None:
+            self._pipeline.drain()
+            self._pipeline = None
         self._report = RunReport(rank=self.rank, world_size=self.world_size,
                                  config=self.cfg.to_dict())
         self._schedule: SwitchSchedule | None = None
@@ -136,6 +147,13 @@ class HybridDenoiser:
         step = self._begin_step(step, num_steps)
         started = time.perf_counter()
         sent_before = self._bytes_sent()
+        with torch.no_grad():
+            return self._predict(uncond_kw, cond_kw, guidance_scale, step, joint_kw, started,
+                                 sent_before)
+
+    def _predict(self, uncond_kw: Kwargs, cond_kw: Kwargs, guidance_scale: float, step: int,
+                 joint_kw: Kwargs | None, started: float,
+                 sent_before: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._schedule is None:
             self._start_run(uncond_kw, cond_kw, guidance_scale)
         mode = "serial" if self.world_size == 1 else self._schedule.mode(step)
@@ -189,6 +207,7 @@ class HybridDenoiser:
         if self._schedule is not None:
             self._report.tau1 = self._schedule.tau1
             self._report.tau2 = self._schedule.tau2
+            self._report.nonfinite_steps = list(self._schedule.nonfinite_steps)
 
     def _start_run(self, uncond_kw: Kwargs, cond_kw: Kwargs, guidance_scale: float) -> None:
         num_steps = self._report.num_steps
@@ -256,7 +275,6 @@ class HybridDenoiser:
                         f"step {step}: the {name} prediction contains NaN or infinite values "
                         f"(dtype {pred.dtype}). The model overflowed or got bad inputs: try "
                         "torch_dtype=torch.bfloat16 or float32, or check the conditioning.")
-            self._report.nonfinite_steps.append(step)
             self._report.note("some steps had a non-finite discrepancy (all-zero uncond "
                               "prediction); they never trigger a switch")
         self._schedule.observe(step, measured)
@@ -266,4 +284,55 @@ class HybridDenoiser:
 
     def _pipeline_step(self, cond_kw: Kwargs, step: int,
                        guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError("stage pipelining lands with the staged-pipeline issue")
+        """One stale-activation pipelined step; returns (synthesised uncond, cond prediction)."""
+        first = step == self._schedule.tau1 + 1
+        more_follow = step < self._schedule.tau2
+        if first:
+            self._pipeline = self._build_pipeline(cond_kw)
+        cond_pred = self._pipeline.step(cond_kw, step, first=first, more_follow=more_follow)
+        if not more_follow:
+            self._pipeline.drain()
+            self._pipeline = None
+        if not bool(torch.isfinite(cond_pred).all()):
+            raise NonFinitePredictionError(
+                f"step {step} (pipelined): the prediction contains NaN or infinite values (dtype "
+                f"{cond_pred.dtype}). Try torch_dtype=torch.bfloat16 or float32.")
+        if self.cfg.pipeline_guidance == "reuse" and self._last_difference is not None:
+            # u' = c - d makes the pipeline's u' + w (c - u') equal c + (w - 1) d
+            return cond_pred - self._last_difference, cond_pred
+        return cond_pred, cond_pred
+
+    def _build_pipeline(self, cond_kw: Kwargs) -> StagePipeline:
+        """Profile the units (rank 0, cached per model/shape/device), share the profile through
+        the store so every rank cuts identically, and set up this rank's stage."""
+        import torch.distributed as dist
+
+        store = dist.distributed_c10d._get_default_store()
+        key = f"hybridiff_rt/profile/{self._instance}/{self._run_index}"
+        started = time.perf_counter()
+        if self.rank == 0:
+            profile = profile_units(self._staged, cond_kw)
+            store.set(key, json.dumps(profile.to_dict()))
+        else:
+            try:
+                store.wait([key], datetime.timedelta(seconds=self.cfg.handshake_timeout_s))
+            except Exception as exc:
+                raise PeerTimeoutError(
+                    f"rank {self.rank}: rank 0 did not publish the stage profile within "
+                    f"{self.cfg.handshake_timeout_s:g} s ({type(exc).__name__}); it died or "
+                    "hangs") from exc
+            profile = UnitProfile.from_dict(json.loads(store.get(key)))
+        transport = self._get_transport()
+        plan = profile.plan(self.world_size, transport.bytes_per_ms)
+        self._report.extra["pipeline"] = {
+            "plan": plan.to_dict(),
+            "stage_units": [list(profile.unit_names[a:b])
+                            for a, b in zip(plan.cuts[:-1], plan.cuts[1:])],
+            "unit_names": list(profile.unit_names),
+            "unit_ms": list(profile.unit_ms),
+            "boundary_bytes": list(profile.boundary_bytes),
+            "profile_device": profile.device,
+            "setup_ms": (time.perf_counter() - started) * 1e3,
+        }
+        return StagePipeline(self._staged, plan, profile.boundary_layouts, transport, self.rank,
+                             self.world_size)
