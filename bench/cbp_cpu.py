@@ -69,27 +69,43 @@ def denoiser_call_ms(pipe, side: int, repeats: int = 7) -> tuple[float, float]:
     return out["b2"], out["b1"]
 
 
-def rank_main(rank: int, mode: str, family: str, size: str, side: int, steps: int,
-              repeats: int, k: int = 0) -> dict:
-    """Time ``repeats`` pipeline calls on this rank in ``mode`` ("serial", "cbp", "hybrid")."""
+def make_config(fields: dict, steps: int):
+    """HybridConfig from bench fields: {"preset": name, **overrides} or plain HybridConfig
+    fields."""
+    import hybridiff_rt as hr
+
+    fields = dict(fields)
+    preset = fields.pop("preset", None)
+    if preset:
+        return hr.HybridConfig.preset(preset, num_steps=steps, **fields)
+    return hr.HybridConfig(**fields)
+
+
+def rank_main(rank: int, family: str, size: str, side: int, steps: int, repeats: int,
+              cfg_fields: dict | None) -> dict:
+    """Time ``repeats`` pipeline calls on this rank: the plain pipeline when ``cfg_fields`` is
+    None (serial baseline, also measures batch-2 and batch-1 denoiser calls), else
+    hr.parallelize with that config."""
     import hybridiff_rt as hr
     from hybridiff_rt import tiny
 
     pipe = tiny.build(family, seed=0, size=size)
     runner = pipe
-    if mode != "serial":
+    warmup_steps = 3
+    if cfg_fields is not None:
         hr.init_distributed()
-        cfg = hr.HybridConfig(k=0) if mode == "cbp" else hr.HybridConfig.preset(
-            "sdxl" if family != "sd3" else "sd3", num_steps=steps)
+        cfg = make_config(cfg_fields, steps)
         runner = hr.parallelize(pipe, cfg)
-    pipeline_call(runner, 3, side)  # warm-up
+        if cfg.k > 0:
+            warmup_steps = steps  # also measures the stage costs once (cached)
+    pipeline_call(runner, warmup_steps, side)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         latents = pipeline_call(runner, steps, side)
         times.append(time.perf_counter() - start)
     result = {"times_s": times, "latents": latents.numpy()}
-    if mode == "serial":
+    if cfg_fields is None:
         result["b2_ms"], result["b1_ms"] = denoiser_call_ms(pipe, side)
     else:
         result["report"] = hr.last_report(runner).to_dict()
@@ -112,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for family in args.models:
         print(f"[{family}] serial: 1 process x 1 thread ...", flush=True)
-        serial = all_ok(run_ranks(rank_main, "serial", family, args.size, args.side, args.steps,
-                                  args.repeats, world_size=1, timeout_s=3600), 1)[0]
+        serial = all_ok(run_ranks(rank_main, family, args.size, args.side, args.steps,
+                                  args.repeats, None, world_size=1, timeout_s=3600), 1)[0]
         print(f"[{family}] cbp: 2 processes x 1 thread ...", flush=True)
-        cbp = all_ok(run_ranks(rank_main, "cbp", family, args.size, args.side, args.steps,
-                               args.repeats, timeout_s=3600))
+        cbp = all_ok(run_ranks(rank_main, family, args.size, args.side, args.steps,
+                               args.repeats, {"k": 0}, timeout_s=3600))
         t_serial, t_cbp = median(serial["times_s"]), median(cbp[0]["times_s"])
         ideal = serial["b2_ms"] / serial["b1_ms"]
         speedup = t_serial / t_cbp

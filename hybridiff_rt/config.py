@@ -51,6 +51,11 @@ class HybridConfig:
         handshake_timeout_s: seconds the first-step agreement check waits for slow peers (model
             loading can skew ranks by tens of seconds).
         guidance_scale: the preset's recommended w (informational; the call's own value is used).
+        stage_cuts: pin the stage partition instead of choosing it from measured unit costs:
+            unit indices ``(0, c1, ..., n_units)``, stage j runs units[cuts[j]:cuts[j+1]]. Measured
+            cuts can differ between processes when two cuts cost nearly the same, so pin them
+            (e.g. the ``extra["pipeline"]["plan"]["cuts"]`` of an earlier RunReport) when runs
+            must be reproducible bit for bit across launches.
     """
 
     window: int = 12
@@ -63,6 +68,7 @@ class HybridConfig:
     timeout_s: float = 30.0
     handshake_timeout_s: float = 300.0
     guidance_scale: float | None = None
+    stage_cuts: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, minimum=1)
@@ -74,6 +80,14 @@ class HybridConfig:
         _check_choice("pipeline_guidance", self.pipeline_guidance, PIPELINE_GUIDANCE_POLICIES)
         _check_choice("transport", self.transport, TRANSPORTS)
         _check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
+        if self.stage_cuts is not None:
+            cuts = tuple(self.stage_cuts)
+            if (len(cuts) < 2 or cuts[0] != 0 or any(isinstance(c, bool) or not isinstance(c, int)
+                                                      for c in cuts)
+                    or any(b <= a for a, b in zip(cuts, cuts[1:]))):
+                raise ConfigError(f"stage_cuts must be increasing unit indices starting at 0, "
+                                  f"e.g. (0, 8, 16); got {self.stage_cuts!r}")
+            object.__setattr__(self, "stage_cuts", cuts)
         for name in ("timeout_s", "handshake_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:

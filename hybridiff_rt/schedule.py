@@ -75,8 +75,13 @@ class SwitchSchedule:
             last_cbp = self.num_steps - 1
             limit = self.num_steps - 2
             if self.tau_cap > limit - self.k:
-                fix = (f"lower tau_cap to at most {limit - self.k}" if limit - self.k >= 1
-                       else f"lower k to at most {max(0, limit - 1)} (k=0 disables pipelining)")
+                options = []
+                if limit - self.k >= 1:
+                    options.append(f"lower tau_cap to at most {limit - self.k}")
+                if limit - self.tau_cap >= 1:
+                    options.append(f"lower k to at most {limit - self.tau_cap}")
+                options.append("set k=0 (no pipelining)")
+                fix = ", or ".join(options)
                 where = (f"tau_cap={self.tau_cap} is beyond the run (last step {last_cbp})"
                          if self.tau_cap > last_cbp else
                          f"tau_cap + k = {self.tau_cap} + {self.k} = {self.tau_cap + self.k} "
@@ -84,7 +89,7 @@ class SwitchSchedule:
                 raise ConfigError(
                     f"{where}: with num_steps={self.num_steps} the pipelined steps "
                     f"tau1+1..tau1+k could reach the last step, leaving no CBP step after them. "
-                    f"Need tau_cap + k <= num_steps - 2: {fix}, or lower k, or build the config "
+                    f"Need tau_cap + k <= num_steps - 2: {fix}, or build the config "
                     f"with HybridConfig.preset(name, num_steps={self.num_steps}), which rescales it")
         self.reset()
 

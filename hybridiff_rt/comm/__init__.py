@@ -42,14 +42,15 @@ def make_transport(kind: str, timeout_s: float, device: torch.device) -> Transpo
     if kind == "ipc" and not wants_ipc:
         raise ExtensionError("transport='ipc' needs CUDA tensors and every rank on one node; "
                              f"this rank runs on {device} (use transport='torch' or 'auto')")
-    from . import ipc
-
-    ok, reason = ipc.ipc_available()
-    if not ok:
-        if kind == "ipc":
-            raise ExtensionError(f"transport='ipc' is not usable here: {reason}")
-        return TorchTransport(timeout_s)
     import torch.distributed as dist
 
+    from . import ipc
+
     store = dist.distributed_c10d._get_default_store()
-    return ipc.make_ipc_transport(store, dist.get_rank(), dist.get_world_size(), device, timeout_s)
+    if kind == "ipc":
+        return ipc.make_ipc_transport(store, dist.get_rank(), dist.get_world_size(), device,
+                                      timeout_s)
+    # "auto": the set-up is collective, so every rank falls back to torch together
+    transport, _reason = ipc.try_make_ipc_transport(store, dist.get_rank(), dist.get_world_size(),
+                                                    device, timeout_s)
+    return transport if transport is not None else TorchTransport(timeout_s)

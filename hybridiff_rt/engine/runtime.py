@@ -205,9 +205,10 @@ class HybridDenoiser:
         self._report.record_step(mode, measured, elapsed_ms, self._bytes_sent() - sent_before)
         self._next_step = step + 1
         if self._schedule is not None:
-            self._report.tau1 = self._schedule.tau1
-            self._report.tau2 = self._schedule.tau2
             self._report.nonfinite_steps = list(self._schedule.nonfinite_steps)
+            if self.world_size > 1:  # a serial run never switches
+                self._report.tau1 = self._schedule.tau1
+                self._report.tau2 = self._schedule.tau2
 
     def _start_run(self, uncond_kw: Kwargs, cond_kw: Kwargs, guidance_scale: float) -> None:
         num_steps = self._report.num_steps
@@ -240,8 +241,9 @@ class HybridDenoiser:
 
     def _get_transport(self) -> Transport:
         if self._transport is None:
-            self._transport = make_transport(self.cfg.transport, self.cfg.timeout_s,
-                                             self.dist.device)
+            param = next(self.model.parameters(), None)
+            device = param.device if param is not None else self.dist.device
+            self._transport = make_transport(self.cfg.transport, self.cfg.timeout_s, device)
         return self._transport
 
     def _bytes_sent(self) -> int:
@@ -323,7 +325,7 @@ class HybridDenoiser:
                     "hangs") from exc
             profile = UnitProfile.from_dict(json.loads(store.get(key)))
         transport = self._get_transport()
-        plan = profile.plan(self.world_size, transport.bytes_per_ms)
+        plan = profile.plan(self.world_size, transport.bytes_per_ms, cuts=self.cfg.stage_cuts)
         self._report.extra["pipeline"] = {
             "plan": plan.to_dict(),
             "stage_units": [list(profile.unit_names[a:b])

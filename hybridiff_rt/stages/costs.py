@@ -151,7 +151,8 @@ def profile_cache_key(staged: StagedDenoiser, kw: Mapping[str, Any]) -> str:
         "staging": type(staged).__qualname__,
         "config": json.loads(json.dumps(config, sort_keys=True, default=str)),
         "param_dtype": str(param.dtype) if param is not None else None,
-        "inputs": _input_signature(dict(kw)),
+        # arguments passed as None are the same as arguments left out
+        "inputs": _input_signature({k: v for k, v in kw.items() if v is not None}),
         "device": _device_label(model),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

@@ -1,0 +1,118 @@
+"""The ``hybridiff-rt`` command: ``info`` (what this machine and build can do) and ``demo`` (the
+bundled end-to-end run: serial vs two devices on tiny trained models)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import sys
+from typing import Any
+
+
+def collect_info() -> dict[str, Any]:
+    """Versions, the extension's build, NCCL and the GPUs with their peer-access matrix."""
+    import torch
+
+    from . import __version__
+    from .comm import ipc
+    from .errors import CudaUnavailableError
+
+    info: dict[str, Any] = {
+        "hybridiff_rt": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "extension": ipc.build_info(),
+        "nccl": _nccl_version(torch),
+        "ipc": dict(zip(("available", "reason"), ipc.ipc_available())),
+    }
+    try:
+        count = ipc.cuda_device_count()
+        info["gpus"] = [ipc.device_properties(i) for i in range(count)]
+        info["peer_access"] = ipc.peer_access_matrix()
+    except CudaUnavailableError as exc:
+        info["gpus"] = []
+        info["gpu_note"] = str(exc)
+    return info
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _nccl_version(torch: Any) -> str | None:
+    try:
+        if torch.cuda.is_available():
+            return ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception:
+        pass
+    wheel = _version("nvidia-nccl-cu12")
+    return f"nvidia-nccl-cu12 {wheel}" if wheel else None
+
+
+def print_info(info: dict[str, Any]) -> None:
+    ext = info["extension"]
+    rows = [
+        ("hybridiff_rt", info["hybridiff_rt"]),
+        ("python", info["python"]),
+        ("torch", f"{info['torch']} (CUDA {info['torch_cuda'] or 'none'})"),
+        ("triton", info["triton"] or "not installed"),
+        ("diffusers", info["diffusers"] or "not installed"),
+        ("transformers", info["transformers"] or "not installed"),
+        ("extension _C", "not importable: " + str(ext.get("import_error"))
+         if not ext.get("available") else
+         f"CUDA {ext.get('cuda_version')} archs {','.join(map(str, ext.get('archs', [])))}"
+         if ext.get("cuda_compiled") else "host-only build (no CUDA compiled in)"),
+        ("NCCL", info["nccl"] or "not found"),
+        ("CUDA IPC transport", "usable" if info["ipc"]["available"]
+         else f"not usable: {info['ipc']['reason']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if not info["gpus"]:
+        print(f"{'GPUs':<{width}}  none ({info.get('gpu_note', '')})")
+        return
+    for i, gpu in enumerate(info["gpus"]):
+        print(f"{'GPU ' + str(i):<{width}}  {gpu.get('name')}  "
+              f"{gpu.get('total_memory', 0) / 2**30:.1f} GiB  sm_{gpu.get('major')}{gpu.get('minor')}")
+    matrix = info["peer_access"]
+    print("peer access (row can read column):")
+    print("      " + " ".join(f"{j:>4}" for j in range(len(matrix))))
+    for i, row in enumerate(matrix):
+        print(f"{i:>4}  " + " ".join(f"{'yes' if v else ('-' if i == j else 'no'):>4}"
+                                      for j, v in enumerate(row)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hybridiff-rt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info_parser = sub.add_parser("info", help="versions, extension build, NCCL, GPUs, peer access")
+    info_parser.add_argument("--json", action="store_true", help="print JSON")
+    demo_parser = sub.add_parser("demo", help="serial vs two-device run on the bundled models")
+    from .demo import add_arguments
+
+    add_arguments(demo_parser)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info = collect_info()
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            print_info(info)
+        return 0
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the virtual environment with everything hybridiff_rt needs; idempotent.
+#
+#   bash scripts/bootstrap.sh          # uses .venv (override with VENV=path)
+#
+# torch: kept if already importable. Otherwise a machine with an NVIDIA driver gets the registry's
+# default CUDA build, and a machine without one gets torch==2.13.0, a local CPU build, so a
+# CPU-only machine never downloads gigabytes of CUDA libraries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[bootstrap] NVIDIA driver found: installing torch with CUDA"
+    "$PY" -m pip install -q torch
+  else
+    echo "[bootstrap] no NVIDIA driver: installing the CPU build torch==2.13.0"
+    "$PY" -m pip install -q torch==2.13.0
+  fi
+fi
+
+echo "[bootstrap] build tools and the package (extension built with CMake)"
+"$PY" -m pip install -q setuptools wheel pybind11 cmake ninja
+"$PY" -m pip install -q --no-build-isolation -e '.[test]'
+"$PY" -c "import hybridiff_rt._C as c; i = c.build_info(); print('[bootstrap] extension:', 'CUDA ' + str(i['cuda_version']) if i['cuda_compiled'] else 'host-only')"

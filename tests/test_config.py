@@ -1,0 +1,97 @@
+"""HybridConfig: presets, step scaling, validation, pure helpers of the runtime."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import hybridiff_rt as hr
+from hybridiff_rt.config import PRESETS, scale_to_steps
+from hybridiff_rt.engine.agreement import summaries_agree, summarize
+from hybridiff_rt.engine.batch import describe_shapes, join_cfg_batch, split_cfg_batch
+
+
+def test_presets_are_the_paper_defaults_at_50_steps():
+    sdxl = hr.HybridConfig.preset("sdxl")
+    assert (sdxl.window, sdxl.slope_eps, sdxl.k, sdxl.tau_cap) == (12, 0.4e-3, 5, 15)
+    sd3 = hr.HybridConfig.preset("sd3")
+    assert (sd3.window, sd3.slope_eps, sd3.k, sd3.tau_cap) == (15, 0.5e-3, 5, 40)
+    assert hr.HybridConfig.preset("sd3-paper").slope_eps == 0.1e-3
+    assert hr.HybridConfig.preset("sd3", slope_eps=1e-4).slope_eps == 1e-4
+    assert hr.HybridConfig(k=0).k == 0
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("steps", [4, 10, 20, 30, 50, 75, 100])
+def test_scaled_presets_give_a_schedule_the_runtime_accepts(name, steps):
+    cfg = hr.HybridConfig.preset(name, num_steps=steps)
+    schedule = hr.SwitchSchedule(cfg, steps)  # raises if the scaled config does not fit
+    assert cfg.k == 0 or cfg.tau_cap + cfg.k <= steps - 2
+    ratio = steps / 50
+    base = PRESETS[name]
+    assert cfg.window == max(1, round(base["window"] * ratio))
+    assert cfg.slope_eps == pytest.approx(base["slope_eps"] / ratio)
+    assert schedule.mode(0) == "cbp"
+
+
+def test_scaling_identity_at_50_steps_and_tiny_runs_drop_pipelining():
+    assert scale_to_steps(PRESETS["sdxl"], 50) == PRESETS["sdxl"]
+    assert hr.HybridConfig.preset("sdxl", num_steps=3).k == 0
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("window", 0, "window"), ("k", -1, "k must"), ("tau_cap", 0, "tau_cap"),
+    ("slope_eps", float("nan"), "slope_eps"), ("slope_eps", -1e-3, "slope_eps"),
+    ("pipeline_guidance", "on", "pipeline_guidance"), ("transport", "nccl", "transport"),
+    ("cuda_graphs", True, "cuda_graphs"), ("timeout_s", 0, "timeout_s"),
+    ("stage_cuts", (1, 5), "stage_cuts"), ("stage_cuts", (0, 5, 5), "stage_cuts"),
+])
+def test_invalid_fields_are_refused_with_the_field_named(field, value, fragment):
+    with pytest.raises(hr.ConfigError, match=fragment):
+        hr.HybridConfig(**{field: value})
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(hr.ConfigError, match="sdxl"):
+        hr.HybridConfig.preset("flux")
+
+
+def test_digest_follows_every_field_and_config_is_json():
+    a = hr.HybridConfig.preset("sdxl")
+    assert a.digest() == hr.HybridConfig.preset("sdxl").digest()
+    assert a.digest() != a.replace(timeout_s=31).digest()
+    assert a.replace(stage_cuts=[0, 4, 9]).stage_cuts == (0, 4, 9)
+    json.dumps(a.to_dict())
+
+
+def test_split_cfg_batch_splits_only_batch_shaped_arguments():
+    b = random.randint(1, 4)
+    x = torch.randn(2 * b, 3, 5, 5)
+    kw = {"sample": x, "timestep": torch.tensor(7), "t_vec": torch.arange(2 * b),
+          "other": torch.randn(3, 2), "added": {"text_embeds": torch.randn(2 * b, 4)},
+          "residuals": (torch.randn(2 * b, 2), torch.randn(2 * b, 3)), "scale": 1.5, "none": None}
+    pairs = {k: split_cfg_batch(v, 2 * b) for k, v in kw.items()}
+    uncond = {k: p[0] for k, p in pairs.items()}
+    cond = {k: p[1] for k, p in pairs.items()}
+    assert torch.equal(join_cfg_batch(uncond["sample"], cond["sample"]), x)
+    assert torch.equal(uncond["t_vec"], torch.arange(b))
+    assert uncond["timestep"] is kw["timestep"] and cond["other"] is kw["other"]
+    assert torch.equal(cond["added"]["text_embeds"], kw["added"]["text_embeds"][b:])
+    assert isinstance(cond["residuals"], tuple) and cond["residuals"][1].shape[0] == b
+    assert uncond["scale"] == 1.5 and cond["none"] is None
+    with pytest.raises(hr.ShapeError, match="even"):
+        split_cfg_batch(x, 3)
+    assert describe_shapes(uncond) == describe_shapes(cond)
+
+
+def test_agreement_summary_tolerates_rounding_but_not_other_content():
+    x = torch.randn(2, 77, 64)
+    close = x * (1 + 1e-4 * torch.randn_like(x))
+    assert summaries_agree(summarize(x), summarize(close))
+    assert not summaries_agree(summarize(x), summarize(torch.randn_like(x)))
+    assert not summaries_agree(summarize(x), summarize(x[:1]))
+    assert summaries_agree(summarize("abc"), summarize("abc"))
+    assert not summaries_agree(summarize(3), summarize(4))
