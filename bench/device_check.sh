@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU device check (one run, at most 8 minutes on one H100/H200):
 #   1. build hybridiff_rt._C in place with CUDA (no network: no build isolation),
-#   2. run the GPU tests (pytest -m gpu),
-#   3. run bench/transport.py.
+#   2. run the GPU tests (pytest -m gpu over tests/: IPC engine, Triton kernel),
+#   3. run bench/transport.py and bench/cfg_kernel.py.
+# The GPU machine has no diffusers and no network: run bench/prepare_device_wheels.sh here first
+# and carry .whl (device tool: carry [".whl"]).
 # Logs and JSON go to "$OUT" (default ./out). Every step runs even if an earlier one failed; the
 # exit status is non-zero when any step failed. Append more GPU steps with `step NAME TIMEOUT CMD`.
 set -euo pipefail
@@ -55,10 +57,11 @@ export HYBRIDIFF_RT_CUDA_ARCHS="${HYBRIDIFF_RT_CUDA_ARCHS:-90}"
 step build 120 "$PY" setup.py build_ext --inplace
 step build_info 30 "$PY" -c "import json, hybridiff_rt._C as c; print(json.dumps(c.build_info()))"
 
-step gpu_tests 200 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_ipc_gpu.py \
+step gpu_tests 200 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ \
   --junitxml="$OUT/gpu_tests.xml"
 
-step transport_bench 130 "$PY" bench/transport.py --out "$OUT" --timeout 120
+step transport_bench 110 "$PY" bench/transport.py --out "$OUT" --timeout 100
+step cfg_kernel_bench 60 "$PY" bench/cfg_kernel.py --out-dir "$OUT"
 
 log "done in $((SECONDS - T0))s; failed steps: ${FAILED[*]:-none}"
 [[ ${#FAILED[@]} -eq 0 ]]
