@@ -134,7 +134,7 @@ class HybridDenoiser:
 
         Args:
             uncond_kw / cond_kw: complete keyword inputs of the model for each branch.
-            guidance_scale: w, used by the "reuse" pipeline guidance policy and the rank check.
+            guidance_scale: w; every rank must pass the same (checked at step 0).
             step: step index (default: the next one); steps of a run must come in order.
             num_steps: steps planned for the run (required at step 0).
             joint_kw: the CFG-doubled inputs, if the caller has them; a world of one then runs
@@ -148,24 +148,18 @@ class HybridDenoiser:
         started = time.perf_counter()
         sent_before = self._bytes_sent()
         with torch.no_grad():
-            return self._predict(uncond_kw, cond_kw, guidance_scale, step, joint_kw, started,
-                                 sent_before)
-
-    def _predict(self, uncond_kw: Kwargs, cond_kw: Kwargs, guidance_scale: float, step: int,
-                 joint_kw: Kwargs | None, started: float,
-                 sent_before: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._schedule is None:
-            self._start_run(uncond_kw, cond_kw, guidance_scale)
-        mode = "serial" if self.world_size == 1 else self._schedule.mode(step)
-        if mode == "pipeline":
-            uncond_pred, cond_pred = self._pipeline_step(cond_kw, step, guidance_scale)
-            measured = math.nan
-        else:
-            if mode == "serial":
-                uncond_pred, cond_pred = self._serial_branches(uncond_kw, cond_kw, joint_kw)
+            if self._schedule is None:
+                self._start_run(uncond_kw, cond_kw, guidance_scale)
+            mode = "serial" if self.world_size == 1 else self._schedule.mode(step)
+            if mode == "pipeline":
+                uncond_pred, cond_pred = self._pipeline_step(cond_kw, step)
+                measured = math.nan
             else:
-                uncond_pred, cond_pred = self._cbp_branches(uncond_kw, cond_kw, step)
-            measured = self._observe(step, uncond_pred, cond_pred)
+                if mode == "serial":
+                    uncond_pred, cond_pred = self._serial_branches(uncond_kw, cond_kw, joint_kw)
+                else:
+                    uncond_pred, cond_pred = self._cbp_branches(uncond_kw, cond_kw, step)
+                measured = self._observe(step, uncond_pred, cond_pred)
         self._finish_step(step, mode, measured, started, sent_before)
         return uncond_pred, cond_pred
 
@@ -284,8 +278,7 @@ class HybridDenoiser:
             self._last_difference = cond_pred - uncond_pred
         return measured
 
-    def _pipeline_step(self, cond_kw: Kwargs, step: int,
-                       guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pipeline_step(self, cond_kw: Kwargs, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One stale-activation pipelined step; returns (synthesised uncond, cond prediction)."""
         first = step == self._schedule.tau1 + 1
         more_follow = step < self._schedule.tau2
