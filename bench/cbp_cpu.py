@@ -36,8 +36,11 @@ def pipeline_call(runner, steps: int, side: int, seed: int = 0):
                   generator=torch.Generator().manual_seed(seed)).images
 
 
-def denoiser_call_ms(pipe, side: int, repeats: int = 7) -> tuple[float, float]:
-    """Median ms of one denoiser call at the CFG batch (2) and at one branch (1)."""
+def denoiser_call_ms(pipe, side: int, repeats: int = 11) -> tuple[float, float]:
+    """Median ms of one denoiser call at the CFG batch (2) and at one branch (1), timed
+    alternately (b2, b1, b2, b1, ...) so that drifts of the machine's speed hit both alike."""
+    import inspect
+
     import torch
 
     from hybridiff_rt.engine.batch import split_cfg_batch
@@ -52,21 +55,20 @@ def denoiser_call_ms(pipe, side: int, repeats: int = 7) -> tuple[float, float]:
     handle = model.register_forward_pre_hook(grab, with_kwargs=True)
     pipeline_call(pipe, 1, side)
     handle.remove()
-    names = list(__import__("inspect").signature(model.forward).parameters)
+    names = list(inspect.signature(model.forward).parameters)
     kw = dict(zip(names, captured["args"]), **captured["kwargs"])
     full = kw[names[0]].shape[0]
-    half_kw = {k: split_cfg_batch(v, full)[1] for k, v in kw.items()}
-    out = {}
+    inputs = {"b2": kw, "b1": {k: split_cfg_batch(v, full)[1] for k, v in kw.items()}}
+    times: dict[str, list[float]] = {"b2": [], "b1": []}
     with torch.no_grad():
-        for label, inputs in (("b2", kw), ("b1", half_kw)):
-            model(**inputs)
-            times = []
-            for _ in range(repeats):
+        for label in inputs:
+            model(**inputs[label])  # warm-up
+        for _ in range(repeats):
+            for label in ("b2", "b1"):
                 start = time.perf_counter()
-                model(**inputs)
-                times.append((time.perf_counter() - start) * 1e3)
-            out[label] = median(times)
-    return out["b2"], out["b1"]
+                model(**inputs[label])
+                times[label].append((time.perf_counter() - start) * 1e3)
+    return median(times["b2"]), median(times["b1"])
 
 
 def make_config(fields: dict, steps: int):

@@ -90,6 +90,8 @@ def write_results(name: str, rows: list[dict[str, Any]], columns: list[tuple[str
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
+        if value != 0 and abs(value) < 0.01:
+            return f"{value:.2e}"
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
     if value is None:
         return "-"

@@ -200,7 +200,7 @@ class HybridDenoiser:
         self._next_step = step + 1
         if self._schedule is not None:
             self._report.nonfinite_steps = list(self._schedule.nonfinite_steps)
-            if self.world_size > 1:  # a serial run never switches
+            if self.world_size > 1 and self.cfg.k > 0:  # serial and CBP-only runs never switch
                 self._report.tau1 = self._schedule.tau1
                 self._report.tau2 = self._schedule.tau2
 
