@@ -1,7 +1,8 @@
 """``hybridiff-rt demo``: the bundled end-to-end run, on CPUs by default, nothing downloaded.
 
 For each bundled model (a tiny SDXL-style U-Net and a tiny SD3-style MMDiT trained on handwritten
-digits) it generates the ten prompts "a handwritten digit 0..9" twice with the same seeds:
+digits) it generates the ten prompts "a handwritten digit 0..9", ``--per-prompt`` images each
+(default 4, so 40 images in one pipeline call), twice with the same seeds:
   1. serial: one process (one CPU thread) running the plain pipeline through the world-size-1
      wrapper, which also records the discrepancy M_i of every step;
   2. hybrid: two processes (one thread each) under hr.parallelize with the model's preset,
@@ -32,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
                         help="bundled models to run (default: both)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed; prompt i uses seed+i")
+    parser.add_argument("--seed", type=int, default=0, help="first seed; image j uses seed+j")
+    parser.add_argument("--per-prompt", type=int, default=4,
+                        help="images per prompt (default 4: 40 images per model in one call)")
     parser.add_argument("--k", type=int, default=None, help="pipelined steps (default: preset)")
     parser.add_argument("--guidance", choices=["off", "reuse"], default="off",
                         help="guidance during pipelined steps (default off, the paper's)")
@@ -55,7 +58,7 @@ def _load(model: str):
 
 
 def rank_main(rank: int, mode: str, model: str, steps: int, seed: int, k: int | None,
-              guidance: str) -> dict[str, Any]:
+              guidance: str, per_prompt: int) -> dict[str, Any]:
     """One demo run on this rank; returns images (uint8 NHWC), wall seconds and the report."""
     import torch
 
@@ -72,8 +75,9 @@ def rank_main(rank: int, mode: str, model: str, steps: int, seed: int, k: int | 
     runner = hr.parallelize(pipe, cfg)
 
     def generate(num_steps: int):
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-        return runner(prompt=list(prompts), num_inference_steps=num_steps, generator=generators,
+        batch = [p for p in prompts for _ in range(per_prompt)]
+        generators = [torch.Generator().manual_seed(seed + j) for j in range(len(batch))]
+        return runner(prompt=batch, num_inference_steps=num_steps, generator=generators,
                       output_type="np", **call).images
 
     # warm-up out of the timed run: first-call allocations and, for the hybrid run, the one-off
@@ -100,12 +104,13 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"[{number}/{len(models)}] {model}: {mode} run on {world} process"
                   f"{'es' if world > 1 else ''} x 1 CPU thread, {args.steps} steps ...", flush=True)
             outcomes = run_ranks(rank_main, mode, model, args.steps, args.seed, args.k,
-                                 args.guidance, world_size=world, timeout_s=1800)
+                                 args.guidance, args.per_prompt, world_size=world,
+                                 timeout_s=1800)
             ranks = all_ok(outcomes, world)
             if world > 1 and not np.array_equal(ranks[0]["images"], ranks[1]["images"]):
                 raise RuntimeError(f"{model}: the two ranks produced different images")
             runs[mode] = ranks[0]
-        results[model] = _summarise(model, runs)
+        results[model] = _summarise(model, runs, args.per_prompt)
     _write_outputs(out, models, results)
     table = _table(models, results)
     print(table)
@@ -114,9 +119,9 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summarise(model: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _summarise(model: str, runs: dict[str, dict[str, Any]], per_prompt: int) -> dict[str, Any]:
     serial, hybrid = runs["serial"], runs["hybrid"]
-    summary = {"serial_s": serial["seconds"], "hybrid_s": hybrid["seconds"],
+    summary = {"per_prompt": per_prompt, "serial_s": serial["seconds"], "hybrid_s": hybrid["seconds"],
                "speedup": serial["seconds"] / hybrid["seconds"],
                "tau1": hybrid["report"]["tau1"], "tau2": hybrid["report"]["tau2"],
                "modes": hybrid["report"]["modes"], "serial_rel_mae": serial["report"]["rel_mae"],
@@ -134,7 +139,8 @@ def _summarise(model: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         summary["quality"] = {"psnr_db_finite_mean": float(finite.mean()) if finite.numel()
                               else None, "ssim": ssim(serial["images"], hybrid["images"])}
     else:
-        summary["quality"] = compare(serial["images"], hybrid["images"], labels=list(range(10)))
+        labels = [digit for digit in range(10) for _ in range(per_prompt)]
+        summary["quality"] = compare(serial["images"], hybrid["images"], labels=labels)
     return summary
 
 
@@ -161,8 +167,8 @@ def _write_outputs(out: Path, models: list[str], results: dict[str, dict[str, An
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(f"{m} {mode}", results[m]["images"][mode]) for m in models
-            for mode in ("serial", "hybrid")]
+    rows = [(f"{m} {mode}", results[m]["images"][mode][::results[m]["per_prompt"]])
+            for m in models for mode in ("serial", "hybrid")]  # first image of each prompt
     columns = max(len(images) for _, images in rows)
     fig, axes = plt.subplots(len(rows), columns, figsize=(columns * 0.9 + 1.2, len(rows) * 1.0),
                              squeeze=False)
@@ -179,21 +185,24 @@ def _write_outputs(out: Path, models: list[str], results: dict[str, dict[str, An
     fig.savefig(out / "grid.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for model in models:
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
+    for ax, model in zip(axes[0], models):  # one panel per model: their scales differ 10x
         r = results[model]
         m = [np.nan if v is None else v for v in r["serial_rel_mae"]]
-        line, = ax.plot(range(len(m)), m, label=f"{model} (serial run)")
-        for tau, style in ((r["tau1"], "--"), (r["tau2"], ":")):
-            if tau is not None:
-                ax.axvline(tau, color=line.get_color(), linestyle=style, linewidth=1)
-        if r["tau1"] is not None and r["tau2"] is not None and r["tau2"] > r["tau1"]:
-            ax.axvspan(r["tau1"] + 0.5, r["tau2"] + 0.5, color=line.get_color(), alpha=0.12)
-    ax.set_xlabel("step i")
-    ax.set_ylabel("M_i = mean|eps_c - eps_u| / mean|eps_u|")
-    ax.set_title("CFG branch discrepancy; dashed tau1, dotted tau2, shaded = pipelined steps",
+        ax.plot(range(len(m)), m, color="C0", label="M_i (serial run)")
+        if r["tau1"] is not None:
+            ax.axvline(r["tau1"], color="C1", linestyle="--", linewidth=1, label=f"tau1 = {r['tau1']}")
+        if r["tau2"] is not None:
+            ax.axvline(r["tau2"], color="C2", linestyle=":", linewidth=1.2,
+                       label=f"tau2 = {r['tau2']}")
+            ax.axvspan(r["tau1"] + 0.5, r["tau2"] + 0.5, color="C1", alpha=0.15,
+                       label="pipelined steps")
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("step i")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("M_i = mean|eps_c - eps_u| / mean|eps_u|", fontsize=8)
+    fig.suptitle("CFG branch discrepancy per step and the switch points of the hybrid run",
                  fontsize=9)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "discrepancy.png", dpi=110)
     plt.close(fig)

@@ -33,7 +33,7 @@ def test_demo_writes_grid_plot_table_and_agrees_with_serial(tmp_path):
         assert modes.count("pipeline") == result["tau2"] - result["tau1"] > 0
         assert all(m is not None and m > 0 for m in result["serial_rel_mae"]), model
         quality = result["quality"]
-        assert quality["n"] == 10
+        assert quality["n"] == 40 and result["per_prompt"] == 4
         assert quality["psnr_db_finite_mean"] is None or \
             quality["psnr_db_finite_mean"] > MIN_PSNR_DB, (model, quality)
         assert quality["accuracy_a"] >= MIN_ACCURACY and quality["accuracy_b"] >= MIN_ACCURACY
