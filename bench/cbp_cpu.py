@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                ("b2_ms", "denoiser b2 ms"), ("b1_ms", "denoiser b1 ms"),
                ("ideal", "ideal (b2/b1)"), ("of_ideal", "of ideal"),
                ("max_abs_diff", "max abs diff vs serial"), ("ranks_identical", "ranks identical")]
-    json_path, md_path = write_results(
+    write_results(
         "cbp_cpu", rows, columns,
         meta=dict(size=args.size, side=args.side, repeats=args.repeats, threads_per_rank=1),
         out_dir=args.out,
@@ -162,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
                "decode excluded: output_type='latent').",
                "ideal = batch-2 / batch-1 denoiser call time in the serial process; of ideal = "
                "speed-up / ideal."])
-    print(md_path.read_text())
-    print(f"wrote {json_path} and {md_path}")
     return 0
 
 

@@ -64,7 +64,8 @@ def median(values: Sequence[float]) -> float:
 def write_results(name: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]],
                   meta: dict[str, Any], out_dir: str | os.PathLike | None = None,
                   notes: Sequence[str] = ()) -> tuple[Path, Path]:
-    """Write ``rows`` as <name>.json (with ``meta``) and <name>.md (a table of ``columns``).
+    """Write ``rows`` as <name>.json (with ``meta``) and <name>.md (a table of ``columns``), and
+    print the table and where both went.
 
     Args:
         columns: (key, header) pairs in table order; floats are printed with 3 significant
@@ -85,6 +86,8 @@ def write_results(name: str, rows: list[dict[str, Any]], columns: list[tuple[str
     lines += [""] + [f"- {n}" for n in notes]
     md_path = out / f"{name}.md"
     md_path.write_text("\n".join(lines) + "\n")
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
     return json_path, md_path
 
 

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                ("speedup", "speed-up"), ("ideal", "ideal"), ("of_ideal", "of ideal"),
                ("tau1", "tau1"), ("tau2", "tau2"), ("stage_split", "stages"),
                ("psnr_db", "latent PSNR dB vs serial"), ("max_abs_err", "max abs err")]
-    json_path, md_path = write_results(
+    write_results(
         "hybrid_cpu", rows, columns,
         meta=dict(size=args.size, side=args.side, steps=args.steps, repeats=args.repeats,
                   threads_per_rank=1),
@@ -123,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
                "pipeline calls with latent output.",
                "ideal: steps x T2 / (T1 per CBP or fill step + rescaled partition bottleneck per "
                "other pipelined step); see the module docstring."])
-    print(md_path.read_text())
-    print(f"wrote {json_path} and {md_path}")
     return 0
 
 

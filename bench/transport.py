@@ -319,10 +319,9 @@ def main() -> int:
     columns = [("transport", "transport"), ("mode", "mode"), ("size", "size"),
                ("latency_us", "time per message (us)"), ("gb_per_s", "GB/s"),
                ("vs_same_process", "vs same-process copy")]
-    json_path, md_path = write_results("transport", rows, columns,
-                                       meta={"slot_mib": args.slot_mib, "quick": args.quick,
-                                             "errors": errors}, out_dir=args.out, notes=notes)
-    print(md_path.read_text())
+    write_results("transport", rows, columns,
+                  meta={"slot_mib": args.slot_mib, "quick": args.quick, "errors": errors},
+                  out_dir=args.out, notes=notes)
     return 1 if errors else 0
 
 
