@@ -68,7 +68,7 @@ def emulate(pipe, tau1, tau2, cut, policy, **call_kwargs):
 
     model.forward = forward
     try:
-        return pipe(**call_kwargs).images.numpy().copy()
+        return pipe(**call_kwargs).images.cpu().numpy().copy()
     finally:
         del model.forward
 

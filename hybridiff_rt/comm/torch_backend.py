@@ -19,17 +19,22 @@ from .base import PendingTransfer, Transport
 
 
 class _TorchWork:
-    """One or more torch.distributed work handles completed together."""
+    """One or more torch.distributed work handles completed together; ``copy_back`` pairs
+    (device buffer, host staging buffer) are filled after the receives complete."""
 
-    def __init__(self, transport: "TorchTransport", works: list, what: str) -> None:
+    def __init__(self, transport: "TorchTransport", works: list, what: str,
+                 copy_back: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
         self._transport = transport
         self._works = works
         self._what = what
+        self._copy_back = list(copy_back)
 
     def wait(self) -> None:
         for work in self._works:
             self._transport._wait(work, self._what)
-        self._works = []
+        for device_buffer, host_buffer in self._copy_back:
+            device_buffer.copy_(host_buffer)
+        self._works, self._copy_back = [], []
 
 
 class TorchTransport(Transport):
@@ -67,14 +72,26 @@ class TorchTransport(Transport):
         return tensor
 
     def isend(self, tensors: Sequence[torch.Tensor], dst: int, *, what: str) -> PendingTransfer:
-        works = [self._call(what, dist.isend, t.contiguous(), dst=dst, group=self.group)
-                 for t in tensors]
+        # gloo's point-to-point reads host memory only: CUDA tensors are staged through the host
+        staged = [t.cpu() if self._stage_on_host(t) else t.contiguous() for t in tensors]
+        works = [self._call(what, dist.isend, t, dst=dst, group=self.group) for t in staged]
         self.bytes_sent += self.payload_bytes(tensors)
         return _TorchWork(self, works, what)
 
     def irecv(self, buffers: Sequence[torch.Tensor], src: int, *, what: str) -> PendingTransfer:
-        works = [self._call(what, dist.irecv, b, src=src, group=self.group) for b in buffers]
-        return _TorchWork(self, works, what)
+        copy_back, targets = [], []
+        for buffer in buffers:
+            if self._stage_on_host(buffer):
+                host = torch.empty(buffer.shape, dtype=buffer.dtype)
+                copy_back.append((buffer, host))
+                targets.append(host)
+            else:
+                targets.append(buffer)
+        works = [self._call(what, dist.irecv, t, src=src, group=self.group) for t in targets]
+        return _TorchWork(self, works, what, copy_back)
+
+    def _stage_on_host(self, tensor: torch.Tensor) -> bool:
+        return self.backend == "gloo" and tensor.device.type != "cpu"
 
     def close(self) -> None:
         self.group = None
