@@ -95,3 +95,10 @@ def test_agreement_summary_tolerates_rounding_but_not_other_content():
     assert not summaries_agree(summarize(x), summarize(x[:1]))
     assert summaries_agree(summarize("abc"), summarize("abc"))
     assert not summaries_agree(summarize(3), summarize(4))
+
+
+def test_cuda_graphs_on_is_refused_until_implemented():
+    from hybridiff_rt import tiny
+
+    with pytest.raises(hr.ConfigError, match="cuda_graphs='on'"):
+        hr.HybridDenoiser(tiny.sd_pipeline().unet, hr.HybridConfig(k=0, cuda_graphs="on"))

@@ -22,8 +22,8 @@ import torch
 
 from ..comm import Transport, init_distributed, make_transport
 from ..config import HybridConfig
-from ..errors import (NonFinitePredictionError, PeerTimeoutError, UnsupportedModelError,
-                      WorldSizeError)
+from ..errors import (ConfigError, NonFinitePredictionError, PeerTimeoutError,
+                      UnsupportedModelError, WorldSizeError)
 from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
 from ..stages import UnitProfile, profile_units, stage_denoiser
@@ -74,6 +74,10 @@ class HybridDenoiser:
         self.family = model_family(model)
         self.model = model
         self.cfg = cfg if cfg is not None else HybridConfig()
+        if self.cfg.cuda_graphs == "on":
+            raise ConfigError("cuda_graphs='on': CUDA graph capture is not implemented in this "
+                              "version; use cuda_graphs='auto' (runs eagerly, noted in the "
+                              "report) or 'off'")
         self.dist = init_distributed(timeout_s=self.cfg.timeout_s)
         if self.dist.world_size not in SUPPORTED_WORLD_SIZES:
             raise WorldSizeError(
@@ -207,6 +211,9 @@ class HybridDenoiser:
     def _start_run(self, uncond_kw: Kwargs, cond_kw: Kwargs, guidance_scale: float) -> None:
         num_steps = self._report.num_steps
         self._schedule = SwitchSchedule(self.cfg, num_steps)
+        if self.cfg.cuda_graphs == "auto" and self.dist.device.type == "cuda":
+            self._report.note("cuda_graphs='auto': denoiser calls ran eagerly (CUDA graph "
+                              "capture is not implemented in this version)")
         if self.world_size == 1:
             self._report.note("world size 1: serial run (both branches on this rank)")
             return
