@@ -114,10 +114,9 @@ def rank_main(rank: int, family: str, size: str, side: int, steps: int, repeats:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from hybridiff_rt.launch import all_ok, run_ranks
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
+    """The options every CPU benchmark shares (models, sizes, steps, repeats, output folder)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["sdxl", "sd3"], choices=["sdxl", "sd3"])
     parser.add_argument("--size", default="small", choices=["tiny", "small"])
     parser.add_argument("--side", type=int, default=128, help="image side in pixels (latent "
@@ -125,16 +124,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def run_mode(args: argparse.Namespace, family: str, label: str,
+             cfg_fields: dict | None) -> list[dict]:
+    """rank_main on one process (``cfg_fields`` None: the serial baseline) or two; per-rank
+    results."""
+    from hybridiff_rt.launch import all_ok, run_ranks
+
+    world = 1 if cfg_fields is None else 2
+    print(f"[{family}] {label}: {world} process{'es' if world > 1 else ''} x 1 thread ...",
+          flush=True)
+    return all_ok(run_ranks(rank_main, family, args.size, args.side, args.steps, args.repeats,
+                            cfg_fields, world_size=world, timeout_s=3600), world)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__, argv)
     rows = []
     for family in args.models:
-        print(f"[{family}] serial: 1 process x 1 thread ...", flush=True)
-        serial = all_ok(run_ranks(rank_main, family, args.size, args.side, args.steps,
-                                  args.repeats, None, world_size=1, timeout_s=3600), 1)[0]
-        print(f"[{family}] cbp: 2 processes x 1 thread ...", flush=True)
-        cbp = all_ok(run_ranks(rank_main, family, args.size, args.side, args.steps,
-                               args.repeats, {"k": 0}, timeout_s=3600))
+        serial = run_mode(args, family, "serial", None)[0]
+        cbp = run_mode(args, family, "cbp", {"k": 0})
         t_serial, t_cbp = median(serial["times_s"]), median(cbp[0]["times_s"])
         ideal = serial["b2_ms"] / serial["b1_ms"]
         speedup = t_serial / t_cbp

@@ -21,7 +21,6 @@ encoding, scheduler steps and exchanges are not in the ideal, so achieved/ideal 
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cbp_cpu import rank_main  # noqa: E402
+from cbp_cpu import parse_args, run_mode  # noqa: E402
 from common import median, write_results  # noqa: E402
 
 PRESET = {"sdxl": "sdxl", "sd3": "sd3"}
@@ -65,22 +64,10 @@ def fidelity(reference: np.ndarray, test: np.ndarray) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hybridiff_rt.launch import all_ok, run_ranks
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["sdxl", "sd3"], choices=["sdxl", "sd3"])
-    parser.add_argument("--size", default="small", choices=["tiny", "small"])
-    parser.add_argument("--side", type=int, default=128, help="image side in pixels")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    args = parser.parse_args(argv)
-
+    args = parse_args(__doc__, argv)
     rows = []
     for family in args.models:
-        common = (family, args.size, args.side, args.steps, args.repeats)
-        print(f"[{family}] serial: 1 process x 1 thread ...", flush=True)
-        serial = all_ok(run_ranks(rank_main, *common, None, world_size=1, timeout_s=3600), 1)[0]
+        serial = run_mode(args, family, "serial", None)[0]
         t_serial = median(serial["times_s"])
         rows.append(dict(model=family, mode="serial", seconds=t_serial, speedup=1.0,
                          ideal=1.0, of_ideal=1.0, tau1=None, tau2=None, psnr_db=math.inf,
@@ -91,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("hybrid, guidance reuse", {"preset": PRESET[family],
                                                 "pipeline_guidance": "reuse"})]
         for label, fields in variants:
-            print(f"[{family}] {label}: 2 processes x 1 thread ...", flush=True)
-            ranks = all_ok(run_ranks(rank_main, *common, fields, timeout_s=3600))
+            ranks = run_mode(args, family, label, fields)
             if not np.array_equal(ranks[0]["latents"], ranks[1]["latents"]):
                 raise RuntimeError(f"{family} {label}: ranks returned different latents")
             report = ranks[0]["report"]

@@ -50,11 +50,11 @@ def _load(model: str):
 
         pipe = sdxl_pipeline(seed=0, size="small")
         prompts = ("a watercolor lighthouse at dusk", "a red bicycle in the rain")
-        return pipe, prompts, dict(height=64, width=64, guidance_scale=5.0), None
-    from .bundled import DEFAULTS, LABELS, PROMPTS, load_pipeline
+        return pipe, prompts, dict(height=64, width=64, guidance_scale=5.0)
+    from .bundled import DEFAULTS, PROMPTS, load_pipeline
 
     call = {k: v for k, v in DEFAULTS[model].items() if k != "num_inference_steps"}
-    return load_pipeline(model), PROMPTS, call, LABELS
+    return load_pipeline(model), PROMPTS, call
 
 
 def rank_main(rank: int, mode: str, model: str, steps: int, seed: int, k: int | None,
@@ -64,7 +64,7 @@ def rank_main(rank: int, mode: str, model: str, steps: int, seed: int, k: int | 
 
     import hybridiff_rt as hr
 
-    pipe, prompts, call, _ = _load(model)
+    pipe, prompts, call = _load(model)
     if mode == "serial":
         cfg = hr.HybridConfig(k=0)
     else:
