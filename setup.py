@@ -1,6 +1,6 @@
 """Build hybridiff_rt and its extension module hybridiff_rt._C with CMake.
 
-Environment variables:
+Environment variables (HYBRIDIFF_RT_* are declared with their defaults in hybridiff_rt/env.py):
   HYBRIDIFF_RT_CUDA        auto (default) | on | off. auto compiles CUDA when nvcc is found; on fails
                            without nvcc; off builds the host-only module.
   HYBRIDIFF_RT_CUDA_ARCHS  CMake CUDA architectures, e.g. "90" or "80-real;90" (default: 75 80 86 89
@@ -13,6 +13,7 @@ The wheel's local version says what was compiled in: 0.1.0+cu130 (CUDA 13.0) or 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -24,6 +25,18 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+def _load_env_module():
+    """hybridiff_rt/env.py by path: the package itself (and torch) cannot be imported here."""
+    spec = importlib.util.spec_from_file_location("_hybridiff_rt_env", ROOT / "hybridiff_rt" / "env.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+ENV = _load_env_module()
 BASE_VERSION = "0.1.0"
 DEFAULT_ARCHS = ("75", "80", "86", "89", "90", "100", "120")
 
@@ -71,7 +84,7 @@ def default_archs(nvcc: str) -> str:
 
 def cuda_choice() -> tuple[str | None, tuple[int, int] | None]:
     """(nvcc path, (major, minor)) when CUDA is compiled in, else (None, None)."""
-    mode = os.environ.get("HYBRIDIFF_RT_CUDA", "auto").strip().lower()
+    mode = ENV.read("HYBRIDIFF_RT_CUDA").lower()
     if mode not in ("auto", "on", "off"):
         raise RuntimeError(f"HYBRIDIFF_RT_CUDA must be auto, on or off, got {mode!r}")
     if mode == "off":
@@ -121,7 +134,7 @@ class CMakeBuild(build_ext):
         if ninja:
             args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         if NVCC:
-            archs = os.environ.get("HYBRIDIFF_RT_CUDA_ARCHS") or default_archs(NVCC)
+            archs = ENV.read("HYBRIDIFF_RT_CUDA_ARCHS") or default_archs(NVCC)
             args += ["-DHYBRIDIFF_RT_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={NVCC}",
                      f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
         else:

@@ -29,17 +29,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
-import platform
-import shlex
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (ROOT, command, commit, cuda_event_ms, machine_detail, median,  # noqa: E402
+                    save_results)
 
 SHAPES = {
     "sdxl-1024": (1, 4, 128, 128),
@@ -60,20 +59,6 @@ def die(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, timeout=10)
-        commit = head.stdout.strip() if head.returncode == 0 else "no-commit"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-        if dirty.returncode == 0 and dirty.stdout.strip():
-            commit += "+dirty"
-        return commit
-    except Exception:  # git missing on the machine
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=200, help="timed single calls per measurement")
@@ -85,7 +70,7 @@ def main() -> None:
                     "(comma list, e.g. 1024,2048,4096); rows marked with the block")
     ap.add_argument("--no-flush", action="store_true", help="do not flush L2 between calls")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
-    ap.add_argument("--out-dir", default=str(REPO / "out" / "bench"))
+    ap.add_argument("--out-dir", default=str(ROOT / "out" / "bench"))
     args = ap.parse_args()
     if args.quick:
         args.reps, args.warmup = 30, 5
@@ -99,7 +84,7 @@ def main() -> None:
             "GPU machine (python bench/cfg_kernel.py); for CPU checks of the kernel run "
             "`TRITON_INTERPRET=1 pytest tests/test_ops.py -k interp_`.")
     try:
-        import triton
+        import triton  # noqa: F401  (a check only: machine_detail() names its version)
     except Exception as exc:
         die(f"needs triton for the fused kernel ({exc}); install the triton matching your torch")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -116,10 +101,7 @@ def main() -> None:
             die(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
     blocks = [int(b) for b in args.blocks.split(",") if b]
 
-    machine = (f"{torch.cuda.get_device_name(dev)} | {platform.node()} | torch {torch.__version__} "
-               f"| CUDA {torch.version.cuda} | triton {triton.__version__}")
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] + sys.argv[1:])
-    commit = git_commit()
+    stamp = {"machine": machine_detail(), "command": command(), "commit": commit()}
     flush_buf = None if args.no_flush else torch.empty(256 << 20, dtype=torch.uint8, device=dev)
 
     def flush() -> None:
@@ -128,20 +110,7 @@ def main() -> None:
 
     def time_calls(fn, reps: int = args.reps, warmup: int = args.warmup) -> float:
         """Median microseconds of single calls of fn, CUDA events, L2 flushed before each."""
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            flush()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        return statistics.median(times)
+        return median(cuda_event_ms(fn, reps, warmup, before=flush)) * 1e3
 
     def graph_of(fn):
         """A replay function for fn captured in a CUDA graph, or None if capture fails."""
@@ -165,7 +134,7 @@ def main() -> None:
     # Peak copy bandwidth for the header (1 GiB read + 1 GiB write).
     big_src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     big_dst = torch.empty_like(big_src)
-    peak_copy_us = time_calls(lambda: big_dst.copy_(big_src), reps=20, warmup=3)
+    peak_copy_us = time_calls(functools.partial(big_dst.copy_, big_src), reps=20, warmup=3)
     peak_copy_gbps = 2 * big_src.numel() / (peak_copy_us * 1e3)
     del big_src, big_dst
 
@@ -208,7 +177,7 @@ def main() -> None:
                 dst.copy_(src)
 
             row = {
-                "machine": machine, "command": command, "commit": commit,
+                **stamp,
                 "shape_name": shape_name, "shape": list(shape), "dtype": dt_name,
                 "elements": n, "bytes_moved": moved,
                 "block": cfg_triton.launch_config(n)[0], "num_warps": cfg_triton.launch_config(n)[1],
@@ -264,7 +233,6 @@ def main() -> None:
                 rows.append(brow)
                 print(f"  block {block:5d} warps {nw}: {brow['fused_us']:8.1f} us "
                       f"{100 * brow['bw_frac']:.0f}% of copy", flush=True)
-            del u, c, g, src, dst
 
     main_rows = [r for r in rows if not r.get("sweep")]
     summary = {
@@ -276,22 +244,17 @@ def main() -> None:
                                        for r in main_rows),
         "max_stats_rel_err": max(r["stats_rel_err"] for r in main_rows) if main_rows else None,
     }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "cfg_kernel",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine, "command": command, "commit": commit,
+        **stamp,
         "reps": args.reps, "warmup": args.warmup, "l2_flush": flush_buf is not None,
         "peak_copy_gbps": peak_copy_gbps, "guidance_scale": GUIDANCE,
         "targets": {"speedup": TARGET_SPEEDUP, "bw_frac_large": TARGET_BW_FRAC,
                     "large_bytes": LARGE_BYTES},
         "summary": summary, "rows": rows,
     }
-    (out_dir / "cfg_kernel.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "cfg_kernel.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {out_dir / 'cfg_kernel.json'} and {out_dir / 'cfg_kernel.md'}")
+    save_results("cfg_kernel", result, markdown(result), args.out_dir)
 
 
 def _f(v, fmt="{:.1f}"):

@@ -28,10 +28,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cbp_cpu import parse_args, run_mode  # noqa: E402
-from common import median, write_results  # noqa: E402
+from common import median, parse_args, run_mode, write_results  # noqa: E402
 
 PRESET = {"sdxl": "sdxl", "sd3": "sd3"}
 

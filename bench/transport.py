@@ -26,9 +26,8 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import write_results  # noqa: E402
+from common import cuda_event_ms, median, write_results  # noqa: E402
 
 SIZES_MB = (1, 10, 40, 160)
 LATENCY_BYTES = 128 * 1024
@@ -56,16 +55,12 @@ def d2d_same_process(device, sizes: list[int], quick: bool) -> dict[int, float]:
         reps = max(5, _iters(n, quick) // 5)
         for _ in range(3):
             dst.copy_(src)
-        times = []
-        for _ in range(5):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+
+        def batch() -> None:
             for _ in range(reps):
                 dst.copy_(src)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3 / reps)
-        out[n] = sorted(times)[2]
+
+        out[n] = median(cuda_event_ms(batch, 5)) / 1e3 / reps
     return out
 
 
@@ -134,38 +129,36 @@ def ipc_throughput(t, rank: int, nbytes: int, mode: str, iters: int, barrier) ->
     return elapsed / iters
 
 
-def dist_latency(group, rank: int, device, nbytes: int, iters: int) -> float:
-    """One-way seconds with torch.distributed: broadcast from 0 then from 1 is one round trip."""
+def dist_broadcast_s(group, device, nbytes: int, iters: int, roots: tuple[int, ...],
+                     warmup: int) -> float:
+    """Seconds per broadcast of an nbytes message with torch.distributed, over ``iters`` rounds
+    of one broadcast from each of ``roots`` after ``warmup`` untimed rounds.
+
+    roots (0, 1): a round is a round trip, so this is the one-way latency; roots (0,): rank 0
+    streams, the throughput."""
     import torch
     import torch.distributed as dist
 
     x = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    for _ in range(5):
-        dist.broadcast(x, 0, group=group)
-        dist.broadcast(x, 1, group=group)
+
+    def one_round() -> None:
+        for root in roots:
+            dist.broadcast(x, root, group=group)
+
+    for _ in range(warmup):
+        one_round()
     torch.cuda.synchronize()
     dist.barrier(group=group)
     start = time.perf_counter()
     for _ in range(iters):
-        dist.broadcast(x, 0, group=group)
-        dist.broadcast(x, 1, group=group)
+        one_round()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (2 * iters)
+    return (time.perf_counter() - start) / (len(roots) * iters)
 
 
-def dist_throughput(group, rank: int, device, nbytes: int, iters: int) -> float:
-    import torch
-    import torch.distributed as dist
-
-    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dist.broadcast(x, 0, group=group)
-    torch.cuda.synchronize()
-    dist.barrier(group=group)
-    start = time.perf_counter()
-    for _ in range(iters):
-        dist.broadcast(x, 0, group=group)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
+def _row(transport: str, mode: str, nbytes: int, seconds: float) -> dict:
+    return dict(transport=transport, mode=mode, bytes=nbytes, latency_us=seconds * 1e6,
+                gb_per_s=nbytes / seconds / 1e9)
 
 
 def _rank_main(rank: int, port: int, args: dict, results) -> None:
@@ -197,8 +190,7 @@ def _rank_main(rank: int, port: int, args: dict, results) -> None:
         if rank == 0:
             ref = d2d_same_process(device, [LATENCY_BYTES] + sizes, quick)
             for n, s in ref.items():
-                rows.append(dict(transport="same-process copy", mode="d2d", bytes=n,
-                                 latency_us=s * 1e6, gb_per_s=n / s / 1e9))
+                rows.append(_row("same-process copy", "d2d", n, s))
         barrier()
 
         t = ipc.make_ipc_transport(store, rank, 2, device, 60.0,
@@ -208,43 +200,38 @@ def _rank_main(rank: int, port: int, args: dict, results) -> None:
             if mode == "view" and staging != "device":
                 continue
             lat = ipc_latency(t, rank, LATENCY_BYTES, mode, 300 if quick else 2000, barrier)
-            rows.append(dict(transport=f"ipc ({staging})", mode=mode, bytes=LATENCY_BYTES,
-                             latency_us=lat * 1e6, gb_per_s=LATENCY_BYTES / lat / 1e9))
+            rows.append(_row(f"ipc ({staging})", mode, LATENCY_BYTES, lat))
             for n in sizes:
                 if mode == "view" and n > t.slot_bytes:
                     continue
                 s = ipc_throughput(t, rank, n, mode, _iters(n, quick), barrier)
-                rows.append(dict(transport=f"ipc ({staging})", mode=mode, bytes=n,
-                                 latency_us=s * 1e6, gb_per_s=n / s / 1e9))
+                rows.append(_row(f"ipc ({staging})", mode, n, s))
         t.close()
+
+        def broadcast_rows(transport: str, group, latency_iters: int, iters_of) -> None:
+            lat = dist_broadcast_s(group, device, LATENCY_BYTES, latency_iters, roots=(0, 1),
+                                   warmup=5)
+            rows.append(_row(transport, "broadcast", LATENCY_BYTES, lat))
+            for n in sizes:
+                s = dist_broadcast_s(group, device, n, iters_of(n), roots=(0,), warmup=1)
+                rows.append(_row(transport, "broadcast", n, s))
 
         dist.init_process_group("gloo", store=PrefixStore("gloo", store), rank=rank, world_size=2)
         try:
-            lat = dist_latency(None, rank, device, LATENCY_BYTES, 50 if quick else 200)
-            rows.append(dict(transport="torch gloo", mode="broadcast", bytes=LATENCY_BYTES,
-                             latency_us=lat * 1e6, gb_per_s=LATENCY_BYTES / lat / 1e9))
-            for n in sizes:
-                s = dist_throughput(None, rank, device, n, max(3, _iters(n, True) // 50))
-                rows.append(dict(transport="torch gloo", mode="broadcast", bytes=n,
-                                 latency_us=s * 1e6, gb_per_s=n / s / 1e9))
+            broadcast_rows("torch gloo", None, 50 if quick else 200,
+                           lambda n: max(3, _iters(n, True) // 50))
         except Exception as exc:  # gloo without CUDA support in this torch build
             notes.append(f"gloo skipped on rank {rank}: {type(exc).__name__}: {exc}")
         if two_gpus:
-            group = dist.new_group(backend="nccl")
-            lat = dist_latency(group, rank, device, LATENCY_BYTES, 300 if quick else 2000)
-            rows.append(dict(transport="torch nccl", mode="broadcast", bytes=LATENCY_BYTES,
-                             latency_us=lat * 1e6, gb_per_s=LATENCY_BYTES / lat / 1e9))
-            for n in sizes:
-                s = dist_throughput(group, rank, device, n, _iters(n, quick))
-                rows.append(dict(transport="torch nccl", mode="broadcast", bytes=n,
-                                 latency_us=s * 1e6, gb_per_s=n / s / 1e9))
+            broadcast_rows("torch nccl", dist.new_group(backend="nccl"),
+                           300 if quick else 2000, lambda n: _iters(n, quick))
         dist.destroy_process_group()
     except BaseException:
         errors.append(traceback.format_exc())
     results.put((rank, rows, errors, notes))
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+def run(args: argparse.Namespace) -> tuple[list[dict], list[str], list[str]]:
     import torch.multiprocessing as mp
     from torch.distributed import TCPStore
 

@@ -9,6 +9,7 @@
 #include "handles.h"
 #include "host_ring.h"
 #include "message.h"
+#include "py_convert.h"
 
 #ifdef HYBRIDIFF_RT_WITH_CUDA
 #include "ipc_engine.h"
@@ -20,30 +21,10 @@
 
 namespace py = pybind11;
 using namespace hdrt;
+using pyconv::check_python_signals;
+using pyconv::specs_from;
 
 namespace {
-
-// Called about every 20 ms while a wait has released the GIL: lets Ctrl-C interrupt it.
-void check_python_signals() {
-  py::gil_scoped_acquire gil;
-  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-}
-
-TensorSpec spec_from(const py::handle& item) {
-  auto t = item.cast<py::tuple>();
-  if (t.size() != 3) throw py::value_error("a tensor spec is (dtype: str, shape: list[int], nbytes: int)");
-  TensorSpec s;
-  s.dtype = t[0].cast<std::string>();
-  s.shape = t[1].cast<std::vector<int64_t>>();
-  s.nbytes = t[2].cast<uint64_t>();
-  return s;
-}
-
-std::vector<TensorSpec> specs_from(const py::sequence& seq) {
-  std::vector<TensorSpec> out;
-  for (auto item : seq) out.push_back(spec_from(item));
-  return out;
-}
 
 py::dict build_info() {
   py::dict d;

@@ -6,49 +6,13 @@
 
 #include "cuda_check.h"
 #include "ipc_engine.h"
+#include "py_convert.h"
 
 namespace py = pybind11;
 using namespace hdrt;
-
-namespace {
-
-void check_python_signals() {
-  py::gil_scoped_acquire gil;
-  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-}
-
-// [(ptr: int, nbytes: int, dtype: str, shape: list[int]), ...]
-std::vector<TensorRef> refs_from(const py::sequence& seq) {
-  std::vector<TensorRef> out;
-  for (auto item : seq) {
-    auto t = item.cast<py::tuple>();
-    if (t.size() != 4)
-      throw py::value_error("a tensor reference is (data_ptr: int, nbytes: int, dtype: str, shape: list[int])");
-    TensorRef r;
-    r.ptr = t[0].cast<uintptr_t>();
-    r.spec.nbytes = t[1].cast<uint64_t>();
-    r.spec.dtype = t[2].cast<std::string>();
-    r.spec.shape = t[3].cast<std::vector<int64_t>>();
-    out.push_back(std::move(r));
-  }
-  return out;
-}
-
-std::vector<TensorSpec> specs_from(const py::sequence& seq) {
-  std::vector<TensorSpec> out;
-  for (auto item : seq) {
-    auto t = item.cast<py::tuple>();
-    if (t.size() != 3) throw py::value_error("a tensor spec is (dtype: str, shape: list[int], nbytes: int)");
-    TensorSpec s;
-    s.dtype = t[0].cast<std::string>();
-    s.shape = t[1].cast<std::vector<int64_t>>();
-    s.nbytes = t[2].cast<uint64_t>();
-    out.push_back(std::move(s));
-  }
-  return out;
-}
-
-}  // namespace
+using pyconv::check_python_signals;
+using pyconv::refs_from;
+using pyconv::specs_from;
 
 void bind_engine(py::module_& m) {
   py::class_<Engine>(m, "Engine", py::module_local(),

@@ -468,6 +468,26 @@ uint32_t Engine::recv_chunk(RecvChannel& ch, const Plan& plan,
   return slot;
 }
 
+void Engine::fail_recv_channel(RecvChannel& ch, const std::exception& e, bool mid_message) {
+  if (dynamic_cast<const PeerExited*>(&e)) {
+    if (tx_[ch.src]) tx_[ch.src]->peer_gone = true;  // do not write into a dead peer's slots
+    return;
+  }
+  if (ch.failed) return;  // only the first failure is recorded
+  if (dynamic_cast<const PeerTimeout*>(&e)) {
+    // Before the first chunk nothing changed: the caller may wait again. After part of a
+    // message was consumed no clean retry is possible, so the channel fails (locally only).
+    if (mid_message) {
+      ch.failed = true;
+      ch.failure = e.what();
+    }
+    return;
+  }
+  ch.failed = true;
+  ch.failure = e.what();
+  ring_set_error(ch.rx.ctl, kReceiverFailed, ch.rx.label + ": " + e.what());
+}
+
 void Engine::recv(int src, const std::vector<TensorRef>& dsts, const std::string& what,
                   uintptr_t stream_handle, const std::function<void()>& poll) {
   RecvChannel& ch = recv_channel(src);
@@ -495,21 +515,8 @@ void Engine::recv(int src, const std::vector<TensorRef>& dsts, const std::string
       ch.rx.release(ch.rx.next_seq);  // the sender may wait on free_events[slot] now
       ch.rx.next_seq += 1;
     }
-  } catch (const PeerExited&) {
-    if (tx_[src]) tx_[src]->peer_gone = true;  // do not write into a dead peer's slots
-    throw;
-  } catch (const PeerTimeout& e) {
-    if (consumed > 0 && !ch.failed) {  // half a message was consumed: no clean retry possible
-      ch.failed = true;
-      ch.failure = e.what();
-    }
-    throw;  // before the first chunk nothing changed: the caller may wait again
   } catch (const std::exception& e) {
-    if (!ch.failed) {
-      ch.failed = true;
-      ch.failure = e.what();
-      ring_set_error(ch.rx.ctl, kReceiverFailed, ch.rx.label + ": " + e.what());
-    }
+    fail_recv_channel(ch, e, consumed > 0);
     throw;
   }
   ch.rx.next_msg = msg + 1;
@@ -535,17 +542,8 @@ std::vector<uintptr_t> Engine::recv_view(int src, const std::vector<TensorSpec>&
   uint32_t slot;
   try {
     slot = recv_chunk(ch, plan, specs, msg, 0, what, reinterpret_cast<cudaStream_t>(stream_handle));
-  } catch (const PeerExited&) {
-    if (tx_[src]) tx_[src]->peer_gone = true;
-    throw;
-  } catch (const PeerTimeout&) {
-    throw;
   } catch (const std::exception& e) {
-    if (!ch.failed) {
-      ch.failed = true;
-      ch.failure = e.what();
-      ring_set_error(ch.rx.ctl, kReceiverFailed, ch.rx.label + ": " + e.what());
-    }
+    fail_recv_channel(ch, e, false);
     throw;
   }
   ch.view_seq = ch.rx.next_seq;

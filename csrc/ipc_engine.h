@@ -140,6 +140,11 @@ class Engine {
   void worker_loop(SendChannel* ch);
   void process_job(SendChannel& ch, SendJob& job);
   void fail_send_channel(SendChannel& ch, std::exception_ptr err, SendJob& job);
+  // Bookkeeping for a receive on `ch` that threw `e` (the caller rethrows): PeerExited marks the
+  // send channel to that peer gone; a PeerTimeout fails the channel only when `mid_message` (part
+  // of the message was already consumed); anything else fails the channel once and records the
+  // error in shared memory so the sender fails too.
+  void fail_recv_channel(RecvChannel& ch, const std::exception& e, bool mid_message);
   bool ring_has_room(const SendChannel& ch, size_t chunks) const;
   char* slot_ptr(char* base, uint32_t slot) const { return base + uint64_t(slot) * cfg_.slot_bytes; }
   uint32_t recv_chunk(RecvChannel& ch, const Plan& plan, const std::vector<TensorSpec>& specs,

@@ -7,7 +7,7 @@ Run on two devices (two GPUs, or two CPU processes)::
     torchrun --nproc_per_node=2 examples/custom_loop.py --family sd3    # flow-matching Euler, MMDiT
     python examples/custom_loop.py                                      # one device, both branches
 
-The model is a tiny random-init SDXL- or SD3-shaped pipeline (``hybridiff_rt.tiny``), so this runs
+The model is a tiny random-init SDXL- or SD3-shaped pipeline (``hybridiff_rt.testing``), so this runs
 offline in seconds; only its text encoders (for the prompt embeddings), its denoiser and its
 scheduler are used. The loop itself is the few lines in :func:`sample`: the HybridDenoiser stands
 in for "run both CFG branches and combine them", the scheduler steps on every rank with identical
@@ -94,9 +94,9 @@ def build_pipeline(family: str, seed: int, device: torch.device, scheduler: str 
     Euler (``scheduler`` is ignored)."""
     from diffusers import DDIMScheduler
 
-    from hybridiff_rt import tiny
+    from hybridiff_rt import testing
 
-    pipe = tiny.build(family, seed=seed).to(device)
+    pipe = testing.build(family, seed=seed).to(device)
     if family == "sdxl" and scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe

@@ -1,6 +1,6 @@
 """hybridiff_rt: hybrid data/pipeline-parallel classifier-free-guided diffusion on several devices.
 
-Public API (DESIGN.md section 2)::
+Public API (README.md, docs/architecture.md)::
 
     import hybridiff_rt as hr
     hr.init_distributed()
@@ -14,7 +14,7 @@ from __future__ import annotations
 from . import ops
 from .comm.distributed import init_distributed
 from .config import HybridConfig
-from .diffusers import last_report, parallelize
+from .pipeline_adapter import last_report, parallelize
 from .engine import HybridDenoiser, RunReport
 from .errors import (
     ConfigError,

@@ -1,5 +1,6 @@
-"""The ``hybridiff-rt`` command: ``info`` (what this machine and build can do) and ``demo`` (the
-bundled end-to-end run: serial vs two devices on tiny trained models)."""
+"""The ``hybridiff-rt`` command: ``info`` (what this machine and build can do), ``env`` (the
+environment variables it reads) and ``demo`` (the bundled end-to-end run: serial vs two devices on
+tiny trained models)."""
 
 from __future__ import annotations
 
@@ -97,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     info_parser = sub.add_parser("info", help="versions, extension build, NCCL, GPUs, peer access")
     info_parser.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("env", help="the environment variables hybridiff_rt reads, with defaults")
     demo_parser = sub.add_parser("demo", help="serial vs two-device run on the bundled models")
-    from .demo import add_arguments
+    from .demo.command import add_arguments
 
     add_arguments(demo_parser)
     args = parser.parse_args(argv)
@@ -109,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print_info(info)
         return 0
-    from .demo import run_demo
+    if args.command == "env":
+        from .env import markdown_table
+
+        print(markdown_table())
+        return 0
+    from .demo.command import run_demo
 
     return run_demo(args)
 

@@ -1,6 +1,6 @@
 """HybridConfig: every knob of the hybrid runtime, validated at construction, plus paper presets.
 
-The presets are the paper's defaults for 50 sampling steps (PAPER.md section 2). For another step
+The presets are the paper's defaults for 50 sampling steps (docs/method.md). For another step
 count T, :meth:`HybridConfig.preset` rescales them with one documented rule (see
 :func:`scale_to_steps`).
 """

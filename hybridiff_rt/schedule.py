@@ -1,4 +1,4 @@
-"""The switching rule of PAPER.md section 2 as a pure state machine (no torch, no I/O).
+"""The switching rule (docs/method.md) as a pure state machine (no torch, no I/O).
 
 Steps are ``i = 0 .. T-1``. The caller asks :meth:`SwitchSchedule.mode` at the start of step i
 and reports the discrepancy with :meth:`SwitchSchedule.observe` at the end of step i (CBP steps;

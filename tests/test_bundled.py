@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-import hybridiff_rt.bundled as B
+import hybridiff_rt.demo.bundled as B
 
 
 @pytest.fixture(autouse=True)
@@ -40,15 +40,35 @@ def threads():
     torch.set_num_threads(old)
 
 
-def test_constants():
-    assert len(B.PROMPTS) == 10 and B.PROMPTS[7] == "a handwritten digit 7"
-    assert B.LABELS == tuple(range(10))
-    for name in B.MODELS:
-        d = B.DEFAULTS[name]
-        assert {"height", "width", "num_inference_steps", "guidance_scale"} <= set(d)
-        assert d["height"] % 4 == 0 and d["guidance_scale"] > 1
-    with pytest.raises(ValueError, match="unknown bundled model"):
-        B.load_pipeline("sd15")
+def test_model_names_resolve_to_their_folders_and_unknown_names_are_refused():
+    classes = {"unet": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+    assert set(B.MODELS) == set(classes)
+    for name, cls_name in classes.items():
+        index = json.loads((B.weights_path(name) / "model_index.json").read_text())
+        assert index["_class_name"] == cls_name
+    assert B.weights_path("sdxl") == B.weights_path("unet") != B.weights_path("sd3")
+    for bad in ("sd15", "SDXL", ""):
+        with pytest.raises(ValueError, match=r"unknown bundled model .*expected one of"):
+            B.load_pipeline(bad)
+        with pytest.raises(ValueError, match="unknown bundled model"):
+            B.weights_path(bad)
+
+
+@pytest.mark.parametrize("name", B.MODELS)
+def test_each_prompt_ends_with_the_token_of_its_label_for_both_tokenizers(name):
+    """PROMPTS[i] asks for digit LABELS[i] in the shipped vocabularies, within the token limit."""
+    from transformers import CLIPTokenizer
+
+    assert len(B.PROMPTS) == len(B.LABELS) == 10
+    for folder in ("tokenizer", "tokenizer_2"):
+        tok = CLIPTokenizer.from_pretrained(B.weights_path(name) / folder, local_files_only=True)
+        last = []
+        for prompt, label in zip(B.PROMPTS, B.LABELS):
+            ids = tok(prompt).input_ids
+            assert len(ids) <= tok.model_max_length, (folder, prompt)
+            assert tok.unk_token_id not in ids[1:-1], (folder, prompt)  # every word is known
+            last.append(tok.convert_ids_to_tokens(ids)[-2])  # the word before <|endoftext|>
+        assert last == [f"{label}</w>" for label in B.LABELS], (folder, last)
 
 
 def test_shipped_weights_are_small_fp16_safetensors():
@@ -115,7 +135,7 @@ def test_sd3_robust_to_zero_t5_token_count():
         kw["max_sequence_length"] = n
         outs.append(pipe(prompt=list(B.PROMPTS[:2]), output_type="pt",
                          generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw).images)
-    from hybridiff_rt.quality import psnr
+    from hybridiff_rt.demo.quality import psnr
 
     assert psnr(outs[0], outs[1]) > 25.0
     assert (outs[0] - outs[1]).abs().mean() < 0.03
@@ -132,7 +152,7 @@ def test_tokenizer_reloads_from_folder_and_is_whole_word():
 
 
 def test_classifier_recognises_real_digits():
-    from hybridiff_rt.bundled.data import train_test_split
+    from hybridiff_rt.demo.bundled.data import train_test_split
 
     _, _, x_test, y_test = train_test_split()
     clf = B.load_classifier()
@@ -141,15 +161,15 @@ def test_classifier_recognises_real_digits():
     feats = clf.features(x_test[:5])
     assert feats.shape == (5, 64) and torch.isfinite(feats).all()
     # the quality module reads [0, 1] images and reaches the same answer
-    from hybridiff_rt.quality import classifier_accuracy
+    from hybridiff_rt.demo.quality import classifier_accuracy
 
     assert classifier_accuracy((x_test + 1) / 2, y_test) == pytest.approx(acc)
 
 
 def test_sd3_training_processor_equals_repeated_tokens():
     """Training trick: one zero token with a log(n) logit bias == n zero tokens (exactly)."""
-    from hybridiff_rt.bundled import components as C
-    from hybridiff_rt.bundled.train import _RepeatedTokenJointAttnProcessor
+    from hybridiff_rt.demo.bundled import components as C
+    from hybridiff_rt.demo.bundled.train import _RepeatedTokenJointAttnProcessor
 
     torch.manual_seed(0)
     m = C.build_sd3_transformer().eval()
@@ -170,7 +190,7 @@ def test_training_code_smoke(tmp_path):
     """The training entry points run (a few steps on a few digits) and write loadable pipelines."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
-    from hybridiff_rt.bundled import train as T
+    from hybridiff_rt.demo.bundled import train as T
 
     det, nthreads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     try:
@@ -197,8 +217,8 @@ def _smoke(T, tmp_path, StableDiffusionXLPipeline, StableDiffusion3Pipeline):
 @pytest.mark.parametrize("name", B.MODELS)
 def test_guidance_makes_samples_follow_the_prompt(name):
     """The trained models need CFG: accuracy at w = 5 is high and above w = 1 (20 images each)."""
-    from hybridiff_rt.bundled.measure import DiscrepancyRecorder
-    from hybridiff_rt.quality import classifier_accuracy
+    from hybridiff_rt.demo.measure import DiscrepancyRecorder
+    from hybridiff_rt.demo.quality import classifier_accuracy
 
     pipe = B.load_pipeline(name)
     clf = B.load_classifier()

@@ -1,8 +1,11 @@
 """Condition-based partitioning through hr.parallelize on two CPU ranks (gloo, one thread each).
 
-Exactness contract (DESIGN.md section 3): in fp32 the two-rank output equals, bit for bit, a
-serial run that calls the denoiser once per CFG branch; it is within BATCH2_TOLERANCE of the
+Exactness contract (docs/architecture.md, "A CBP step"): in fp32 the two-rank output equals,
+bit for bit, a serial run that calls the denoiser once per CFG branch; it is within BATCH2_TOLERANCE of the
 ordinary batch-2 serial run; and it is identical on both ranks.
+
+(World size 1 through hr.parallelize is tested in test_pipeline_adapter.py, the refusal of world
+size 3 in test_runtime.py.)
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from hybridiff_rt.launch import all_ok, run_ranks
+from hybridiff_rt.testing import all_ok, run_ranks
 
 #: fp32 max |difference| between batch-2 and per-branch denoiser calls, propagated through a
-#: few sampling steps (DESIGN.md measured 1e-6 to 2e-5 per call).
+#: few sampling steps (measured: 1e-6 to 2e-5 per call).
 BATCH2_TOLERANCE = 1e-3
 STEPS = 5
 
@@ -62,10 +65,10 @@ def _call(pipe, seed, **kw):
 def _rank_cases(rank, family, seed, cases):
     """Run each case parallel, per-branch serial and batch-2 serial on this rank."""
     import hybridiff_rt as hr
-    from hybridiff_rt import tiny
+    from hybridiff_rt import testing
 
     hr.init_distributed()
-    pipe = tiny.build(family, seed=seed)
+    pipe = testing.build(family, seed=seed)
     results = {}
     for name, kwargs in cases.items():
         parallel = hr.parallelize(pipe, hr.HybridConfig(k=0))
@@ -144,48 +147,14 @@ def test_cbp_without_guidance_callbacks_and_decoded_output():
     assert r0["par"].shape == (1, 32, 32, 3) and np.isfinite(r0["par"]).all()
 
 
-def _rank_serial_wrapper(rank, seed):
-    import hybridiff_rt as hr
-    from hybridiff_rt import tiny
-
-    pipe = tiny.build("sd3", seed=seed)
-    plain = _call(pipe, seed, prompt="a lamp", guidance_scale=5.0)
-    wrapped = hr.parallelize(pipe, hr.HybridConfig(k=0))
-    out = _call(wrapped, seed, prompt="a lamp", guidance_scale=5.0)
-    return plain, out, hr.last_report(wrapped).to_dict()
-
-
-def test_world_size_one_is_a_serial_wrapper_with_report():
-    plain, out, report = all_ok(run_ranks(_rank_serial_wrapper, random.randrange(1 << 16),
-                                          world_size=1), world_size=1)[0]
-    assert np.array_equal(plain, out)
-    assert report["modes"] == ["serial"] * STEPS and report["world_size"] == 1
-    assert all(m is not None for m in report["rel_mae"])
-
-
-def _rank_world_three(rank):
-    import hybridiff_rt as hr
-    from hybridiff_rt import tiny
-
-    hr.HybridDenoiser(tiny.sd_pipeline().unet, hr.HybridConfig(k=0))
-
-
-def test_world_size_three_is_refused_on_every_rank():
-    outcomes = run_ranks(_rank_world_three, world_size=3)
-    assert sorted(outcomes) == [0, 1, 2]
-    for outcome in outcomes.values():
-        assert outcome.error_type == "WorldSizeError", outcome
-        assert "world size 1 (serial) or 2" in outcome.error and "3 ranks" in outcome.error
-
-
 def _rank_mismatch(rank, what):
     import hybridiff_rt as hr
-    from hybridiff_rt import tiny
+    from hybridiff_rt import testing
 
     cfg = hr.HybridConfig(k=0, timeout_s=20)
     if what == "config" and rank == 1:
         cfg = cfg.replace(slope_eps=1e-3)
-    pipe = hr.parallelize(tiny.build("sdxl"), cfg)
+    pipe = hr.parallelize(testing.build("sdxl"), cfg)
     prompt = "a red car" if (what == "prompt" and rank == 1) else "a blue car"
     seed = 1 + rank if what == "seed" else 1
     steps = STEPS + rank if what == "steps" else STEPS
@@ -207,9 +176,9 @@ def _rank_peer_failure(rank, how, timeout_s):
     import time
 
     import hybridiff_rt as hr
-    from hybridiff_rt import tiny
+    from hybridiff_rt import testing
 
-    pipe = hr.parallelize(tiny.build("sd3"), hr.HybridConfig(k=0, timeout_s=timeout_s))
+    pipe = hr.parallelize(testing.build("sd3"), hr.HybridConfig(k=0, timeout_s=timeout_s))
     started = {}
 
     def callback(p, i, t, tensors):

@@ -1,17 +1,17 @@
-"""HybridConfig: presets, step scaling, validation, pure helpers of the runtime."""
+"""HybridConfig: presets, step scaling, validation, digest.
+
+(The CFG batch helpers and the agreement summaries are tested in test_batch_and_agreement.py,
+the refusal of cuda_graphs='on' by the runtime in test_runtime.py.)
+"""
 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-import torch
 
 import hybridiff_rt as hr
 from hybridiff_rt.config import PRESETS, scale_to_steps
-from hybridiff_rt.engine.agreement import summaries_agree, summarize
-from hybridiff_rt.engine.batch import describe_shapes, join_cfg_batch, split_cfg_batch
 
 
 def test_presets_are_the_paper_defaults_at_50_steps():
@@ -65,40 +65,3 @@ def test_digest_follows_every_field_and_config_is_json():
     assert a.digest() != a.replace(timeout_s=31).digest()
     assert a.replace(stage_cuts=[0, 4, 9]).stage_cuts == (0, 4, 9)
     json.dumps(a.to_dict())
-
-
-def test_split_cfg_batch_splits_only_batch_shaped_arguments():
-    b = random.randint(1, 4)
-    x = torch.randn(2 * b, 3, 5, 5)
-    kw = {"sample": x, "timestep": torch.tensor(7), "t_vec": torch.arange(2 * b),
-          "other": torch.randn(3, 2), "added": {"text_embeds": torch.randn(2 * b, 4)},
-          "residuals": (torch.randn(2 * b, 2), torch.randn(2 * b, 3)), "scale": 1.5, "none": None}
-    pairs = {k: split_cfg_batch(v, 2 * b) for k, v in kw.items()}
-    uncond = {k: p[0] for k, p in pairs.items()}
-    cond = {k: p[1] for k, p in pairs.items()}
-    assert torch.equal(join_cfg_batch(uncond["sample"], cond["sample"]), x)
-    assert torch.equal(uncond["t_vec"], torch.arange(b))
-    assert uncond["timestep"] is kw["timestep"] and cond["other"] is kw["other"]
-    assert torch.equal(cond["added"]["text_embeds"], kw["added"]["text_embeds"][b:])
-    assert isinstance(cond["residuals"], tuple) and cond["residuals"][1].shape[0] == b
-    assert uncond["scale"] == 1.5 and cond["none"] is None
-    with pytest.raises(hr.ShapeError, match="even"):
-        split_cfg_batch(x, 3)
-    assert describe_shapes(uncond) == describe_shapes(cond)
-
-
-def test_agreement_summary_tolerates_rounding_but_not_other_content():
-    x = torch.randn(2, 77, 64)
-    close = x * (1 + 1e-4 * torch.randn_like(x))
-    assert summaries_agree(summarize(x), summarize(close))
-    assert not summaries_agree(summarize(x), summarize(torch.randn_like(x)))
-    assert not summaries_agree(summarize(x), summarize(x[:1]))
-    assert summaries_agree(summarize("abc"), summarize("abc"))
-    assert not summaries_agree(summarize(3), summarize(4))
-
-
-def test_cuda_graphs_on_is_refused_until_implemented():
-    from hybridiff_rt import tiny
-
-    with pytest.raises(hr.ConfigError, match="cuda_graphs='on'"):
-        hr.HybridDenoiser(tiny.sd_pipeline().unet, hr.HybridConfig(k=0, cuda_graphs="on"))

@@ -1,6 +1,6 @@
 """hr.HybridDenoiser as the backend of a hand-written sampling loop (examples/custom_loop.py).
 
-The contract tested here (DESIGN.md section 2): the custom loop, driving the same model, scheduler,
+The contract tested here (README "API"): the custom loop, driving the same model, scheduler,
 prompt embeddings and seed as a diffusers pipeline, produces on two CPU ranks bit for bit the
 latents of ``hr.parallelize(pipe)`` - for pure condition-based partitioning (k=0) and for a hybrid
 schedule with stale-activation pipelined steps - with the same per-step report. On one rank it
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import hybridiff_rt as hr
-from hybridiff_rt.launch import all_ok, run_ranks
+from hybridiff_rt.testing import all_ok, run_ranks
 
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
 STEPS = 10
@@ -141,44 +141,3 @@ def test_main_runs_on_two_ranks_and_mismatch_fails_on_both(two_rank_results):
     for results in ranks:
         assert results["mismatch"] is not None, "a guidance-scale mismatch went undetected"
         assert "guidance_scale" in results["mismatch"]
-
-
-def test_serial_guided_prediction_is_the_torch_cfg_formula_and_steps_are_checked():
-    """World of one: den(...) is u + w (c - u) of two direct model calls, bit for bit; step
-    bookkeeping rejects out-of-order calls and step 0 starts a new run."""
-    loop_mod = _examples()
-    seed = random.randrange(1 << 16)
-    cpu = torch.device("cpu")
-    pipe = loop_mod.build_pipeline("sdxl", seed=seed, device=cpu)
-    cond, uncond = loop_mod.branch_inputs(pipe, PROMPT, NEGATIVE, SIZE, SIZE, cpu)
-    den = hr.HybridDenoiser(pipe.unet, hr.HybridConfig(k=0))
-    sample = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(seed))
-    t = torch.tensor(500)
-    with torch.no_grad():
-        u = pipe.unet(sample, t, **uncond, return_dict=False)[0]
-        c = pipe.unet(sample, t, **cond, return_dict=False)[0]
-    w = 7.5
-    guided = den(sample, t, cond=cond, uncond=uncond, guidance_scale=w, step=0, num_steps=3)
-    assert torch.equal(guided, u + w * (c - u))
-    assert not torch.equal(u, c)
-    assert den.report.modes == ["serial"] and den.report.num_steps == 3
-
-    call = dict(cond=cond, uncond=uncond, guidance_scale=w)
-    with pytest.raises(ValueError, match="out of order"):
-        den(sample, t, step=2, **call)
-    den(sample, t, **call)  # step=None: the next step (1)
-    den(sample, t, step=2, **call)
-    with pytest.raises(ValueError, match="past the planned"):
-        den(sample, t, step=3, **call)
-    assert den.report.modes == ["serial"] * 3
-    den(sample, t, step=0, num_steps=5, **call)  # step 0 starts a new run
-    assert den.report.modes == ["serial"] and den.report.num_steps == 5
-    den.reset()
-    with pytest.raises(ValueError, match="num_steps"):
-        den(sample, t, step=0, **call)
-    assert hr.last_report(den) is den.report
-
-
-def test_unsupported_model_is_refused_with_the_supported_families():
-    with pytest.raises(hr.UnsupportedModelError, match="UNet2DConditionModel"):
-        hr.HybridDenoiser(torch.nn.Linear(4, 4))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybridiff_rt.launch import free_port
+from hybridiff_rt.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -41,14 +41,14 @@ def _import(name):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Tiny SDXL and SD3 pipelines (fresh random weights) saved as diffusers folders."""
-    from hybridiff_rt import tiny
+    from hybridiff_rt import testing
 
     root = tmp_path_factory.mktemp("checkpoints")
     seed = random.randrange(1 << 16)
     folders = {}
     for family in ("sdxl", "sd3"):
         folders[family] = root / family
-        tiny.build(family, seed=seed).save_pretrained(folders[family])
+        testing.build(family, seed=seed).save_pretrained(folders[family])
     return folders
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybridiff_rt.launch import all_ok, run_ranks
+from hybridiff_rt.testing import all_ok, run_ranks
 
 GPU_TOLERANCE = 1e-3
 STEPS = 10
@@ -22,14 +22,14 @@ STEPS = 10
 
 def _rank_gpu(rank, transport, seed):
     import hybridiff_rt as hr
-    from hybridiff_rt import tiny
+    from hybridiff_rt import testing
     from test_cbp import per_branch_forward
     from test_hybrid import emulate
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     hr.init_distributed()
-    pipe = tiny.build("sdxl", seed=seed).to("cuda")
+    pipe = testing.build("sdxl", seed=seed).to("cuda")
     call = dict(prompt="a kite over a beach", num_inference_steps=STEPS, height=32, width=32,
                 guidance_scale=5.0, output_type="latent")
     results = {}

@@ -3,7 +3,7 @@
 The two-rank output is compared bit for bit with a one-process emulation of the same schedule:
 per-branch denoiser calls on CBP steps and the staged model run with the stale boundary on
 pipelined steps. The mode sequence is checked against an independent implementation of the
-switching rule of PAPER.md section 2 applied to the discrepancies the run recorded.
+switching rule of docs/method.md applied to the discrepancies the run recorded.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from hybridiff_rt.launch import all_ok, run_ranks
+from hybridiff_rt.testing import all_ok, run_ranks
 
 STEPS = 10
 
 
 def expected_modes(rel_mae, window, slope_eps, k, tau_cap, steps):
-    """The rule of PAPER.md section 2, written independently of hybridiff_rt.schedule."""
+    """The rule of docs/method.md, written independently of hybridiff_rt.schedule."""
     tau1 = tau_cap
     for i in range(window, tau_cap):
         slope = (rel_mae[i - window + 1] - rel_mae[i]) / window
@@ -75,9 +75,9 @@ def emulate(pipe, tau1, tau2, cut, policy, **call_kwargs):
 
 def _rank_hybrid(rank, family, seed, cases):
     import hybridiff_rt as hr
-    from hybridiff_rt import tiny
+    from hybridiff_rt import testing
 
-    pipe = tiny.build(family, seed=seed)
+    pipe = testing.build(family, seed=seed)
     results = {}
     for name, fields in cases.items():
         call = dict(prompt="a castle on a cliff", negative_prompt="low quality",
@@ -147,10 +147,10 @@ def _rank_pipeline_failure(rank):
     import os
 
     import hybridiff_rt as hr
-    from hybridiff_rt import tiny
+    from hybridiff_rt import testing
 
     cfg = hr.HybridConfig(window=1, slope_eps=1e-6, k=4, tau_cap=3, timeout_s=3.0)
-    pipe = hr.parallelize(tiny.build("sdxl"), cfg)
+    pipe = hr.parallelize(testing.build("sdxl"), cfg)
 
     def callback(p, i, t, tensors):
         if rank == 1 and i == 3:  # inside the pipelined steps 2..5

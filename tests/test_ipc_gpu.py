@@ -20,6 +20,8 @@ import traceback
 import pytest
 import torch
 
+from hybridiff_rt import env
+
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.int64, torch.uint8, torch.int32]
@@ -31,7 +33,7 @@ SCENARIO_TIMEOUT_S = 150
 
 
 def _device_for(rank: int) -> torch.device:
-    two = os.environ.get("HYBRIDIFF_RT_TEST_TWO_GPUS") == "1" and torch.cuda.device_count() > 1
+    two = env.read("HYBRIDIFF_RT_TEST_TWO_GPUS") == "1" and torch.cuda.device_count() > 1
     return torch.device("cuda", rank if two else 0)
 
 

@@ -17,6 +17,8 @@ import time
 import numpy as np
 import pytest
 
+from hybridiff_rt import env
+
 _C = pytest.importorskip("hybridiff_rt._C", reason="extension not built: pip install -e .")
 
 CTX = mp.get_context("fork")
@@ -377,7 +379,7 @@ def test_handle_blob_corruption_is_detected():
 # memory is shared memory, copies are synchronous, events inert. Opt-in because it compiles a
 # second module (about a minute on 2 cores): HYBRIDIFF_RT_FAKE_CUDA_TESTS=1 pytest tests/test_ipc_host.py
 
-FAKE = os.environ.get("HYBRIDIFF_RT_FAKE_CUDA_TESTS") == "1"
+FAKE = env.read("HYBRIDIFF_RT_FAKE_CUDA_TESTS") == "1"
 
 
 @pytest.fixture(scope="module")

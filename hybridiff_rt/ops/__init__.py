@@ -1,6 +1,6 @@
 """CFG combine and branch-discrepancy ops: a fused Triton kernel plus a torch reference.
 
-Public functions (DESIGN.md section 2):
+Public functions:
 
     guided, stats = cfg_combine(uncond, cond, guidance_scale, out=None, *, guidance_rescale=0.0)
     stats = discrepancy_stats(uncond, cond)

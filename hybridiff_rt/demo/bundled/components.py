@@ -1,5 +1,6 @@
 """Architectures of the bundled models: configs and builders (no weights, no training).
 
+They are the public tiny builders of :mod:`hybridiff_rt.testing` with the bundled sizes.
 Everything here is tiny on purpose (a few hundred thousand parameters per model) so that the
 stock diffusers pipelines run the models on a CPU in seconds:
 
@@ -22,6 +23,7 @@ import string
 
 import torch
 
+from ...testing import pipelines as tiny
 from .data import IMAGE_SIZE
 
 TOKEN_CONTEXT = 8
@@ -61,34 +63,22 @@ def tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]
 
 def build_tokenizer():
     """A ``transformers.CLIPTokenizer`` built in memory (no files, no network)."""
-    from transformers import CLIPTokenizer
-
     vocab, merges = tokenizer_vocab_and_merges()
-    return CLIPTokenizer(
-        vocab=vocab, merges=merges, model_max_length=TOKEN_CONTEXT,
-        bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
-    )
+    return tiny.clip_tokenizer(TOKEN_CONTEXT, vocab=vocab, merges=merges, bos_token=BOS,
+                               eos_token=EOS, unk_token=EOS, pad_token=EOS)
 
 
 def text_encoder_config():
-    from transformers import CLIPTextConfig
-
     vocab, _ = tokenizer_vocab_and_merges()
-    return CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TOKEN_CONTEXT,
-        projection_dim=TEXT_PROJECTION, hidden_act="quick_gelu",
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )
+    return tiny.clip_text_config(TEXT_WIDTH, TEXT_PROJECTION, TOKEN_CONTEXT,
+                                 vocab_size=len(vocab), hidden_act="quick_gelu",
+                                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
 
 def build_text_encoder(seed: int, with_projection: bool):
     """A frozen random ``CLIPTextModel`` (or ``...WithProjection``), fixed by ``seed``."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     torch.manual_seed(seed)
-    model = cls(text_encoder_config())
+    model = tiny.clip_text_encoder(text_encoder_config(), with_projection)
     g = torch.Generator().manual_seed(seed + 1)
     emb = getattr(model, "text_model", model).embeddings
     with torch.no_grad():
@@ -100,16 +90,9 @@ def build_text_encoder(seed: int, with_projection: bool):
 
 def build_vae(scaling_factor: float = 1.0, shift_factor: float = 0.0):
     """``AutoencoderKL``: ``[B,1,32,32]`` in [-1,1] <-> latents ``[B,4,8,8]``."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=1, out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32), layers_per_block=1,
-        latent_channels=LATENT_CHANNELS, norm_num_groups=8, sample_size=IMAGE_SIZE,
-        scaling_factor=scaling_factor, shift_factor=shift_factor, force_upcast=False,
-    )
+    return tiny.vae(LATENT_CHANNELS, in_channels=1, out_channels=1,
+                    block_out_channels=(16, 32, 32), norm_num_groups=8, sample_size=IMAGE_SIZE,
+                    scaling_factor=scaling_factor, shift_factor=shift_factor, force_upcast=False)
 
 
 ADDITION_TIME_EMBED_DIM = 8
@@ -121,41 +104,25 @@ def build_unet():
     Cross-attention width 64 = the two text encoders' hidden states concatenated (as SDXL);
     ``text_time`` added conditioning = pooled projection of text encoder 2 (32) + 6 time ids x 8.
     """
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
+    return tiny.sdxl_unet(
+        (32, 48, 48), pooled_dim=TEXT_PROJECTION, time_embed_dim=ADDITION_TIME_EMBED_DIM,
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 48, 48), layers_per_block=1, transformer_layers_per_block=1,
-        attention_head_dim=(2, 3, 3), cross_attention_dim=2 * TEXT_WIDTH, norm_num_groups=8,
-        use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION,
-    )
+        layers_per_block=1, transformer_layers_per_block=1, attention_head_dim=(2, 3, 3),
+        cross_attention_dim=2 * TEXT_WIDTH)
 
 
 def build_sd3_transformer():
     """Tiny ``SD3Transformer2DModel`` on ``[B,4,8,8]`` latents (flow matching, velocity)."""
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(
+    return tiny.sd3_transformer(
         sample_size=LATENT_SIZE, patch_size=1, in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS, num_layers=4, attention_head_dim=16,
         num_attention_heads=4, joint_attention_dim=2 * TEXT_WIDTH, caption_projection_dim=64,
-        pooled_projection_dim=2 * TEXT_PROJECTION, pos_embed_max_size=2 * LATENT_SIZE,
-    )
+        pooled_projection_dim=2 * TEXT_PROJECTION, pos_embed_max_size=2 * LATENT_SIZE)
 
 
 def build_unet_scheduler():
     """``EulerDiscreteScheduler`` with SDXL's training schedule (scaled-linear betas)."""
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", prediction_type="epsilon",
-        timestep_spacing="leading", steps_offset=1,
-    )
+    return tiny.euler_scheduler(num_train_timesteps=1000, prediction_type="epsilon")
 
 
 SD3_SHIFT = 3.0
@@ -163,6 +130,4 @@ SD3_SHIFT = 3.0
 
 def build_sd3_scheduler():
     """``FlowMatchEulerDiscreteScheduler`` (SD3's, shift 3)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SHIFT)
+    return tiny.flow_match_scheduler(SD3_SHIFT, num_train_timesteps=1000)

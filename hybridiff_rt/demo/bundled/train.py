@@ -1,7 +1,7 @@
-"""Train the bundled models (deterministic, CPU): ``python -m hybridiff_rt.bundled.train``.
+"""Train the bundled models (deterministic, CPU): ``python -m hybridiff_rt.demo.bundled.train``.
 
-    python -m hybridiff_rt.bundled.train --model all          # classifier, vae, unet, sd3 in order
-    python -m hybridiff_rt.bundled.train --model unet --steps 200 --out /tmp/w   # a quick try
+    python -m hybridiff_rt.demo.bundled.train --model all          # classifier, vae, unet, sd3 in order
+    python -m hybridiff_rt.demo.bundled.train --model unet --steps 200 --out /tmp/w   # a quick try
 
 Order matters: ``vae`` writes the trained autoencoder into both pipeline folders, and ``unet`` /
 ``sd3`` encode the digits with it and then save the complete pipeline folder (fp16 safetensors;

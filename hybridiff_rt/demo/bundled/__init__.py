@@ -19,7 +19,7 @@ letters the models never saw and gives arbitrary digits.
 
 Usage::
 
-    from hybridiff_rt.bundled import DEFAULTS, PROMPTS, load_classifier, load_pipeline
+    from hybridiff_rt.demo.bundled import DEFAULTS, PROMPTS, load_classifier, load_pipeline
     pipe = load_pipeline("unet")                      # StableDiffusionXLPipeline, fp32, CPU
     out = pipe(prompt=list(PROMPTS), **DEFAULTS["unet"],
                generator=[torch.Generator().manual_seed(i) for i in range(10)])
@@ -27,9 +27,10 @@ Usage::
     clf = load_classifier()                           # judge: clf.predict(x in [-1,1]) -> labels
 
 Weights are fp16 safetensors in diffusers folder layout under ``weights/``; they are upcast to
-the requested dtype on load. Training: ``python -m hybridiff_rt.bundled.train --model all``;
-measurements: ``python -m hybridiff_rt.bundled.measure`` (see README.md in this folder).
-This package never imports the runtime (``hybridiff_rt.engine`` / ``hybridiff_rt.diffusers``).
+the requested dtype on load. Training: ``python -m hybridiff_rt.demo.bundled.train --model all``;
+measurements: ``python -m hybridiff_rt.demo.measure`` (see README.md in this folder).
+This package never imports the runtime (``hybridiff_rt.engine``, ``hybridiff_rt.comm``,
+``hybridiff_rt.pipeline_adapter``); an import-linter contract in pyproject.toml checks it.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def load_pipeline(name: str, dtype: torch.dtype = torch.float32, device: str | t
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
             f"bundled pipeline {name!r} not found at {folder}; train it with "
-            f"`python -m hybridiff_rt.bundled.train --model all`")
+            f"`python -m hybridiff_rt.demo.bundled.train --model all`")
     kw = dict(dtype=dtype, local_files_only=True, low_cpu_mem_usage=False)
     if name == "unet":
         pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False, **kw)

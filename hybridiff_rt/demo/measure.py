@@ -1,14 +1,15 @@
 """Measure the bundled models: guidance strength, discrepancy curve, CPU timings.
 
-    python -m hybridiff_rt.bundled.measure                       # both models, w = 1, 3, 5
-    python -m hybridiff_rt.bundled.measure --models unet --seeds 0 --scales 5 --steps 20
+    python -m hybridiff_rt.demo.measure                       # both models, w = 1, 3, 5
+    python -m hybridiff_rt.demo.measure --models unet --seeds 0 --scales 5 --steps 20
 
 For each model and guidance scale w, it samples the ten :data:`PROMPTS` with several seeds using
 the stock pipeline (serially, one process) and reports the share of images the bundled classifier
 reads as the prompted digit. w = 1 means no guidance (the pipelines then run the cond branch
 only). For w > 1 a forward hook on the denoiser splits each CFG-doubled batch into its uncond and
 cond halves and records, per image and step, the discrepancy
-``M_i = mean|eps_c - eps_u| / mean|eps_u|`` (PAPER.md section 2; for SD3, velocities).
+``M_i = mean|eps_c - eps_u| / mean|eps_u|`` (docs/method.md; for SD3, velocities), and where
+the runtime's switching rule (``SwitchSchedule`` with the model's preset) fires on the mean curve.
 Results: a JSON file and sample grids in ``--out``, a markdown summary on stdout.
 """
 
@@ -23,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import DEFAULTS, LABELS, PROMPTS, load_classifier, load_pipeline
+from ..config import HybridConfig
+from ..schedule import SwitchSchedule
+from .bundled import DEFAULTS, LABELS, PROMPTS, load_classifier, load_pipeline
 
-# Switching-rule parameters from PAPER.md section 2 (paper defaults for the model families),
-# used only to say where the rule would fire on the measured mean curve.
-RULES = {"unet": dict(window=12, slope_eps=4e-4, tau_cap=15),
-         "sd3": dict(window=15, slope_eps=5e-4, tau_cap=40)}
+#: The runtime preset each bundled model's switch points are read with (HybridConfig.preset).
+PRESET_OF = {"unet": "sdxl", "sd3": "sd3"}
 
 
 class DiscrepancyRecorder:
@@ -64,14 +65,22 @@ class DiscrepancyRecorder:
         self._handle.remove()
 
 
-def tau1_on_curve(m: list[float], window: int, slope_eps: float, tau_cap: int) -> tuple[int, bool]:
-    """PAPER.md section 2: first i >= L with 0 <= (M[i-L+1] - M[i]) / L < eps (i < tau_cap), else
-    tau_cap. Returns ``(tau1, detected)``."""
-    for i in range(window, min(tau_cap, len(m))):
-        g = (m[i - window + 1] - m[i]) / window
-        if 0.0 <= g < slope_eps:
-            return i, True
-    return tau_cap, False
+def switch_points(curve: list[float], preset: str) -> dict:
+    """Where the runtime's switching rule fires on a measured discrepancy curve.
+
+    Feeds ``curve`` (M_i per step) to :class:`~hybridiff_rt.SwitchSchedule` built from
+    ``HybridConfig.preset(preset, num_steps=len(curve))``, the same rule and config a hybrid run
+    of that many steps uses. Returns the config fields of the rule, ``tau1``, ``tau2`` and
+    ``tau1_source`` ("detected" or "cap"; None when the run ends first).
+    """
+    cfg = HybridConfig.preset(preset, num_steps=len(curve))
+    schedule = SwitchSchedule(cfg, len(curve))
+    for i, m in enumerate(curve):
+        schedule.observe(i, m)
+    schedule.finish()
+    return {"rule": {"preset": preset, "window": cfg.window, "slope_eps": cfg.slope_eps,
+                     "k": cfg.k, "tau_cap": cfg.tau_cap},
+            "tau1": schedule.tau1, "tau2": schedule.tau2, "tau1_source": schedule.tau1_source}
 
 
 def describe_curve(m: list[float]) -> str:
@@ -104,7 +113,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 10) -> None:
 
 
 def run(models, seeds, scales, steps, out: Path, threads: int, timing: bool) -> dict:
-    from ..quality import classifier_accuracy
+    from .quality import classifier_accuracy
 
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,14 +142,12 @@ def run(models, seeds, scales, steps, out: Path, threads: int, timing: bool) -> 
             if per_image:
                 pi = np.concatenate(per_image, axis=1)  # [steps, seeds*10]
                 curve = pi.mean(1).tolist()
-                rule = RULES[name]
-                tau1, detected = tau1_on_curve(curve, **rule)
+                points = switch_points(curve, PRESET_OF[name])
                 res.setdefault("discrepancy", {})[str(w)] = {
                     "mean_curve": curve, "std_over_images": pi.std(1).tolist(),
                     "per_prompt_curve": [pi[:, d::len(PROMPTS)].mean(1).tolist() for d in range(len(PROMPTS))],
                     "batch_curve_mean": np.mean(batch_curves, 0).tolist(),
-                    "description": describe_curve(curve),
-                    "rule": rule, "tau1": tau1, "tau1_detected": detected}
+                    "description": describe_curve(curve), **points}
         if timing:
             torch.set_num_threads(1)
             kw["guidance_scale"] = float(DEFAULTS[name]["guidance_scale"])
@@ -165,8 +172,9 @@ def markdown(result: dict) -> str:
     for name, res in result["models"].items():
         for w, d in res.get("discrepancy", {}).items():
             c = d["mean_curve"]
-            lines.append(f"\n{name}, w={w}: {d['description']}; tau1 by the paper's rule "
-                         f"{d['rule']}: {d['tau1']} ({'detected' if d['tau1_detected'] else 'cap'})")
+            lines.append(f"\n{name}, w={w}: {d['description']}; the runtime's rule "
+                         f"{d['rule']} gives tau1 {d['tau1']} ({d['tau1_source']}), "
+                         f"tau2 {d['tau2']}")
             lines.append("M_i every 5th step: " + ", ".join(f"{i}:{c[i]:.3f}" for i in range(0, len(c), 5))
                          + f", {len(c) - 1}:{c[-1]:.3f}")
     return "\n".join(lines)

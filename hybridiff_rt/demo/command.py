@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(model: str):
     if model == "random-sdxl":
-        from .tiny import sdxl_pipeline
+        from ..testing import sdxl_pipeline
 
         pipe = sdxl_pipeline(seed=0, size="small")
         prompts = ("a watercolor lighthouse at dusk", "a red bicycle in the rain")
@@ -92,7 +92,7 @@ def rank_main(rank: int, mode: str, model: str, steps: int, seed: int, k: int | 
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .launch import all_ok, run_ranks
+    from ..testing import all_ok, run_ranks
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

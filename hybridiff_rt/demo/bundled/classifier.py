@@ -1,5 +1,5 @@
 """A small CNN digit classifier: the "recognisability" judge and the feature extractor for the
-Frechet distance in :mod:`hybridiff_rt.quality`.
+Frechet distance in :mod:`hybridiff_rt.demo.quality`.
 
 Trained on the 80% split of the upsampled scikit-learn digits (:mod:`.data`), with small random
 shifts; about 90k parameters. Input: images ``[B, C, H, W]`` in [-1, 1] (ink bright, background
@@ -88,7 +88,7 @@ class DigitClassifier(nn.Module):
         if not w_path.is_file() or not cfg_path.is_file():
             raise FileNotFoundError(
                 f"no classifier weights in {folder} (expected config.json and model.safetensors); "
-                "train them with `python -m hybridiff_rt.bundled.train --model classifier`")
+                "train them with `python -m hybridiff_rt.demo.bundled.train --model classifier`")
         cfg = json.loads(cfg_path.read_text())
         model = cls(feature_dim=cfg["feature_dim"], num_classes=cfg["num_classes"])
         model.load_state_dict({k: v.float() for k, v in load_file(str(w_path)).items()})

@@ -1,0 +1,35 @@
+"""Test material for hybridiff_rt and for users' own tests: nothing here is downloaded.
+
+* Tiny random-init diffusers pipelines (:func:`sdxl_pipeline`, :func:`sd_pipeline`,
+  :func:`sd3_pipeline`, :func:`build`) built offline with in-memory tokenizers, and the component
+  builders they are made of (the bundled demo models are built from the same ones).
+* :func:`run_ranks`: run a function on N local processes with torchrun's environment, one CPU
+  thread each, so two processes are two devices on a machine without GPUs.
+
+The runtime core never imports this package.
+"""
+
+from .pipelines import (
+    BUILDERS,
+    DEFAULT_IMAGE_SIZE,
+    build,
+    byte_level_vocab,
+    clip_text_config,
+    clip_text_encoder,
+    clip_tokenizer,
+    euler_scheduler,
+    flow_match_scheduler,
+    sd3_pipeline,
+    sd3_transformer,
+    sd_pipeline,
+    sdxl_pipeline,
+    sdxl_unet,
+    seeded,
+    vae,
+)
+from .ranks import Outcome, all_ok, free_port, run_ranks
+
+__all__ = ["BUILDERS", "DEFAULT_IMAGE_SIZE", "Outcome", "all_ok", "build", "byte_level_vocab",
+           "clip_text_config", "clip_text_encoder", "clip_tokenizer", "euler_scheduler",
+           "flow_match_scheduler", "free_port", "run_ranks", "sd3_pipeline", "sd3_transformer",
+           "sd_pipeline", "sdxl_pipeline", "sdxl_unet", "seeded", "vae"]

@@ -1,0 +1,149 @@
+"""The engine's pure helpers: splitting a CFG-doubled batch (engine/batch.py) and the first-step
+agreement check between ranks (engine/agreement.py).
+
+The agreement check runs here against an in-memory torch.distributed HashStore with the ranks
+called one after another in this process: a rank that publishes first and finds nobody else
+raises PeerTimeoutError; the rank that comes second finds the first one's summaries and compares.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.distributed import HashStore
+
+import hybridiff_rt as hr
+from hybridiff_rt.engine.agreement import (ADVICE, REL_TOLERANCE, check_agreement,
+                                           summaries_agree, summarize)
+from hybridiff_rt.engine.batch import describe_shapes, join_cfg_batch, split_cfg_batch, tensors_in
+
+#: how long the first-called rank waits for a peer that is never coming (seconds)
+SHORT_WAIT_S = 0.2
+
+
+def _seeded():
+    return torch.Generator().manual_seed(random.randrange(1 << 30))
+
+
+# ----------------------------------------------------------------------------------- batch.py
+def test_split_cfg_batch_splits_only_batch_shaped_arguments():
+    b = random.randint(1, 4)
+    x = torch.randn(2 * b, 3, 5, 5)
+    kw = {"sample": x, "timestep": torch.tensor(7), "t_vec": torch.arange(2 * b),
+          "other": torch.randn(3, 2), "added": {"text_embeds": torch.randn(2 * b, 4)},
+          "residuals": (torch.randn(2 * b, 2), torch.randn(2 * b, 3)), "scale": 1.5, "none": None}
+    pairs = {k: split_cfg_batch(v, 2 * b) for k, v in kw.items()}
+    uncond = {k: p[0] for k, p in pairs.items()}
+    cond = {k: p[1] for k, p in pairs.items()}
+    assert torch.equal(join_cfg_batch(uncond["sample"], cond["sample"]), x)
+    assert torch.equal(uncond["t_vec"], torch.arange(b))
+    assert uncond["timestep"] is kw["timestep"] and cond["other"] is kw["other"]
+    assert torch.equal(cond["added"]["text_embeds"], kw["added"]["text_embeds"][b:])
+    assert isinstance(cond["residuals"], tuple) and cond["residuals"][1].shape[0] == b
+    assert uncond["scale"] == 1.5 and cond["none"] is None
+    with pytest.raises(hr.ShapeError, match="even"):
+        split_cfg_batch(x, 3)
+    assert describe_shapes(uncond) == describe_shapes(cond)
+
+
+def test_split_keeps_lists_as_lists_and_halves_share_storage_with_the_input():
+    g = _seeded()
+    x = torch.randn(4, 3, generator=g)
+    uncond, cond = split_cfg_batch([x, 2.0], 4)
+    assert isinstance(uncond, list) and uncond[1] == 2.0 and cond[1] == 2.0
+    assert torch.equal(uncond[0], x[:2]) and torch.equal(cond[0], x[2:])
+    # views, not copies: the engine never pays for a split
+    assert uncond[0].data_ptr() == x.data_ptr()
+    assert cond[0].data_ptr() == x[2:].data_ptr()
+    # a tensor whose leading size is the half batch is not batch-shaped for the doubled batch
+    half = torch.randn(2, 3, generator=g)
+    u, c = split_cfg_batch(half, 4)
+    assert u is half and c is half
+
+
+def test_tensors_in_is_ordered_by_sorted_keys_and_describe_shapes_tells_structures_apart():
+    g = _seeded()
+    a, b, c = (torch.randn(2, generator=g) for _ in range(3))
+    found = tensors_in({"z": a, "b": [b, {"y": c, "x": 1}], "m": None})
+    assert [t is ref for t, ref in zip(found, (b, c, a))] == [True, True, True]
+    assert len(found) == 3
+    assert tensors_in(3.5) == [] and tensors_in(None) == []
+    base = {"sample": torch.zeros(1, 4, 8, 8), "extra": None}
+    assert describe_shapes(base) == describe_shapes({"extra": None,
+                                                     "sample": torch.ones(1, 4, 8, 8)})
+    assert describe_shapes(base) != describe_shapes({"sample": torch.zeros(1, 4, 8, 9),
+                                                     "extra": None})
+    assert describe_shapes(base) != describe_shapes(
+        {"sample": torch.zeros(1, 4, 8, 8, dtype=torch.float16), "extra": None})
+    assert describe_shapes(base) != describe_shapes({"sample": torch.zeros(1, 4, 8, 8),
+                                                     "extra": 1.0})
+    assert describe_shapes([torch.zeros(2)]) != describe_shapes((torch.zeros(2), None))
+
+
+# ------------------------------------------------------------------------------- agreement.py
+def test_agreement_summary_tolerates_rounding_but_not_other_content():
+    x = torch.randn(2, 77, 64)
+    close = x * (1 + 1e-4 * torch.randn_like(x))
+    assert summaries_agree(summarize(x), summarize(close))
+    assert not summaries_agree(summarize(x), summarize(torch.randn_like(x)))
+    assert not summaries_agree(summarize(x), summarize(x[:1]))
+    assert summaries_agree(summarize("abc"), summarize("abc"))
+    assert not summaries_agree(summarize(3), summarize(4))
+
+
+def test_agreement_summary_sees_a_permutation_and_a_scale_beyond_the_tolerance():
+    x = torch.randn(4, 16, 8, generator=_seeded())
+    # same values, other order: the norm agrees, the fixed projections do not
+    assert not summaries_agree(summarize(x), summarize(x.flip(0)))
+    # a scale change well past REL_TOLERANCE changes the root mean square
+    assert not summaries_agree(summarize(x), summarize(x * (1 + 10 * REL_TOLERANCE)))
+    # a tensor field never agrees with a plain value, nor one tensor with two
+    assert not summaries_agree(summarize(x), summarize(1.0))
+    assert not summaries_agree(summarize(x), summarize([x, x]))
+    assert summaries_agree(summarize({"a": x, "b": x + 1}), summarize({"b": x + 1, "a": x}))
+
+
+def _fields(seed, **changes):
+    g = torch.Generator().manual_seed(seed)
+    fields = {"config": "abc123", "num_steps": 6, "guidance_scale": 5.0,
+              "sample": torch.randn(1, 4, 8, 8, generator=g),
+              "cond": {"encoder_hidden_states": torch.randn(1, 8, 32, generator=g)},
+              "uncond": {"encoder_hidden_states": torch.randn(1, 8, 32, generator=g)}}
+    fields.update(changes)
+    return fields
+
+
+def test_agreement_check_passes_when_every_field_agrees():
+    store, seed = HashStore(), random.randrange(1 << 30)
+    with pytest.raises(hr.PeerTimeoutError, match="missing store keys.*k/0"):
+        check_agreement(store, 1, 2, "k", _fields(seed), SHORT_WAIT_S)
+    # rank 0 arrives late; its summaries equal rank 1's, so it passes (returns None)
+    assert check_agreement(store, 0, 2, "k", _fields(seed), SHORT_WAIT_S) is None
+
+
+def test_agreement_check_names_each_differing_field_and_what_to_change():
+    store, seed = HashStore(), random.randrange(1 << 30)
+    other = _fields(seed + 1)
+    rank1 = _fields(seed, guidance_scale=7.5, cond=other["cond"])
+    with pytest.raises(hr.PeerTimeoutError, match="first-step agreement check"):
+        check_agreement(store, 1, 2, "run", rank1, SHORT_WAIT_S)
+    with pytest.raises(hr.RankMismatchError) as info:
+        check_agreement(store, 0, 2, "run", _fields(seed), SHORT_WAIT_S)
+    message = str(info.value)
+    assert message.startswith("rank 0: ranks disagree")
+    assert f"guidance_scale (rank 0 vs rank 1): {ADVICE['guidance_scale']}" in message
+    assert f"cond (rank 0 vs rank 1): {ADVICE['cond']}" in message
+    for agreeing in ("sample", "uncond", "num_steps", "config"):
+        assert f"{agreeing} (" not in message, message
+
+
+def test_agreement_check_keys_are_separate_per_run():
+    """A second run under another key does not see the first run's summaries."""
+    store, seed = HashStore(), random.randrange(1 << 30)
+    with pytest.raises(hr.PeerTimeoutError):
+        check_agreement(store, 1, 2, "run/0", _fields(seed), SHORT_WAIT_S)
+    check_agreement(store, 0, 2, "run/0", _fields(seed), SHORT_WAIT_S)
+    with pytest.raises(hr.PeerTimeoutError, match="run/1/1"):
+        check_agreement(store, 0, 2, "run/1", _fields(seed), SHORT_WAIT_S)
