@@ -48,8 +48,9 @@ class HybridConfig:
             "ipc" or "torch".
         cuda_graphs: "auto" | "on" | "off".
         timeout_s: seconds a rank waits for a peer during a step before raising PeerTimeoutError.
-        handshake_timeout_s: seconds the first-step agreement check waits for slow peers (model
-            loading can skew ranks by tens of seconds).
+        handshake_timeout_s: seconds start-up (joining the job, the first-call agreement check,
+            creating the transport) waits for slow peers (model loading can skew ranks by tens
+            of seconds).
         guidance_scale: the preset's recommended w (informational; the call's own value is used).
         stage_cuts: pin the stage partition instead of choosing it from measured unit costs:
             unit indices ``(0, c1, ..., n_units)``, stage j runs units[cuts[j]:cuts[j+1]]. Measured
@@ -74,24 +75,25 @@ class HybridConfig:
         _check_int("window", self.window, minimum=1)
         _check_int("k", self.k, minimum=0)
         _check_int("tau_cap", self.tau_cap, minimum=1)
-        if not isinstance(self.slope_eps, (int, float)) or not math.isfinite(self.slope_eps) \
-                or self.slope_eps < 0:
-            raise ConfigError(f"slope_eps must be a finite number >= 0, got {self.slope_eps!r}")
+        _check_number("slope_eps", self.slope_eps, minimum=0.0, strict=False,
+                       meaning="a finite number >= 0")
         _check_choice("pipeline_guidance", self.pipeline_guidance, PIPELINE_GUIDANCE_POLICIES)
         _check_choice("transport", self.transport, TRANSPORTS)
         _check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
         if self.stage_cuts is not None:
-            cuts = tuple(self.stage_cuts)
-            if (len(cuts) < 2 or cuts[0] != 0 or any(isinstance(c, bool) or not isinstance(c, int)
-                                                      for c in cuts)
-                    or any(b <= a for a, b in zip(cuts, cuts[1:]))):
+            cuts = tuple(self.stage_cuts) if isinstance(self.stage_cuts, (list, tuple)) else None
+            if (cuts is None or len(cuts) < 2 or any(isinstance(c, bool) or not isinstance(c, int)
+                                                     for c in cuts)
+                    or cuts[0] != 0 or any(b <= a for a, b in zip(cuts, cuts[1:]))):
                 raise ConfigError(f"stage_cuts must be increasing unit indices starting at 0, "
                                   f"e.g. (0, 8, 16); got {self.stage_cuts!r}")
             object.__setattr__(self, "stage_cuts", cuts)
         for name in ("timeout_s", "handshake_timeout_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+            _check_number(name, getattr(self, name), minimum=0.0, strict=True,
+                          meaning="a finite, positive number of seconds")
+        if self.guidance_scale is not None:
+            _check_number("guidance_scale", self.guidance_scale, minimum=0.0, strict=False,
+                          meaning="None or a finite number >= 0")
 
     @classmethod
     def preset(cls, name: str, num_steps: int = PRESET_STEPS, **overrides: Any) -> "HybridConfig":
@@ -147,6 +149,26 @@ def scale_to_steps(fields: dict[str, Any], num_steps: int) -> dict[str, Any]:
         out["tau_cap"] = max(1, limit - out["k"])
         out["k"] = max(0, min(out["k"], limit - out["tau_cap"]))
     return out
+
+
+def require_config(cfg: Any) -> HybridConfig:
+    """``cfg`` itself when it is a HybridConfig, HybridConfig() for None, else a ConfigError that
+    says how to build one (a preset name is the usual mistake)."""
+    if cfg is None:
+        return HybridConfig()
+    if isinstance(cfg, HybridConfig):
+        return cfg
+    hint = (f"hr.HybridConfig.preset({cfg!r}, num_steps=...)" if isinstance(cfg, str)
+            else "hr.HybridConfig(...) or hr.HybridConfig.preset(name, num_steps=...)")
+    raise ConfigError(f"the config must be a hybridiff_rt.HybridConfig, got "
+                      f"{type(cfg).__name__} {cfg!r:.60}; build one with {hint}")
+
+
+def _check_number(name: str, value: Any, minimum: float, strict: bool, meaning: str) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > minimum if strict else value >= minimum))
+    if not ok:
+        raise ConfigError(f"{name} must be {meaning}, got {value!r}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .config import HybridConfig
+from .config import HybridConfig, require_config
 from .engine import HybridDenoiser, RunReport
 from .engine.batch import join_cfg_batch, split_cfg_batch
 from .errors import HybridError, UnsupportedModelError
@@ -53,20 +53,61 @@ class ParallelPipeline:
         return self.engine.report
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.engine.reset()
+        self.engine.reset(context=self._call_context(args, kwargs))
+        if hasattr(self.pipe, "_num_timesteps"):
+            self.pipe._num_timesteps = None  # the pipeline sets it again before its loop
         object.__setattr__(self, "_in_call", True)
         try:
-            return self.pipe(*args, **kwargs)
+            out = self.pipe(*args, **kwargs)
         finally:
             object.__setattr__(self, "_in_call", False)
+        self.engine.end_run()
+        return out
 
     def restore(self) -> Any:
-        """Remove the forward proxy and return the plain pipeline."""
+        """Remove the forward proxy, release the runtime's transport and process group, and
+        return the plain pipeline. This object is unusable afterwards."""
         model = self._model
         if getattr(model, _PROXY_MARK, None) is self:
             del model.forward
             delattr(model, _PROXY_MARK)
+        self.engine.close()
         return self.pipe
+
+    def _call_context(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """What every rank must agree on besides the denoiser inputs: the pipeline class, its
+        scheduler (class and config) and every argument of this call (checked exactly at the
+        first denoiser call; callbacks by name only)."""
+        scheduler = getattr(self.pipe, "scheduler", None)
+        context: dict[str, Any] = {
+            "pipeline": type(self.pipe).__name__,
+            # private config keys ("_use_default_values") are bookkeeping in set order
+            "scheduler": [type(scheduler).__name__,
+                          {k: v for k, v in dict(getattr(scheduler, "config", {}) or {}).items()
+                           if not str(k).startswith("_")}],
+        }
+        try:
+            bound = inspect.signature(self.pipe.__call__).bind(*args, **kwargs).arguments
+        except TypeError:  # the pipeline itself will report the bad call
+            bound = dict(kwargs, _positional=list(args))
+        for name in sorted(bound):
+            if name == "kwargs" and isinstance(bound[name], dict):
+                for extra in sorted(bound[name]):
+                    context[f"call.{extra}"] = bound[name][extra]
+            else:
+                context[f"call.{name}"] = bound[name]
+        return context
+
+    def _planned_calls(self) -> int:
+        """Denoiser calls the pipeline will make in this call: what the pipeline records before
+        its loop (``_num_timesteps``: after strength / denoising_start / denoising_end, and every
+        call of a second-order scheduler), else the scheduler's timesteps from its begin index."""
+        recorded = getattr(self.pipe, "_num_timesteps", None)
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
+            return recorded
+        scheduler = self.pipe.scheduler
+        begin = getattr(scheduler, "begin_index", None) or 0
+        return max(1, len(scheduler.timesteps) - int(begin))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)
@@ -86,13 +127,21 @@ class ParallelPipeline:
         kw = dict(self._signature.bind(*args, **kwargs).arguments)
         engine = self.engine
         step = engine._next_step
-        num_steps = len(self.pipe.scheduler.timesteps) if step == 0 else None
+        num_steps = self._planned_calls() if step == 0 else None
+        if kw.get("skip_layers") is not None:
+            # skip-layer guidance: an extra single-branch call besides the CFG call of a step;
+            # every rank computes it itself, the step does not advance
+            return engine.side_call(kw, "skip-layer guidance: its extra denoiser calls "
+                                        "(skip_layers=...) ran whole on every rank")
         if not getattr(self.pipe, "do_classifier_free_guidance", True):
             return engine.serial_step(kw, step=step, num_steps=num_steps, reason=(
                 "no classifier-free guidance in this call (guidance_scale <= 1): no partitioning; "
                 "every rank ran the whole batch"))
-        return_dict = kw.pop("return_dict", True)
         sample = kw[engine.sample_key]
+        problem = self._layout_problem(sample.shape[0])
+        if problem:
+            engine.refuse(problem, step=step, num_steps=num_steps)
+        return_dict = kw.pop("return_dict", True)
         pairs = {k: split_cfg_batch(v, sample.shape[0]) for k, v in kw.items()}
         uncond_kw = {k: p[0] for k, p in pairs.items()}
         cond_kw = {k: p[1] for k, p in pairs.items()}
@@ -103,6 +152,22 @@ class ParallelPipeline:
         if not return_dict:
             return (doubled,)
         return _output_class(engine.family)(sample=doubled)
+
+    def _layout_problem(self, batch: int) -> str:
+        """Why this denoiser batch is not the ``[uncond; cond]`` pair CBP splits ("" when it is).
+
+        Perturbed-attention guidance stacks a third branch ``[uncond; cond; perturbed]`` whose
+        attention is altered inside the model, so no half of the batch is a plain branch."""
+        if getattr(self.pipe, "do_perturbed_attention_guidance", False):
+            return (f"{type(self.pipe).__name__} runs perturbed-attention guidance (PAG): its "
+                    "denoiser batch is [uncond; cond; perturbed], which hybridiff_rt cannot split "
+                    "into two exact branches. Call it with pag_scale=0 (plain CFG), or use the "
+                    "pipeline class without PAG")
+        if batch % 2:
+            return (f"the denoiser batch has {batch} rows, not an [uncond; cond] pair; "
+                    f"{type(self.pipe).__name__} stacks its guidance branches in a way "
+                    "hybridiff_rt does not support")
+        return ""
 
 
 def parallelize(pipe: Any, cfg: HybridConfig | None = None) -> ParallelPipeline:
@@ -117,7 +182,7 @@ def parallelize(pipe: Any, cfg: HybridConfig | None = None) -> ParallelPipeline:
         A ParallelPipeline, called exactly like ``pipe`` on every rank with the same arguments.
         With world size 1 it is a serial wrapper that still records a RunReport.
     """
-    return ParallelPipeline(pipe, cfg)
+    return ParallelPipeline(pipe, require_config(cfg))
 
 
 def last_report(pipe: Any) -> RunReport:

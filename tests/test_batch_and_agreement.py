@@ -3,7 +3,7 @@ agreement check between ranks (engine/agreement.py).
 
 The agreement check runs here against an in-memory torch.distributed HashStore with the ranks
 called one after another in this process: a rank that publishes first and finds nobody else
-raises PeerTimeoutError; the rank that comes second finds the first one's summaries and compares.
+raises PeerTimeoutError; the rank that comes second finds the first one's digests and compares.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import torch
 from torch.distributed import HashStore
 
 import hybridiff_rt as hr
-from hybridiff_rt.engine.agreement import (ADVICE, REL_TOLERANCE, check_agreement,
-                                           summaries_agree, summarize)
+from hybridiff_rt.engine.agreement import ADVICE, CALL_ADVICE, check_agreement, digest
 from hybridiff_rt.engine.batch import describe_shapes, join_cfg_batch, split_cfg_batch, tensors_in
 
 #: how long the first-called rank waits for a peer that is never coming (seconds)
@@ -83,26 +82,41 @@ def test_tensors_in_is_ordered_by_sorted_keys_and_describe_shapes_tells_structur
 
 
 # ------------------------------------------------------------------------------- agreement.py
-def test_agreement_summary_tolerates_rounding_but_not_other_content():
-    x = torch.randn(2, 77, 64)
-    close = x * (1 + 1e-4 * torch.randn_like(x))
-    assert summaries_agree(summarize(x), summarize(close))
-    assert not summaries_agree(summarize(x), summarize(torch.randn_like(x)))
-    assert not summaries_agree(summarize(x), summarize(x[:1]))
-    assert summaries_agree(summarize("abc"), summarize("abc"))
-    assert not summaries_agree(summarize(3), summarize(4))
+def test_digest_is_exact_for_tensors_and_stable_for_equal_content():
+    g = _seeded()
+    x = torch.randn(2, 7, 16, generator=g)
+    assert digest(x) == digest(x.clone()) == digest(x.transpose(0, 2).contiguous().transpose(0, 2))  # layout-free
+    one_off = x.clone()
+    one_off.view(-1)[random.randrange(x.numel())] += 1e-6  # one element, one ulp-ish change
+    assert digest(one_off) != digest(x)
+    assert digest(x) != digest(x.flip(0))
+    assert digest(x) != digest(x.double())  # dtype counts
+    assert digest(x) != digest(x.reshape(7, 2, 16))  # shape counts
+    assert digest(torch.zeros(0)) != digest(torch.zeros(0, 3))
+    assert digest(torch.tensor([True, False])) != digest(torch.tensor([False, True]))
 
 
-def test_agreement_summary_sees_a_permutation_and_a_scale_beyond_the_tolerance():
-    x = torch.randn(4, 16, 8, generator=_seeded())
-    # same values, other order: the norm agrees, the fixed projections do not
-    assert not summaries_agree(summarize(x), summarize(x.flip(0)))
-    # a scale change well past REL_TOLERANCE changes the root mean square
-    assert not summaries_agree(summarize(x), summarize(x * (1 + 10 * REL_TOLERANCE)))
-    # a tensor field never agrees with a plain value, nor one tensor with two
-    assert not summaries_agree(summarize(x), summarize(1.0))
-    assert not summaries_agree(summarize(x), summarize([x, x]))
-    assert summaries_agree(summarize({"a": x, "b": x + 1}), summarize({"b": x + 1, "a": x}))
+def test_digest_of_plain_values_containers_and_objects():
+    assert digest({"a": 1, "b": [2.5, "x"]}) == digest({"b": [2.5, "x"], "a": 1})
+    assert digest([1, 2]) != digest((1, 2))
+    assert digest(0.1 + 0.2) != digest(0.3)  # floats exactly
+    assert digest(1) != digest(1.0) and digest(True) != digest(1)
+    assert digest(None) != digest("None")
+    seed = random.randrange(1 << 30)
+    assert digest(torch.Generator().manual_seed(seed)) == \
+        digest(torch.Generator().manual_seed(seed))
+    assert digest(torch.Generator().manual_seed(seed)) != \
+        digest(torch.Generator().manual_seed(seed + 1))
+
+    class Plain:  # default repr holds an address: equal objects in two processes must agree
+        pass
+
+    assert digest(Plain()) == digest(Plain())
+    assert digest(len) == digest(len) and digest(len) != digest(print)
+    import numpy as np
+
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert digest(arr) == digest(arr.copy()) and digest(arr) != digest(arr.T)
 
 
 def _fields(seed, **changes):
@@ -119,28 +133,43 @@ def test_agreement_check_passes_when_every_field_agrees():
     store, seed = HashStore(), random.randrange(1 << 30)
     with pytest.raises(hr.PeerTimeoutError, match="missing store keys.*k/0"):
         check_agreement(store, 1, 2, "k", _fields(seed), SHORT_WAIT_S)
-    # rank 0 arrives late; its summaries equal rank 1's, so it passes (returns None)
+    # rank 0 arrives late; its digests equal rank 1's, so it passes (returns None)
     assert check_agreement(store, 0, 2, "k", _fields(seed), SHORT_WAIT_S) is None
 
 
 def test_agreement_check_names_each_differing_field_and_what_to_change():
     store, seed = HashStore(), random.randrange(1 << 30)
     other = _fields(seed + 1)
-    rank1 = _fields(seed, guidance_scale=7.5, cond=other["cond"])
-    with pytest.raises(hr.PeerTimeoutError, match="first-step agreement check"):
+    rank1 = _fields(seed, guidance_scale=7.5, cond=other["cond"], **{"call.strength": 0.5})
+    with pytest.raises(hr.PeerTimeoutError, match="first-call agreement check"):
         check_agreement(store, 1, 2, "run", rank1, SHORT_WAIT_S)
     with pytest.raises(hr.RankMismatchError) as info:
         check_agreement(store, 0, 2, "run", _fields(seed), SHORT_WAIT_S)
     message = str(info.value)
     assert message.startswith("rank 0: ranks disagree")
+    # the first differing field in the order the fields were given comes first
+    assert message.index("guidance_scale (") < message.index("cond (")
     assert f"guidance_scale (rank 0 vs rank 1): {ADVICE['guidance_scale']}" in message
     assert f"cond (rank 0 vs rank 1): {ADVICE['cond']}" in message
+    # a field only one rank has is a disagreement too (e.g. guidance on one rank only)
+    assert f"call.strength (rank 0 vs rank 1): {CALL_ADVICE}" in message
     for agreeing in ("sample", "uncond", "num_steps", "config"):
         assert f"{agreeing} (" not in message, message
 
 
+def test_agreement_sees_latents_differing_in_one_element():
+    store, seed = HashStore(), random.randrange(1 << 30)
+    fields = _fields(seed)
+    nudged = dict(fields, sample=fields["sample"].clone())
+    nudged["sample"][0, 1, 2, 3] += 1e-3
+    with pytest.raises(hr.PeerTimeoutError):
+        check_agreement(store, 1, 2, "one", nudged, SHORT_WAIT_S)
+    with pytest.raises(hr.RankMismatchError, match=r"on sample \(rank 0 vs rank 1\)"):
+        check_agreement(store, 0, 2, "one", fields, SHORT_WAIT_S)
+
+
 def test_agreement_check_keys_are_separate_per_run():
-    """A second run under another key does not see the first run's summaries."""
+    """A second run under another key does not see the first run's digests."""
     store, seed = HashStore(), random.randrange(1 << 30)
     with pytest.raises(hr.PeerTimeoutError):
         check_agreement(store, 1, 2, "run/0", _fields(seed), SHORT_WAIT_S)

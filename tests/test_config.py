@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import hybridiff_rt as hr
 from hybridiff_rt.config import PRESETS, scale_to_steps
@@ -48,6 +49,15 @@ def test_scaling_identity_at_50_steps_and_tiny_runs_drop_pipelining():
     ("pipeline_guidance", "on", "pipeline_guidance"), ("transport", "nccl", "transport"),
     ("cuda_graphs", True, "cuda_graphs"), ("timeout_s", 0, "timeout_s"),
     ("stage_cuts", (1, 5), "stage_cuts"), ("stage_cuts", (0, 5, 5), "stage_cuts"),
+    # every numeric field: no booleans, nothing infinite or NaN
+    ("window", True, "window"), ("k", 2.0, "k must"), ("tau_cap", False, "tau_cap"),
+    ("slope_eps", True, "slope_eps"), ("slope_eps", float("inf"), "slope_eps"),
+    ("timeout_s", float("inf"), "timeout_s"), ("timeout_s", float("nan"), "timeout_s"),
+    ("timeout_s", True, "timeout_s"), ("handshake_timeout_s", float("inf"), "handshake"),
+    ("handshake_timeout_s", -5, "handshake"), ("handshake_timeout_s", "60", "handshake"),
+    ("guidance_scale", float("nan"), "guidance_scale"), ("guidance_scale", True, "guidance"),
+    ("guidance_scale", -1.0, "guidance_scale"), ("stage_cuts", (0, True), "stage_cuts"),
+    ("stage_cuts", "0,4", "stage_cuts"), ("stage_cuts", (0, 2.5), "stage_cuts"),
 ])
 def test_invalid_fields_are_refused_with_the_field_named(field, value, fragment):
     with pytest.raises(hr.ConfigError, match=fragment):
@@ -65,3 +75,35 @@ def test_digest_follows_every_field_and_config_is_json():
     assert a.digest() != a.replace(timeout_s=31).digest()
     assert a.replace(stage_cuts=[0, 4, 9]).stage_cuts == (0, 4, 9)
     json.dumps(a.to_dict())
+
+
+@pytest.mark.parametrize("given", ["sdxl", {"k": 0}, 5, hr.HybridConfig.preset])
+def test_something_that_is_not_a_config_is_refused_with_how_to_build_one(given):
+    from hybridiff_rt import testing
+
+    pipe = testing.build("sd")
+    with pytest.raises(hr.ConfigError, match="must be a hybridiff_rt.HybridConfig") as info:
+        hr.parallelize(pipe, given)
+    if given == "sdxl":
+        assert "hr.HybridConfig.preset('sdxl', num_steps=...)" in str(info.value)
+    with pytest.raises(hr.ConfigError, match="must be a hybridiff_rt.HybridConfig"):
+        hr.HybridDenoiser(pipe.unet, given)
+    # nothing was wrapped: the plain pipeline still works and can be parallelized
+    assert not hasattr(pipe.unet, "_hybridiff_rt_pipeline")
+
+
+def test_world_size_one_ignores_pipelining_limits_that_cannot_apply():
+    """HybridConfig() has 50-step limits (tau_cap 15 + k 5); a serial run of 6 steps uses none of
+    them, so it runs (a world of one never pipelines)."""
+    from hybridiff_rt import testing
+
+    pipe = testing.build("sd")
+    with pytest.raises(hr.ConfigError):
+        hr.SwitchSchedule(hr.HybridConfig(), 6)  # the limits are real for a pipelining run
+    runner = hr.parallelize(pipe, hr.HybridConfig())
+    out = runner(prompt="a cat", num_inference_steps=6, height=32, width=32,
+                 output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(out).all()
+    report = hr.last_report(runner)
+    assert report.modes == ["serial"] * 6 and report.num_steps == 6
+    assert report.tau1 is None and report.tau2 is None

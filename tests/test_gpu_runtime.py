@@ -1,5 +1,12 @@
-"""The CBP and hybrid runtime with CUDA tensors: two processes on one GPU (gloo, or the CUDA IPC
-transport). Run by bench/device_check.sh; skipped without a GPU.
+"""The CBP and hybrid runtime with CUDA tensors on two processes. Run by bench/device_check.sh;
+the GPU test is skipped without a GPU (and without diffusers/transformers, which build the tiny
+pipeline).
+
+The process-group backend follows the machine, as hybridiff_rt.init_distributed chooses it: one GPU
+shared by both ranks -> gloo (NCCL refuses two ranks on one GPU); a GPU per rank (two or more
+GPUs) -> NCCL. transport="torch" therefore reports "torch-gloo" or "torch-nccl"; transport="ipc"
+reports "ipc" either way. ``expected_backend`` states that rule, and a CPU test checks it against
+init_distributed itself.
 
 On a GPU, batch size and launch order may change kernel choices, so these tests compare with the
 one-process references within GPU_TOLERANCE instead of bit for bit; the two ranks must still be
@@ -18,6 +25,18 @@ from hybridiff_rt.testing import all_ok, run_ranks
 
 GPU_TOLERANCE = 1e-3
 STEPS = 10
+#: the ranks are killed after this many seconds (below device_check.sh's per-test limit of 150 s,
+#: so a hang ends here, with the ranks cleaned up, rather than in pytest-timeout)
+RANK_TIMEOUT_S = 120
+WORLD_SIZE = 2
+
+
+def expected_backend(gpus: int | None = None, local_ranks: int = WORLD_SIZE) -> str:
+    """The backend init_distributed picks for ``local_ranks`` ranks on a node with ``gpus`` GPUs
+    (default: this machine's): NCCL when every rank gets a GPU of its own, else gloo."""
+    if gpus is None:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return "nccl" if gpus >= local_ranks else "gloo"
 
 
 def _rank_gpu(rank, transport, seed):
@@ -28,11 +47,12 @@ def _rank_gpu(rank, transport, seed):
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    hr.init_distributed()
-    pipe = testing.build("sdxl", seed=seed).to("cuda")
+    info = hr.init_distributed()
+    pipe = testing.build("sdxl", seed=seed).to(info.device)
     call = dict(prompt="a kite over a beach", num_inference_steps=STEPS, height=32, width=32,
                 guidance_scale=5.0, output_type="latent")
-    results = {}
+    results = {"backend": info.backend, "device": str(info.device),
+               "gpus": torch.cuda.device_count()}
     for name, fields in {"cbp": dict(k=0),
                          "hybrid": dict(window=1, slope_eps=1e-6, k=3, tau_cap=4)}.items():
         parallel = hr.parallelize(pipe, hr.HybridConfig(transport=transport, **fields))
@@ -54,13 +74,46 @@ def _rank_gpu(rank, transport, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("transport", ["torch", "ipc"])
-def test_cbp_and_hybrid_with_cuda_tensors_two_processes_one_gpu(transport):
+def test_cbp_and_hybrid_with_cuda_tensors_two_processes(transport):
+    # the ranks build a tiny diffusers pipeline: skip (in the parent, before spawning) without it
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     seed = random.randrange(1 << 16)
-    results = all_ok(run_ranks(_rank_gpu, transport, seed, timeout_s=600))
+    backend = expected_backend()
+    print(f"seed={seed} gpus={torch.cuda.device_count()} expected backend={backend}")
+    results = all_ok(run_ranks(_rank_gpu, transport, seed, world_size=WORLD_SIZE,
+                               timeout_s=RANK_TIMEOUT_S))
+    assert [r["backend"] for r in results] == [backend] * WORLD_SIZE, (seed, results[0]["gpus"])
+    devices = [r["device"] for r in results]
+    assert devices == (["cuda:0", "cuda:1"] if backend == "nccl" else ["cuda:0", "cuda:0"]), devices
     for name in ("cbp", "hybrid"):
         r0, r1 = results[0][name], results[1][name]
-        assert np.array_equal(r0["out"], r1["out"]), f"{name}: ranks differ"
-        assert np.abs(r0["out"] - r0["reference"]).max() <= GPU_TOLERANCE, name
-        expected = "ipc" if transport == "ipc" else "torch-gloo"
-        assert r0["report"]["transport"] == expected
+        assert np.array_equal(r0["out"], r1["out"]), f"seed={seed} {name}: ranks differ"
+        err = np.abs(r0["out"] - r0["reference"]).max()
+        assert err <= GPU_TOLERANCE, f"seed={seed} {name}: max error {err}"
+        expected = "ipc" if transport == "ipc" else f"torch-{backend}"
+        assert r0["report"]["transport"] == expected, (seed, name, r0["report"]["transport"])
     assert results[0]["hybrid"]["report"]["modes"].count("pipeline") == 3
+
+
+@pytest.mark.parametrize("gpus, backend", [(0, "gloo"), (1, "gloo"), (2, "nccl"), (4, "nccl")])
+def test_expected_backend_follows_init_distributed(monkeypatch, gpus, backend):
+    """CPU check of the rule the GPU test expects: init_distributed's own automatic choice for two
+    local ranks (process-group creation stubbed out) equals expected_backend(gpus)."""
+    from hybridiff_rt.comm import distributed
+
+    chosen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.setdefault("device", device))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kwargs: chosen.setdefault("backend", backend))
+    monkeypatch.setattr(distributed, "current_dist_info", lambda: None)
+    for key, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": str(WORLD_SIZE),
+                       "LOCAL_WORLD_SIZE": str(WORLD_SIZE)}.items():
+        monkeypatch.setenv(key, value)
+    distributed.init_distributed()
+    assert chosen["backend"] == backend == expected_backend(gpus)
+    if gpus:  # rank 1 sits on GPU 1 with a GPU per rank, else shares GPU 0
+        assert chosen["device"] == torch.device("cuda", 1 if backend == "nccl" else 0)

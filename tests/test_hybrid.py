@@ -133,14 +133,23 @@ def test_hybrid_schedule_and_outputs_match_one_process_emulation(family):
         # last; the last rank sends only the prediction on pipelined steps
         first, last = tau1 + 1, tau1 + fields["k"]
         prediction_bytes = r0["out"].nbytes
-        assert rep["bytes_sent"][first] > prediction_bytes
+        pipeline = rep["extra"]["pipeline"]
+        boundary_bytes = pipeline["boundary_bytes"][pipeline["plan"]["cuts"][1] - 1]
+        assert rep["bytes_sent"][first:last] == [boundary_bytes] * (fields["k"] - 1)
         assert rep["bytes_sent"][last] == 0
+        # the cut was planned with a measured link figure, the same on both ranks
+        assert pipeline["link_measured"] and pipeline["link_bytes_per_ms"] > 0
+        assert r1["report"]["extra"]["pipeline"]["link_bytes_per_ms"] == \
+            pipeline["link_bytes_per_ms"]
+        assert r1["report"]["extra"]["pipeline"]["plan"] == pipeline["plan"]
         assert r1["report"]["bytes_sent"][first:last + 1] == [prediction_bytes] * fields["k"]
         np.testing.assert_array_equal(r0["out"], r0["emulated"], err_msg=name)
         plan = rep["extra"]["pipeline"]["plan"]
         assert plan["cuts"][0] == 0 and plan["cuts"][-1] == len(rep["extra"]["pipeline"]
                                                                 ["unit_names"])
-        assert 1.0 < plan["ideal_speedup"] <= 2.0
+        # modelled with the measured link: on two CPU processes a tiny model's boundary costs
+        # about as much as its stages, so the model may even predict a loss (honestly)
+        assert 0.0 < plan["ideal_speedup"] <= 2.0
 
 
 def _rank_pipeline_failure(rank):

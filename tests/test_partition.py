@@ -1,4 +1,9 @@
-"""The stage partitioner (exact DP, checked against brute force) and per-unit cost profiles."""
+"""The stage partitioner (exact DP, checked against brute force) and per-unit cost profiles.
+
+The partitioner tests need torch only; the profiling tests build a tiny SD3 transformer and skip
+without diffusers (imported inside them, so the module collects on a machine without it, e.g. the
+GPU machine of bench/device_check.sh).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import random
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
 
 import hybridiff_rt.stages as st
 from hybridiff_rt.errors import ConfigError
@@ -143,7 +147,8 @@ def test_plan_to_dict_is_json():
 
 
 def _tiny_sd3(layers=2):
-    return SD3Transformer2DModel(
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
         pos_embed_max_size=8,

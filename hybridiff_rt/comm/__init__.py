@@ -29,13 +29,21 @@ def all_ranks_on_this_node() -> bool:
     return world is not None and os.environ.get("LOCAL_WORLD_SIZE", world) == world
 
 
-def make_transport(kind: str, timeout_s: float, device: torch.device) -> Transport:
+def make_transport(kind: str, timeout_s: float, device: torch.device,
+                   handshake_timeout_s: float | None = None) -> Transport:
     """Create the transport named by ``kind`` ("auto" | "ipc" | "torch") for this rank.
+
+    Collective: every rank calls it in the same order. ``handshake_timeout_s`` bounds the set-up
+    (waiting for slow peers; default ``timeout_s``); ``timeout_s`` bounds each transfer after it.
+    With "auto", a CUDA IPC set-up that fails on any rank falls back to torch.distributed on every
+    rank together, and the returned transport's ``notes`` say why.
 
     Raises:
         ExtensionError: ``kind="ipc"`` but the IPC engine cannot serve these ranks (the message
             says why: no CUDA compiled in, ranks on several nodes, no usable copy path, ...).
+        PeerTimeoutError: a peer did not take part in the set-up within the handshake limit.
     """
+    handshake = float(handshake_timeout_s if handshake_timeout_s is not None else timeout_s)
     if kind == "torch":
         return TorchTransport(timeout_s)
     wants_ipc = device.type == "cuda" and all_ranks_on_this_node()
@@ -51,8 +59,14 @@ def make_transport(kind: str, timeout_s: float, device: torch.device) -> Transpo
     store = default_store()
     if kind == "ipc":
         return ipc.make_ipc_transport(store, dist.get_rank(), dist.get_world_size(), device,
-                                      timeout_s)
+                                      timeout_s, handshake_timeout_s=handshake)
     # "auto": the set-up is collective, so every rank falls back to torch together
-    transport, _reason = ipc.try_make_ipc_transport(store, dist.get_rank(), dist.get_world_size(),
-                                                    device, timeout_s)
-    return transport if transport is not None else TorchTransport(timeout_s)
+    transport, reason = ipc.try_make_ipc_transport(store, dist.get_rank(), dist.get_world_size(),
+                                                   device, timeout_s,
+                                                   handshake_timeout_s=handshake)
+    if transport is not None:
+        return transport
+    fallback = TorchTransport(timeout_s)
+    fallback.notes.append(f"transport='auto': CUDA IPC not used ({reason}); torch.distributed "
+                          f"({fallback.name}) moves the tensors")
+    return fallback

@@ -40,6 +40,9 @@ class Transport(abc.ABC):
         self.world_size = world_size
         self.timeout_s = float(timeout_s)
         self.bytes_sent = 0
+        #: remarks from set-up (why a fast path is off, what a self-test or link measurement
+        #: found); the runtime copies them into the RunReport notes.
+        self.notes: list[str] = []
 
     @abc.abstractmethod
     def all_gather(self, tensor: torch.Tensor, *, what: str) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .. import env
-from ..errors import ConfigError
+from ..errors import ConfigError, PeerTimeoutError
 
 #: Seconds a collective may wait for a peer before failing; override with HYBRIDIFF_RT_TIMEOUT_S.
 DEFAULT_TIMEOUT_S = float(env.VARIABLES["HYBRIDIFF_RT_TIMEOUT_S"].default)
@@ -63,7 +63,17 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     kwargs = {}
     if backend == "nccl":
         kwargs["device_id"] = device
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout),
+                                **kwargs)
+    except (RuntimeError, TimeoutError) as exc:  # DistStoreError, gloo/NCCL connect failures
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise PeerTimeoutError(
+            f"rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']}: joining the process "
+            f"group at {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} "
+            f"failed within {timeout:g} s ({type(exc).__name__}: {text}). Every rank must start "
+            "(torchrun starts them all) and reach init_distributed in time; a slow model load "
+            "needs a longer timeout_s here (HybridConfig.handshake_timeout_s).") from exc
     return current_dist_info()
 
 

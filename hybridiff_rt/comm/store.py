@@ -1,6 +1,6 @@
 """The job's key-value store (torch.distributed's TCPStore): one place to reach it and wait on it.
 
-Ranks exchange small set-up records through the store (the first-step agreement summaries, the
+Ranks exchange small set-up records through the store (the first-call agreement digests, the
 stage profile, the IPC handles). Every wait there goes through :func:`wait_for_keys`, so a peer
 that never publishes becomes a :class:`~hybridiff_rt.errors.PeerTimeoutError` naming what was
 awaited and which keys are missing, never a raw store error and never a hang.

@@ -9,6 +9,8 @@ the group's own timeout (the NCCL watchdog) bounds a hang.
 from __future__ import annotations
 
 import datetime
+import time
+import weakref
 from typing import Sequence
 
 import torch
@@ -45,8 +47,18 @@ class TorchTransport(Transport):
             raise RuntimeError("TorchTransport needs an initialised default process group; "
                                "call hybridiff_rt.init_distributed() under torchrun first")
         backend = dist.get_backend()
+        self._owns_group = group is None
         if group is None:
-            group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            # collective: every rank creates it at the same point (the runtime does so right
+            # after all ranks agreed on the run, so every peer is there)
+            try:
+                group = dist.new_group(backend=backend,
+                                       timeout=datetime.timedelta(seconds=timeout_s))
+            except RuntimeError as exc:
+                raise PeerTimeoutError(
+                    f"rank {dist.get_rank()}/{dist.get_world_size()}: creating the process group "
+                    f"of the {backend} transport failed ({type(exc).__name__}: "
+                    f"{_first_line(exc)}). A peer died or did not take part.") from exc
         super().__init__(dist.get_rank(), dist.get_world_size(), timeout_s)
         self.group = group
         self.backend = backend
@@ -55,6 +67,7 @@ class TorchTransport(Transport):
         # NCCL over PCIe without NVLink moves roughly 10 GB/s.
         self.bytes_per_ms = 2.4e6 if backend == "gloo" else 1e7
         self._host_timeout = datetime.timedelta(seconds=timeout_s) if backend == "gloo" else None
+        _LIVE.add(self)
 
     def all_gather(self, tensor: torch.Tensor, *, what: str) -> list[torch.Tensor]:
         tensor = tensor.contiguous()
@@ -94,26 +107,58 @@ class TorchTransport(Transport):
         return self.backend == "gloo" and tensor.device.type != "cpu"
 
     def close(self) -> None:
-        self.group = None
+        """Destroy the transport's own process group (not the default one); idempotent. Any
+        later call raises RuntimeError."""
+        group, self.group = self.group, None
+        if group is not None and self._owns_group:
+            try:
+                dist.destroy_process_group(group)
+            except Exception:  # a group broken by a dead peer still goes away locally
+                pass
+        _LIVE.discard(self)
 
     def _call(self, what: str, fn, *args, **kwargs):
+        if self.group is None:
+            raise RuntimeError(f"{what}: this transport was closed")
+        started = time.monotonic()
         try:
             return fn(*args, **kwargs)
         except RuntimeError as exc:
-            raise self._peer_error(what, exc) from exc
+            raise self._peer_error(what, exc, time.monotonic() - started) from exc
 
     def _wait(self, work, what: str) -> None:
+        started = time.monotonic()
         try:
             if self._host_timeout is not None:
                 work.wait(timeout=self._host_timeout)
             else:
                 work.wait()
         except RuntimeError as exc:
-            raise self._peer_error(what, exc) from exc
+            raise self._peer_error(what, exc, time.monotonic() - started) from exc
 
-    def _peer_error(self, what: str, exc: BaseException) -> PeerTimeoutError:
+    def _peer_error(self, what: str, exc: BaseException, waited_s: float) -> PeerTimeoutError:
+        if waited_s < 0.9 * self.timeout_s:  # the link broke; nobody waited out the limit
+            happened = (f"the connection to a peer failed after {waited_s:.2f} s (the limit is "
+                        f"{self.timeout_s:g} s)")
+            advice = "A peer process died: check the other ranks' logs."
+        else:
+            happened = f"no answer from a peer within {self.timeout_s:g} s"
+            advice = ("A peer process died or hangs: check the other ranks' logs. The limit is "
+                      "HybridConfig(timeout_s=...).")
         return PeerTimeoutError(
-            f"rank {self.rank}/{self.world_size}: no answer from a peer within {self.timeout_s:g} s "
-            f"during '{what}' over {self.name} ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-            "A peer process died or hangs: check the other ranks' logs. The limit is "
-            "HybridConfig(timeout_s=...).")
+            f"rank {self.rank}/{self.world_size}: {happened} during '{what}' over {self.name} "
+            f"({type(exc).__name__}: {_first_line(exc)}). {advice}")
+
+
+#: TorchTransports not closed yet (weakly held): what live_transports() counts.
+_LIVE: "weakref.WeakSet[TorchTransport]" = weakref.WeakSet()
+
+
+def live_transports() -> int:
+    """How many TorchTransports of this process are open (constructed and not closed)."""
+    return len(_LIVE)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else ""

@@ -11,17 +11,19 @@ Per step it asks the SwitchSchedule for the mode and then
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import time
+import weakref
 from typing import Any, Callable
 
 import torch
 
 from ..comm import Transport, default_store, init_distributed, make_transport, wait_for_keys
-from ..config import HybridConfig
-from ..errors import (ConfigError, NonFinitePredictionError,
+from ..config import HybridConfig, require_config
+from ..errors import (ConfigError, HybridError, NonFinitePredictionError, ShapeError,
                       UnsupportedModelError, WorldSizeError)
 from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
@@ -32,9 +34,18 @@ from .stage_pipeline import StagePipeline
 from .report import RunReport
 
 SUPPORTED_WORLD_SIZES = (1, 2)
+#: The stage partitioner's link figure is measured with this many round trips of the largest
+#: boundary (capped at LINK_PROBE_MAX_BYTES) when the pipelined phase starts.
+LINK_PROBE_ROUNDS = 3
+LINK_PROBE_MAX_BYTES = 64 << 20
 _INSTANCES = itertools.count()
 
 Kwargs = dict[str, Any]
+
+
+def _close_quietly(transport: Transport) -> None:
+    with contextlib.suppress(Exception):
+        transport.close()
 
 
 def model_family(model: torch.nn.Module) -> str:
@@ -72,12 +83,13 @@ class HybridDenoiser:
                  transport: Transport | None = None) -> None:
         self.family = model_family(model)
         self.model = model
-        self.cfg = cfg if cfg is not None else HybridConfig()
+        self.cfg = require_config(cfg)
         if self.cfg.cuda_graphs == "on":
             raise ConfigError("cuda_graphs='on': CUDA graph capture is not implemented in this "
                               "version; use cuda_graphs='auto' (runs eagerly, noted in the "
                               "report) or 'off'")
-        self.dist = init_distributed(timeout_s=self.cfg.timeout_s)
+        # joining the job waits for ranks still loading their models: the handshake limit
+        self.dist = init_distributed(timeout_s=self.cfg.handshake_timeout_s)
         if self.dist.world_size not in SUPPORTED_WORLD_SIZES:
             raise WorldSizeError(
                 f"hybridiff_rt runs on world size 1 (serial) or 2 (one CFG branch per device); "
@@ -89,8 +101,11 @@ class HybridDenoiser:
         self._pipeline: StagePipeline | None = None
         self._model_forward: Callable[..., Any] = model.forward
         self._transport = transport
+        self._owns_transport = transport is None
         self._instance = next(_INSTANCES)
         self._run_index = -1
+        self._context: Kwargs = {}
+        self._closed = False
         self.reset()
 
     # ----------------------------------------------------------------------------- public API
@@ -107,17 +122,67 @@ class HybridDenoiser:
         """The RunReport of the current (or last finished) run."""
         return self._report
 
-    def reset(self) -> None:
-        """Start a new run: the next call is step 0 and gets a fresh schedule and report."""
+    def reset(self, context: Kwargs | None = None) -> None:
+        """Start a new run: the next call is step 0 and gets a fresh schedule and report.
+
+        Args:
+            context: extra fields every rank must agree on, checked with the inputs at the first
+                call of the run (the diffusers adapter passes the pipeline call's arguments and
+                the scheduler); name -> value, values digested exactly.
+        """
         self._run_index += 1
-        if getattr(self, "_pipeline", None) is not None:
-            self._pipeline.drain()
-            self._pipeline = None
+        self._discard_pipeline()
         self._report = RunReport(rank=self.rank, world_size=self.world_size,
                                  config=self.cfg.to_dict())
         self._schedule: SwitchSchedule | None = None
         self._next_step = 0
+        self._agreed = False
         self._last_difference: torch.Tensor | None = None
+        self._context = dict(context or {})
+
+    def end_run(self) -> None:
+        """Close the current run after its last call: drain the stage pipeline if a run stopped
+        inside the pipelined phase, and make the report's ``num_steps`` the calls really made
+        (with a note when that differs from the planned count)."""
+        self._discard_pipeline(wait=True)
+        made = len(self._report.modes)
+        planned = self._report.num_steps
+        if planned is not None and made != planned:
+            self._report.note(f"the run made {made} denoiser calls, {planned} were planned")
+            self._report.num_steps = made
+
+    def close(self) -> None:
+        """Release what the runtime holds between runs: the stage pipeline and the transport
+        it created (its process group or IPC rings). Idempotent; the object is unusable after."""
+        if self._closed:
+            return
+        self._closed = True
+        self._discard_pipeline()
+        if self._transport is not None and self._owns_transport:
+            with contextlib.suppress(Exception):
+                self._transport.close()
+        self._transport = None
+
+    def refuse(self, reason: str, *, step: int | None = None,
+               num_steps: int | None = None) -> None:
+        """Refuse this run at its first call with UnsupportedModelError(``reason``) on every rank
+        together: the ranks first agree on the call (so a rank that would not refuse is told of
+        the disagreement instead of waiting for a peer that left)."""
+        step = self._begin_step(step, num_steps)
+        if self.world_size > 1 and not self._agreed:
+            self._check_agreement({"guidance": "refused", **self._run_fields(),
+                                   "refusal": reason})
+        raise UnsupportedModelError(reason)
+
+    def side_call(self, kw: Kwargs, reason: str) -> Any:
+        """Run the model on ``kw`` unchanged on this rank without advancing the step (an extra
+        call a pipeline makes besides its CFG calls, e.g. skip-layer guidance); returns the
+        model's own output and notes ``reason`` in the report."""
+        self._check_open()
+        with torch.no_grad():
+            out = self._model_forward(**kw)
+        self._report.note(reason)
+        return out
 
     def __call__(self, sample: torch.Tensor, timestep: Any, cond: Kwargs, uncond: Kwargs,
                  guidance_scale: float, step: int | None = None,
@@ -150,19 +215,24 @@ class HybridDenoiser:
         step = self._begin_step(step, num_steps)
         started = time.perf_counter()
         sent_before = self._bytes_sent()
-        with torch.no_grad():
-            if self._schedule is None:
-                self._start_run(uncond_kw, cond_kw, guidance_scale)
-            mode = "serial" if self.world_size == 1 else self._schedule.mode(step)
-            if mode == "pipeline":
-                uncond_pred, cond_pred = self._pipeline_step(cond_kw, step)
-                measured = math.nan
-            else:
-                if mode == "serial":
-                    uncond_pred, cond_pred = self._serial_branches(uncond_kw, cond_kw, joint_kw)
+        try:
+            with torch.no_grad():
+                if self._schedule is None:
+                    self._start_run(uncond_kw, cond_kw, guidance_scale)
+                mode = "serial" if self.world_size == 1 else self._schedule.mode(step)
+                if mode == "pipeline":
+                    uncond_pred, cond_pred = self._pipeline_step(cond_kw, step)
+                    measured = math.nan
                 else:
-                    uncond_pred, cond_pred = self._cbp_branches(uncond_kw, cond_kw, step)
-                measured = self._observe(step, uncond_pred, cond_pred)
+                    if mode == "serial":
+                        uncond_pred, cond_pred = self._serial_branches(uncond_kw, cond_kw,
+                                                                       joint_kw)
+                    else:
+                        uncond_pred, cond_pred = self._cbp_branches(uncond_kw, cond_kw, step)
+                    measured = self._observe(step, uncond_pred, cond_pred)
+        except BaseException:
+            self._discard_pipeline()  # a failed run leaves nothing the next run would wait on
+            raise
         self._finish_step(step, mode, measured, started, sent_before)
         return uncond_pred, cond_pred
 
@@ -172,13 +242,31 @@ class HybridDenoiser:
         model's own output. Recorded as a "serial" step with ``reason`` in the report notes."""
         step = self._begin_step(step, num_steps)
         started = time.perf_counter()
-        out = self._model_forward(**kw)
+        if not self._agreed and self.world_size > 1:
+            self._check_agreement({"guidance": "off", **self._run_fields(),
+                                   "shapes": describe_shapes(kw), "inputs": kw})
+        with torch.no_grad():
+            out = self._model_forward(**kw)
         self._report.note(reason)
         self._finish_step(step, "serial", math.nan, started, self._bytes_sent())
         return out
 
     # ------------------------------------------------------------------------------- internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise HybridError("this HybridDenoiser was closed (the parallelized pipeline was "
+                              "restored); wrap the pipeline again with hr.parallelize")
+
+    def _discard_pipeline(self, wait: bool = False) -> None:
+        """Drop the stage pipeline of the current run. ``wait``: complete its transfers first
+        (a run that ended normally); otherwise a failed run's transfers are abandoned, since a
+        dead peer would make waiting on them fail again."""
+        pipeline, self._pipeline = getattr(self, "_pipeline", None), None
+        if pipeline is not None and wait:
+            pipeline.drain()
+
     def _begin_step(self, step: int | None, num_steps: int | None) -> int:
+        self._check_open()
         if step is None:
             step = self._next_step
         if step == 0 and self._next_step != 0:
@@ -187,7 +275,7 @@ class HybridDenoiser:
             raise ValueError(f"step {step} called out of order: this run expects step "
                              f"{self._next_step} next (call reset() to start a new run)")
         if step == 0:
-            if num_steps is None or num_steps < 1:
+            if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
                 raise ValueError("num_steps (the number of denoiser calls in the run, >= 1) "
                                  "must be given at step 0")
             self._report.num_steps = int(num_steps)
@@ -209,38 +297,75 @@ class HybridDenoiser:
 
     def _start_run(self, uncond_kw: Kwargs, cond_kw: Kwargs, guidance_scale: float) -> None:
         num_steps = self._report.num_steps
-        self._schedule = SwitchSchedule(self.cfg, num_steps)
         if self.cfg.cuda_graphs == "auto" and self.dist.device.type == "cuda":
             self._report.note("cuda_graphs='auto': denoiser calls ran eagerly (CUDA graph "
                               "capture is not implemented in this version)")
         if self.world_size == 1:
+            # a world of one never pipelines, so pipelining limits do not apply to it
+            self._schedule = SwitchSchedule(self.cfg.replace(k=0), num_steps)
             self._report.note("world size 1: serial run (both branches on this rank)")
             return
-        transport = self._get_transport()
-        self._report.transport = transport.name
         sample = cond_kw[self.sample_key]
-        fields = {
-            "config": self.cfg.digest(),
-            "num_steps": num_steps,
+        # every rank agrees on the whole call before anything collective is created, all within
+        # the handshake limit (a rank may still be loading its model)
+        self._check_agreement({
+            "guidance": "on",
+            **self._run_fields(),
             "guidance_scale": float(guidance_scale),
             "shapes": describe_shapes(uncond_kw) + "|" + describe_shapes(cond_kw),
-            "model": [type(self.model).__name__, str(next(self.model.parameters()).dtype),
-                      sum(p.numel() for p in self.model.parameters())],
             "timestep": cond_kw.get("timestep"),
             "sample": sample,
             "cond": {k: v for k, v in cond_kw.items() if k not in (self.sample_key, "timestep")},
             "uncond": {k: v for k, v in uncond_kw.items()
                        if k not in (self.sample_key, "timestep")},
+        })
+        schedule_cfg = self.cfg
+        if self._staged is not None:
+            problem = self._staging_problem(cond_kw)
+            if problem:  # identical inputs on every rank (just checked): the same decision
+                schedule_cfg = self.cfg.replace(k=0)
+                self._report.note(f"no pipelined steps in this run (k=0 instead of "
+                                  f"{self.cfg.k}): {problem}")
+        self._schedule = SwitchSchedule(schedule_cfg, num_steps)
+        transport = self._get_transport()
+        self._report.transport = transport.name
+        for text in transport.notes:
+            self._report.note(text)
+
+    def _run_fields(self) -> Kwargs:
+        """Fields every rank must agree on in any mode: config, model, planned steps and the
+        caller's context (pipeline call arguments, scheduler)."""
+        param = next(self.model.parameters(), None)
+        return {
+            "config": self.cfg.digest(),
+            **self._context,
+            "num_steps": self._report.num_steps,
+            "model": [type(self.model).__name__, str(param.dtype) if param is not None else "",
+                      sum(p.numel() for p in self.model.parameters())],
         }
+
+    def _check_agreement(self, fields: Kwargs) -> None:
         check_agreement(default_store(), self.rank, self.world_size,
                         f"hybridiff_rt/agree/{self._instance}/{self._run_index}", fields,
                         self.cfg.handshake_timeout_s)
+        self._agreed = True
+
+    def _staging_problem(self, cond_kw: Kwargs) -> str:
+        """Why the staged denoiser cannot run these inputs ("" when it can): checked at the first
+        call on every rank, so an unsupported input never surfaces in the middle of a run."""
+        try:
+            self._staged.prepare(**cond_kw)
+        except (UnsupportedModelError, ShapeError, TypeError) as exc:
+            return f"the stage pipeline cannot carry these inputs ({exc})"
+        return ""
 
     def _get_transport(self) -> Transport:
         if self._transport is None:
-            param = next(self.model.parameters(), None)
-            device = param.device if param is not None else self.dist.device
-            self._transport = make_transport(self.cfg.transport, self.cfg.timeout_s, device)
+            device = _model_device(self.model, self.dist.device)
+            self._transport = make_transport(self.cfg.transport, self.cfg.timeout_s, device,
+                                             handshake_timeout_s=self.cfg.handshake_timeout_s)
+            # a denoiser dropped without close() still releases the group / IPC rings
+            weakref.finalize(self, _close_quietly, self._transport)
         return self._transport
 
     def _bytes_sent(self) -> int:
@@ -302,7 +427,8 @@ class HybridDenoiser:
 
     def _build_pipeline(self, cond_kw: Kwargs) -> StagePipeline:
         """Profile the units (rank 0, cached per model/shape/device), share the profile through
-        the store so every rank cuts identically, and set up this rank's stage."""
+        the store, measure the link with a boundary-sized transfer, and set up this rank's stage.
+        Every rank plans from rank 0's profile and link figure, so every rank cuts identically."""
         store = default_store()
         key = f"hybridiff_rt/profile/{self._instance}/{self._run_index}"
         started = time.perf_counter()
@@ -315,7 +441,16 @@ class HybridDenoiser:
                           "The limit is HybridConfig(handshake_timeout_s=...).")
             profile = UnitProfile.from_dict(json.loads(store.get(key)))
         transport = self._get_transport()
-        plan = profile.plan(self.world_size, transport.bytes_per_ms, cuts=self.cfg.stage_cuts)
+        probe_bytes = min(max(profile.boundary_bytes, default=0), LINK_PROBE_MAX_BYTES)
+        measured = self._measure_link(transport, probe_bytes)
+        if self.rank == 0:
+            store.set(f"{key}/link", json.dumps(measured))
+        else:
+            wait_for_keys(store, [f"{key}/link"], self.cfg.timeout_s,
+                          f"rank {self.rank}: the link measurement from rank 0")
+            measured = json.loads(store.get(f"{key}/link"))
+        bytes_per_ms = measured or transport.bytes_per_ms
+        plan = profile.plan(self.world_size, bytes_per_ms, cuts=self.cfg.stage_cuts)
         self._report.extra["pipeline"] = {
             "plan": plan.to_dict(),
             "stage_units": [list(profile.unit_names[a:b])
@@ -324,7 +459,47 @@ class HybridDenoiser:
             "unit_ms": list(profile.unit_ms),
             "boundary_bytes": list(profile.boundary_bytes),
             "profile_device": profile.device,
+            "link_bytes_per_ms": bytes_per_ms,
+            "link_measured": measured is not None,
+            "link_probe_bytes": probe_bytes,
             "setup_ms": (time.perf_counter() - started) * 1e3,
         }
+        self._report.note(
+            f"stage cut planned with a link of {bytes_per_ms / 1e6:.3g} GB/s "
+            + (f"(measured: {probe_bytes} B there and back over {transport.name})" if measured
+               else f"({transport.name}'s nominal figure; nothing to measure)"))
         return StagePipeline(self._staged, plan, profile.boundary_layouts, transport, self.rank,
                              self.world_size)
+
+    def _measure_link(self, transport: Transport, nbytes: int) -> float | None:
+        """Payload bytes per millisecond between rank 0 and rank 1, from the median of
+        LINK_PROBE_ROUNDS round trips of an ``nbytes`` message (rank 0's figure; None on the
+        other ranks, and when there is nothing to measure). Set-up traffic: not counted in the
+        report's bytes."""
+        if nbytes <= 0:
+            return None
+        device = _model_device(self.model, self.dist.device)
+        buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        sent_before = transport.bytes_sent
+        round_trips_ms = []
+        for _ in range(LINK_PROBE_ROUNDS):
+            started = time.perf_counter()
+            if self.rank == 0:
+                transport.isend([buffer], 1, what="link measurement").wait()
+                transport.irecv([buffer], 1, what="link measurement").wait()
+            elif self.rank == 1:
+                transport.irecv([buffer], 0, what="link measurement").wait()
+                transport.isend([buffer], 0, what="link measurement").wait()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            round_trips_ms.append((time.perf_counter() - started) * 1e3)
+        transport.bytes_sent = sent_before
+        if self.rank != 0:
+            return None
+        median_ms = sorted(round_trips_ms)[len(round_trips_ms) // 2]
+        return 2 * nbytes / max(median_ms, 1e-6)
+
+
+def _model_device(model: torch.nn.Module, default: torch.device) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else default

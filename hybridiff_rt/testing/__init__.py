@@ -3,6 +3,10 @@
 * Tiny random-init diffusers pipelines (:func:`sdxl_pipeline`, :func:`sd_pipeline`,
   :func:`sd3_pipeline`, :func:`build`) built offline with in-memory tokenizers, and the component
   builders they are made of (the bundled demo models are built from the same ones).
+* :data:`VARIANTS` / :func:`build_variant`: every diffusers pipeline variant of those families
+  (img2img, inpaint, ControlNet, T2I-Adapter, PAG, Heun, skip-layer guidance, ...) from the same
+  tiny components, with the inputs each needs; :data:`INFO` and :func:`count_denoiser_calls` say
+  how often, and on what batch, each one calls its denoiser.
 * :func:`run_ranks`: run a function on N local processes with torchrun's environment, one CPU
   thread each, so two processes are two devices on a machine without GPUs.
 
@@ -28,8 +32,19 @@ from .pipelines import (
     vae,
 )
 from .ranks import Outcome, all_ok, free_port, run_ranks
+from .variants import (
+    INFO,
+    VARIANTS,
+    DenoiserCalls,
+    VariantInfo,
+    build_variant,
+    count_denoiser_calls,
+    denoiser,
+)
 
-__all__ = ["BUILDERS", "DEFAULT_IMAGE_SIZE", "Outcome", "all_ok", "build", "byte_level_vocab",
-           "clip_text_config", "clip_text_encoder", "clip_tokenizer", "euler_scheduler",
-           "flow_match_scheduler", "free_port", "run_ranks", "sd3_pipeline", "sd3_transformer",
-           "sd_pipeline", "sdxl_pipeline", "sdxl_unet", "seeded", "vae"]
+__all__ = ["BUILDERS", "DEFAULT_IMAGE_SIZE", "INFO", "VARIANTS", "DenoiserCalls", "Outcome",
+           "VariantInfo", "all_ok", "build", "build_variant", "byte_level_vocab",
+           "clip_text_config", "clip_text_encoder", "clip_tokenizer", "count_denoiser_calls",
+           "denoiser", "euler_scheduler", "flow_match_scheduler", "free_port", "run_ranks",
+           "sd3_pipeline", "sd3_transformer", "sd_pipeline", "sdxl_pipeline", "sdxl_unet",
+           "seeded", "vae"]

@@ -90,24 +90,27 @@ def run_ranks(fn: Callable, *args: Any, world_size: int = 2, timeout_s: float = 
         p.start()
     outcomes: dict[int, Outcome] = {}
     deadline = time.monotonic() + timeout_s
-    while len(outcomes) < world_size and time.monotonic() < deadline:
-        try:
-            item = results.get(timeout=0.2)
-            outcomes[item.rank] = item
-        except queue.Empty:
-            if all(not p.is_alive() for p in procs):
-                # drain what the dead processes may still have flushed
-                try:
-                    while True:
-                        item = results.get(timeout=0.5)
-                        outcomes[item.rank] = item
-                except queue.Empty:
-                    break
-    for p in procs:
-        p.join(timeout=max(0.1, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join()
+    try:
+        while len(outcomes) < world_size and time.monotonic() < deadline:
+            try:
+                item = results.get(timeout=0.2)
+                outcomes[item.rank] = item
+            except queue.Empty:
+                if all(not p.is_alive() for p in procs):
+                    # drain what the dead processes may still have flushed
+                    try:
+                        while True:
+                            item = results.get(timeout=0.5)
+                            outcomes[item.rank] = item
+                    except queue.Empty:
+                        break
+        for p in procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+    finally:  # also when the caller is interrupted (Ctrl-C, a test timeout): no rank lingers
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
     return outcomes
 
 
