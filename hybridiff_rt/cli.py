@@ -117,8 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table())
         return 0
     from .demo.command import run_demo
+    from .demo.extras import MissingDependencyError
 
-    return run_demo(args)
+    try:
+        return run_demo(args)
+    except MissingDependencyError as exc:
+        print(f"hybridiff-rt: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

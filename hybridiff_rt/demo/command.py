@@ -93,6 +93,9 @@ def rank_main(rank: int, mode: str, model: str, steps: int, seed: int, k: int | 
 
 def run_demo(args: argparse.Namespace) -> int:
     from ..testing import all_ok, run_ranks
+    from .extras import require
+
+    require("demo", "hybridiff-rt demo")  # before minutes of computing, not after
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -353,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a busy 2-core box, 2 OpenMP threads ran 30x slower)")
     a = ap.parse_args(argv)
+    from ..extras import require
+
+    require("train", "training the bundled models")
     names = ["classifier", "vae", "unet", "sd3"] if a.model == "all" else [a.model]
     t0 = time.time()
     for name in names:
