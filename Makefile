@@ -1,5 +1,5 @@
 # make demo : the main job (bundled tiny models, serial vs two CPU processes)
-# make test : the test suite (what CI runs)
+# make test : the test suite (what CI runs), including the transfer engine against a fake CUDA runtime
 # Both set up .venv first (scripts/bootstrap.sh), so they work on a fresh machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ setup:
 	VENV=$(VENV) bash scripts/bootstrap.sh
 
 test: setup
-	$(PY) -m pytest -q
+	HYBRIDIFF_RT_FAKE_CUDA_TESTS=1 $(PY) -m pytest -q
 
 demo: setup
 	$(VENV)/bin/hybridiff-rt demo

@@ -151,6 +151,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("runtime_version", &runtime_version);
   m.def("driver_version", &driver_version);
 
+  m.def("pid_alive", &pid_alive, py::arg("pid"),
+        "False once process `pid` is known to have exited (no such process, or a zombie).");
+  m.def("ring_segment_bytes", &ring_segment_bytes, py::arg("num_slots"), py::arg("slot_bytes"),
+        py::arg("with_data"),
+        "Bytes of /dev/shm one channel's ring takes: its control block, plus num_slots * "
+        "slot_bytes of slot data when with_data (host staging).");
   m.def("encode_exports",
         [](const py::list& entries) {
           std::vector<ChannelExport> v;

@@ -19,12 +19,21 @@ inline std::string cuda_error_text(cudaError_t e) {
          cudaGetErrorString(e);
 }
 
+// The file name of a __FILE__ path: errors name "ipc_engine.cpp:123", never the build machine's
+// source directory.
+inline const char* source_file_name(const char* path) {
+  const char* name = path;
+  for (const char* p = path; *p; ++p)
+    if (*p == '/' || *p == '\\') name = p + 1;
+  return name;
+}
+
 [[noreturn]] inline void throw_cuda(cudaError_t e, const char* call, const char* file, int line) {
   cudaGetLastError();  // clear a non-sticky error so later calls are not blamed for it
   std::string what = call;
   auto paren = what.find('(');
   std::string name = paren == std::string::npos ? what : what.substr(0, paren);
-  std::string msg = name + " failed: " + cuda_error_text(e) + " [" + file + ":" +
+  std::string msg = name + " failed: " + cuda_error_text(e) + " [" + source_file_name(file) + ":" +
                     std::to_string(line) + "]";
   if (cuda_unavailable_code(e))
     throw CudaUnavailable(msg + "; no usable CUDA driver or device: install/upgrade the NVIDIA "

@@ -8,11 +8,32 @@
 #include "ipc_engine.h"
 #include "py_convert.h"
 
+#ifdef HYBRIDIFF_RT_FAKE_CUDA
+#include "testing/fake_cudart.h"
+#endif
+
 namespace py = pybind11;
 using namespace hdrt;
 using pyconv::check_python_signals;
 using pyconv::refs_from;
 using pyconv::specs_from;
+
+namespace {
+
+// An Engine call taking (peer, tensors, what, stream) for Python: parses the tensor tuples, then
+// runs without the GIL (it never blocks on the peer, but may take the channel's lock).
+template <class R>
+auto tensors_call(R (Engine::*fn)(int, const std::vector<TensorRef>&, const std::string&,
+                                  uintptr_t)) {
+  return [fn](Engine& e, int peer, const py::sequence& tensors, const std::string& what,
+              uintptr_t stream) {
+    auto refs = refs_from(tensors);
+    py::gil_scoped_release nogil;
+    return (e.*fn)(peer, refs, what, stream);
+  };
+}
+
+}  // namespace
 
 void bind_engine(py::module_& m) {
   py::class_<Engine>(m, "Engine", py::module_local(),
@@ -41,14 +62,8 @@ void bind_engine(py::module_& m) {
            },
            py::arg("peer"), py::arg("blob"), py::arg("check_pid") = true)
       .def("unlink_shm", &Engine::unlink_shm)
-      .def("send",
-           [](Engine& e, int dst, const py::sequence& tensors, const std::string& what,
-              uintptr_t stream) {
-             auto refs = refs_from(tensors);
-             py::gil_scoped_release nogil;
-             return e.send(dst, refs, what, stream);
-           },
-           py::arg("dst"), py::arg("tensors"), py::arg("what"), py::arg("stream"))
+      .def("send", tensors_call(&Engine::send), py::arg("dst"), py::arg("tensors"),
+           py::arg("what"), py::arg("stream"))
       .def("wait_sent",
            [](Engine& e, int dst, uint64_t ticket, uintptr_t stream) {
              py::gil_scoped_release nogil;
@@ -63,6 +78,18 @@ void bind_engine(py::module_& m) {
              e.recv(src, refs, what, stream, check_python_signals);
            },
            py::arg("src"), py::arg("tensors"), py::arg("what"), py::arg("stream"))
+      .def("post_recv", tensors_call(&Engine::post_recv), py::arg("src"), py::arg("tensors"),
+           py::arg("what"), py::arg("stream"),
+           "Post a receive of the next message from `src` into `tensors`; the engine drains the "
+           "slots into them as chunks arrive. Returns a ticket for wait_recv().")
+      .def("wait_recv",
+           [](Engine& e, int src, uint64_t ticket, uintptr_t stream) {
+             py::gil_scoped_release nogil;
+             e.wait_recv(src, ticket, stream, check_python_signals);
+           },
+           py::arg("src"), py::arg("ticket"), py::arg("stream"))
+      .def("recv_settled", &Engine::recv_settled, py::arg("src"))
+      .def("recv_stream", &Engine::recv_stream, py::arg("src"))
       .def("recv_view",
            [](Engine& e, int src, const py::sequence& specs, const std::string& what,
               uintptr_t stream) {
@@ -75,6 +102,13 @@ void bind_engine(py::module_& m) {
       .def("copy_stream", &Engine::copy_stream, py::arg("dst"))
       .def("staging", &Engine::staging, py::arg("peer"))
       .def("bytes_sent", &Engine::bytes_sent, py::arg("dst"))
+      .def("settled", &Engine::settled, py::arg("dst"),
+           "Highest send ticket to `dst` whose copies are enqueued (or that failed / was "
+           "dropped); until then its source tensors must stay allocated.")
+      .def("set_timeout", &Engine::set_timeout, py::arg("timeout_ms"))
+      .def_property_readonly("timeout_ms", &Engine::timeout_ms)
+      .def("abort", &Engine::abort, py::arg("reason"),
+           "Fail every channel with `reason` so peers blocked on this rank stop waiting now.")
       .def("quiesce",
            [](Engine& e, int64_t timeout_ms) {
              py::gil_scoped_release nogil;
@@ -93,4 +127,11 @@ void bind_engine(py::module_& m) {
         },
         py::arg("stream"), py::arg("microseconds"),
         "Enqueue a kernel that keeps `stream` busy for the given GPU time (tests: slow consumers).");
+
+#ifdef HYBRIDIFF_RT_FAKE_CUDA
+  m.def("_fake_set_stuck", &fake::set_stuck, py::arg("stuck"), py::arg("streams") = true,
+        "Fake runtime only: nothing completes on the 'GPU' while stuck (a peer died mid-copy).");
+  m.def("_fake_counters", &fake::counters,
+        "Fake runtime only: how often cudaFree, cudaHostUnregister, ... were called.");
+#endif
 }

@@ -9,7 +9,8 @@
 namespace hdrt {
 namespace {
 
-constexpr size_t kDoneMarks = 32;  // send tickets whose completion can be waited on exactly
+constexpr size_t kDoneMarks = 32;  // tickets whose completion can be waited on exactly
+constexpr int64_t kNoLimitMs = 1000LL * 3600 * 24 * 365 * 50;  // "forever" (ns fit in int64)
 
 // Makes `device` current for the scope and restores the caller's device (torch's) afterwards.
 class DeviceGuard {
@@ -58,6 +59,148 @@ std::string channel_label(int src, int dst) {
   return "channel rank " + std::to_string(src) + " -> rank " + std::to_string(dst);
 }
 
+enum class PollResult { kDone, kPeerGone, kTimedOut };
+
+// After the peer is found dead, local GPU work still gets this long to finish (a peer that
+// exited normally leaves nothing pending; one that died mid-copy never signals again).
+constexpr int64_t kPeerGoneGraceNs = 500LL * 1000000LL;
+
+// Poll `done()` until it holds, never blocking inside the CUDA driver: a short spin, then 50 us
+// sleeps. About every 20 ms it checks that `peer_pid` still lives (when `check_pid`; a dead peer
+// leaves kPeerGoneGraceNs) and calls `poll` (which may throw, e.g. when the engine is closing).
+template <class Done>
+PollResult poll_until(Done done, int64_t deadline_ns, int peer_pid, bool check_pid,
+                      const std::function<void()>& poll) {
+  int64_t next_check = 0;  // check liveness at the first miss
+  bool peer_gone = false;
+  for (uint32_t i = 0;; ++i) {
+    if (done()) return PollResult::kDone;
+    const int64_t t = now_ns();
+    if (t >= next_check) {
+      next_check = t + 20000000LL;
+      if (!peer_gone && check_pid && peer_pid > 0 && !pid_alive(peer_pid)) {
+        peer_gone = true;
+        deadline_ns = std::min(deadline_ns, t + kPeerGoneGraceNs);
+      }
+      if (poll) poll();
+    }
+    if (t >= deadline_ns) {
+      if (done()) return PollResult::kDone;
+      return peer_gone ? PollResult::kPeerGone : PollResult::kTimedOut;
+    }
+    if (i < 64) {
+      cpu_relax();
+    } else {
+      timespec ts{0, 50000};
+      nanosleep(&ts, nullptr);
+    }
+  }
+}
+
+// cudaEventQuery as a bool; a failed query throws (CudaCallError naming the call).
+bool event_done(cudaEvent_t e) {
+  const cudaError_t r = cudaEventQuery(e);
+  if (r == cudaErrorNotReady) return false;
+  HDRT_CUDA_CHECK(r);
+  return true;
+}
+
+// Shutdown variant: anything but "not ready" counts as done (a broken context will not drain).
+bool event_settled(cudaEvent_t e) { return cudaEventQuery(e) != cudaErrorNotReady; }
+
+int counter_pid(const PaddedCounter& c) { return static_cast<int>(c.v.load(std::memory_order_acquire)); }
+
+// The specs of `tensors`, refusing null data pointers (`call` names the API in the error).
+std::vector<TensorSpec> specs_of(const std::vector<TensorRef>& tensors, const char* call) {
+  std::vector<TensorSpec> specs;
+  for (const auto& t : tensors) {
+    if (t.ptr == 0 && t.spec.nbytes > 0) throw ProtocolError(std::string(call) + ": null data pointer");
+    specs.push_back(t.spec);
+  }
+  return specs;
+}
+
+// A job's "ready" event: a pooled (or new) local event recorded on the caller's `stream` now, so
+// the job's copies start after the work queued there. Rethrows the channel's error first.
+cudaEvent_t record_ready(std::mutex& mu, std::vector<cudaEvent_t>& pool,
+                         const std::exception_ptr& error, uintptr_t stream) {
+  cudaEvent_t ready = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    if (error) std::rethrow_exception(error);
+    if (!pool.empty()) {
+      ready = pool.back();
+      pool.pop_back();
+    }
+  }
+  if (!ready) ready = make_local_event();
+  HDRT_CUDA_CHECK(cudaEventRecord(ready, reinterpret_cast<cudaStream_t>(stream)));
+  return ready;
+}
+
+// The channel's stream waits for `job`'s ready event; the event goes back to the pool (the wait
+// captured its record, so it may be re-recorded).
+template <class Channel, class Job>
+void start_after_ready(Channel& ch, Job& job) {
+  HDRT_CUDA_CHECK(cudaStreamWaitEvent(ch.stream, job.ready, 0));
+  std::lock_guard<std::mutex> lk(ch.mu);
+  ch.ready_pool.push_back(job.ready);
+  job.ready = nullptr;
+}
+
+template <class Channel, class Job>
+bool take_job(Channel& ch, Job& job, const std::string& label, const char* done_verb);
+
+// The channel's lock, once its worker is idle with nothing queued (waits up to 1 s, else
+// ProtocolError naming `pending`).
+template <class Channel>
+std::unique_lock<std::mutex> lock_idle(Channel& ch, const std::string& label, const char* pending) {
+  std::unique_lock<std::mutex> lk(ch.mu);
+  if (!ch.cv.wait_for(lk, std::chrono::seconds(1), [&] { return !ch.busy && ch.queue.empty(); }))
+    throw ProtocolError(label + ": set_timeout() while " + pending + "; wait for them first");
+  return lk;
+}
+
+// The body of a channel's worker thread: on `device`, `process(job)` for every job take_job()
+// hands out; `on_error(job)` runs inside the catch block when it throws.
+template <class Channel, class Process, class OnError>
+void run_worker(int device, Channel& ch, const std::string& label, const char* done_verb,
+                Process process, OnError on_error) {
+  const bool device_ok = cudaSetDevice(device) == cudaSuccess;
+  typename decltype(ch.queue)::value_type job;
+  while (take_job(ch, job, label, done_verb)) {
+    try {
+      if (!device_ok) HDRT_CUDA_CHECK(cudaSetDevice(device));
+      process(job);
+    } catch (...) {
+      on_error(job);
+    }
+  }
+}
+
+// Take the next job of a channel's worker queue into `job` (blocking until there is one and no
+// job is being issued inline, or until the channel stops). Jobs of a failed or closing channel are
+// dropped (settled, their ready events pooled). False once stopping with nothing left.
+template <class Channel, class Job>
+bool take_job(Channel& ch, Job& job, const std::string& label, const char* done_verb) {
+  std::unique_lock<std::mutex> lk(ch.mu);
+  for (;;) {
+    ch.cv.wait(lk, [&] { return (!ch.queue.empty() && !ch.busy) || (ch.stopping && ch.queue.empty()); });
+    if (ch.queue.empty()) return false;  // stopping
+    job = std::move(ch.queue.front());
+    ch.queue.pop_front();
+    if (!ch.error && !ch.stopping) {
+      ch.busy = true;
+      return true;
+    }
+    if (!ch.error)
+      ch.error = std::make_exception_ptr(
+          PeerTimeout(label + ": the engine closed before '" + job.what + "' was " + done_verb));
+    ch.ready_pool.push_back(job.ready);
+    ch.settled_ticket = job.ticket;
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -104,6 +247,11 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg), pid_(getpid()) {
         r->slots = static_cast<char*>(p);
       }
       for (uint32_t s = 0; s < cfg_.num_slots; ++s) r->free_events.push_back(make_ipc_event());
+      int lo = 0, hi = 0;
+      HDRT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
+      HDRT_CUDA_CHECK(cudaStreamCreateWithPriority(&r->stream, cudaStreamNonBlocking, hi));
+      r->done.resize(kDoneMarks);
+      for (auto& d : r->done) d.event = make_local_event();
       rx_[peer] = std::move(r);
       // Send side: full events, copy stream, completion marks.
       auto t = std::make_unique<SendChannel>();
@@ -111,8 +259,6 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg), pid_(getpid()) {
       t->staging = staging;
       t->policy.timeout_ms = cfg_.timeout_ms;
       for (uint32_t s = 0; s < cfg_.num_slots; ++s) t->full_events.push_back(make_ipc_event());
-      int lo = 0, hi = 0;
-      HDRT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
       HDRT_CUDA_CHECK(cudaStreamCreateWithPriority(&t->stream, cudaStreamNonBlocking, hi));
       t->done.resize(kDoneMarks);
       for (auto& d : t->done) d.event = make_local_event();
@@ -230,8 +376,22 @@ void Engine::connect(int peer, const std::string& blob, bool check_pid) {
   // Incoming channel: the peer's full events.
   for (const auto& h : send_side->event_handles) r.full_events.push_back(open_event_handle(h));
   r.policy.check_pid = check_pid;
+  RecvChannel* rp = &r;
+  r.rest_policy = r.policy;
+  r.rest_policy.poll = [rp] {  // posted receives end when the engine closes
+    std::lock_guard<std::mutex> lk(rp->mu);
+    if (rp->stopping) throw PeerTimeout(rp->rx.label + ": the engine is closing");
+  };
+  r.first_policy = r.rest_policy;
+  r.first_policy.timeout_ms = kNoLimitMs;  // the caller's wait_recv() has the limit
   r.connected = true;
   t.connected = true;
+  r.worker = std::thread(&Engine::recv_worker_loop, this, &r);
+  SendChannel* tp = &t;
+  t.policy.poll = [tp] {  // waits of this channel's sends end when the engine closes
+    std::lock_guard<std::mutex> lk(tp->mu);
+    if (tp->stopping) throw PeerTimeout(tp->tx.label + ": the engine is closing");
+  };
   t.worker = std::thread(&Engine::worker_loop, this, &t);
 }
 
@@ -264,29 +424,15 @@ Engine::RecvChannel& Engine::recv_channel(int src) {
 uint64_t Engine::send(int dst, const std::vector<TensorRef>& tensors, const std::string& what,
                       uintptr_t stream) {
   SendChannel& ch = send_channel(dst);
-  std::vector<TensorSpec> specs;
-  for (const auto& t : tensors) {
-    if (t.ptr == 0 && t.spec.nbytes > 0) throw ProtocolError("send(): null data pointer");
-    specs.push_back(t.spec);
-  }
-  const size_t chunks = make_plan(specs, cfg_.slot_bytes).chunks.size();  // validates, too
+  const size_t chunks =  // validates, too
+      make_plan(specs_of(tensors, "send()"), cfg_.slot_bytes).chunks.size();
   if (ch.peer_gone.load())
     throw PeerExited(ch.tx.label + ": the peer exited or closed its end; '" + what + "' not sent");
   DeviceGuard guard(cfg_.device);
-  cudaEvent_t ready = nullptr;
-  {
-    std::lock_guard<std::mutex> lk(ch.mu);
-    if (ch.error) std::rethrow_exception(ch.error);
-    if (!ch.ready_pool.empty()) {
-      ready = ch.ready_pool.back();
-      ch.ready_pool.pop_back();
-    }
-  }
-  if (!ready) ready = make_local_event();
-  HDRT_CUDA_CHECK(cudaEventRecord(ready, reinterpret_cast<cudaStream_t>(stream)));
+  cudaEvent_t ready = record_ready(ch.mu, ch.ready_pool, ch.error, stream);
   std::unique_lock<std::mutex> lk(ch.mu);
   const uint64_t ticket = ch.next_ticket++;
-  SendJob job{ticket, tensors, what, ready};
+  Job job{ticket, tensors, what, ready};
   // Fast path: nothing queued and the ring has room, so issuing cannot block: do it here and
   // save the hand-off to the worker thread.
   if (ch.queue.empty() && !ch.busy && !ch.error && ring_has_room(ch, chunks)) {
@@ -316,7 +462,7 @@ bool Engine::ring_has_room(const SendChannel& ch, size_t chunks) const {
          ch.tx.ctl->released.v.load(std::memory_order_acquire) >= last - cfg_.num_slots;
 }
 
-void Engine::fail_send_channel(SendChannel& ch, std::exception_ptr err, SendJob& job) {
+void Engine::fail_send_channel(SendChannel& ch, std::exception_ptr err, Job& job) {
   std::string text = "send failed";
   bool gone = false;
   try {
@@ -334,6 +480,7 @@ void Engine::fail_send_channel(SendChannel& ch, std::exception_ptr err, SendJob&
     std::lock_guard<std::mutex> lk(ch.mu);
     ch.busy = false;
     if (!ch.error) ch.error = err;
+    ch.settled_ticket = std::max(ch.settled_ticket, job.ticket);
     if (job.ready) ch.ready_pool.push_back(job.ready);
     job.ready = nullptr;
   }
@@ -342,52 +489,25 @@ void Engine::fail_send_channel(SendChannel& ch, std::exception_ptr err, SendJob&
 
 void Engine::worker_loop(SendChannel* chp) {
   SendChannel& ch = *chp;
-  bool device_ok = cudaSetDevice(cfg_.device) == cudaSuccess;
-  ch.policy.poll = [chp] {
-    std::lock_guard<std::mutex> lk(chp->mu);
-    if (chp->stopping) throw PeerTimeout(chp->tx.label + ": the engine is closing");
-  };
-  for (;;) {
-    SendJob job;
-    {
-      std::unique_lock<std::mutex> lk(ch.mu);
-      ch.cv.wait(lk, [&] {
-        return (!ch.queue.empty() && !ch.busy) || (ch.stopping && ch.queue.empty());
-      });
-      if (ch.queue.empty()) return;  // stopping
-      job = std::move(ch.queue.front());
-      ch.queue.pop_front();
-      if (ch.error) {  // a failed channel drops the rest
-        ch.ready_pool.push_back(job.ready);
-        continue;
-      }
-      ch.busy = true;
-    }
-    try {
-      if (!device_ok) HDRT_CUDA_CHECK(cudaSetDevice(cfg_.device));
-      process_job(ch, job);
-      {
-        std::lock_guard<std::mutex> lk(ch.mu);
-        ch.busy = false;
-      }
-      ch.cv.notify_all();
-    } catch (...) {
-      fail_send_channel(ch, std::current_exception(), job);
-    }
-  }
+  run_worker(
+      cfg_.device, ch, ch.tx.label, "sent",
+      [&](Job& job) {
+        process_job(ch, job);
+        {
+          std::lock_guard<std::mutex> lk(ch.mu);
+          ch.busy = false;
+        }
+        ch.cv.notify_all();
+      },
+      [&](Job& job) { fail_send_channel(ch, std::current_exception(), job); });
 }
 
-void Engine::process_job(SendChannel& ch, SendJob& job) {
+void Engine::process_job(SendChannel& ch, Job& job) {
   std::vector<TensorSpec> specs;
   for (const auto& t : job.tensors) specs.push_back(t.spec);
   const Plan plan = make_plan(specs, cfg_.slot_bytes);
   // The copies start after the producer's work that was on its stream at send() time.
-  HDRT_CUDA_CHECK(cudaStreamWaitEvent(ch.stream, job.ready, 0));
-  {
-    std::lock_guard<std::mutex> lk(ch.mu);
-    ch.ready_pool.push_back(job.ready);  // the wait above captured it; it may be re-recorded
-  }
-  job.ready = nullptr;
+  start_after_ready(ch, job);
   const uint64_t msg = ch.tx.next_msg;
   for (uint32_t c = 0; c < plan.chunks.size(); ++c) {
     if (ch.peer_gone.load())
@@ -411,19 +531,49 @@ void Engine::process_job(SendChannel& ch, SendJob& job) {
   }
   ch.tx.next_msg = msg + 1;
   // Completion mark for wait_sent(). Reusing a mark first proves its older ticket finished.
-  DoneMark& mark = ch.done[job.ticket % kDoneMarks];
+  record_mark(ch.done, ch.mu, job.ticket, ch.stream, ch.policy,
+              counter_pid(ch.tx.ctl->receiver_pid), ch.tx.label);
+  std::lock_guard<std::mutex> lk(ch.mu);
+  ch.done_ticket = job.ticket;
+  ch.settled_ticket = job.ticket;
+  ch.bytes_sent += plan.payload_bytes;
+}
+
+void Engine::record_mark(std::vector<DoneMark>& marks, std::mutex& mu, uint64_t ticket,
+                         cudaStream_t stream, const WaitPolicy& policy, int peer_pid,
+                         const std::string& label) {
+  DoneMark& mark = marks[ticket % kDoneMarks];
   uint64_t old;
   {
-    std::lock_guard<std::mutex> lk(ch.mu);
+    std::lock_guard<std::mutex> lk(mu);
     old = mark.ticket;
   }
-  if (old != 0) HDRT_CUDA_CHECK(cudaEventSynchronize(mark.event));
-  std::lock_guard<std::mutex> lk(ch.mu);
+  if (old != 0)  // bounded: a dead peer's events never fire, so neither would this mark
+    wait_event(mark.event, policy, peer_pid,
+               label + ": reusing the completion mark of ticket " + std::to_string(old) +
+                   " for ticket " + std::to_string(ticket));
+  std::lock_guard<std::mutex> lk(mu);
   mark.ticket = 0;
-  HDRT_CUDA_CHECK(cudaEventRecord(mark.event, ch.stream));
-  mark.ticket = job.ticket;
-  ch.done_ticket = job.ticket;
-  ch.bytes_sent += plan.payload_bytes;
+  HDRT_CUDA_CHECK(cudaEventRecord(mark.event, stream));
+  mark.ticket = ticket;
+}
+
+void Engine::wait_event(cudaEvent_t event, const WaitPolicy& policy, int peer_pid,
+                        const std::string& what) {
+  const int64_t deadline = now_ns() + policy.timeout_ms * 1000000LL;
+  switch (poll_until([&] { return event_done(event); }, deadline, peer_pid, policy.check_pid,
+                     policy.poll)) {
+    case PollResult::kDone:
+      return;
+    case PollResult::kPeerGone:
+      throw PeerExited(what + ": the peer process (pid " + std::to_string(peer_pid) +
+                       ") exited while copies to or from it were outstanding");
+    case PollResult::kTimedOut:
+      break;
+  }
+  throw PeerTimeout(what + ": the copies did not finish on the GPU within " +
+                    std::to_string(policy.timeout_ms) +
+                    " ms (the peer's stream may be stuck; raise timeout_s if it is only slow)");
 }
 
 void Engine::wait_sent(int dst, uint64_t ticket, uintptr_t stream,
@@ -453,9 +603,10 @@ void Engine::wait_sent(int dst, uint64_t ticket, uintptr_t stream,
 
 uint32_t Engine::recv_chunk(RecvChannel& ch, const Plan& plan,
                             const std::vector<TensorSpec>& specs, uint64_t msg, uint32_t c,
-                            const std::string& what, cudaStream_t stream) {
+                            const std::string& what, cudaStream_t stream,
+                            const WaitPolicy& policy) {
   const uint64_t seq = ch.rx.next_seq;
-  const uint32_t slot = ch.rx.wait_posted(seq, ch.policy, what);  // host wait: posted >= seq
+  const uint32_t slot = ch.rx.wait_posted(seq, policy, what);  // host wait: posted >= seq
   std::string why = desc_mismatch(ch.rx.header(slot).desc, specs, plan, msg, c);
   if (!why.empty()) {
     ch.failed = true;
@@ -488,25 +639,24 @@ void Engine::fail_recv_channel(RecvChannel& ch, const std::exception& e, bool mi
   ring_set_error(ch.rx.ctl, kReceiverFailed, ch.rx.label + ": " + e.what());
 }
 
-void Engine::recv(int src, const std::vector<TensorRef>& dsts, const std::string& what,
-                  uintptr_t stream_handle, const std::function<void()>& poll) {
-  RecvChannel& ch = recv_channel(src);
-  if (ch.view_seq)
-    throw ProtocolError(ch.rx.label + ": recv() while a zero-copy view is held; release it first");
-  std::vector<TensorSpec> specs;
-  for (const auto& t : dsts) {
-    if (t.ptr == 0 && t.spec.nbytes > 0) throw ProtocolError("recv(): null data pointer");
-    specs.push_back(t.spec);
-  }
+void Engine::check_no_posted(const RecvChannel& ch, const char* call) const {
+  std::lock_guard<std::mutex> lk(ch.mu);
+  if (!ch.queue.empty() || ch.busy)
+    throw ProtocolError(ch.rx.label + ": " + call + " while posted receives are pending; wait "
+                        "for them first");
+}
+
+void Engine::receive_message(RecvChannel& ch, const std::vector<TensorRef>& dsts,
+                             const std::string& what, cudaStream_t stream,
+                             const WaitPolicy& first, const WaitPolicy& rest) {
+  const std::vector<TensorSpec> specs = specs_of(dsts, "recv()");
   const Plan plan = make_plan(specs, cfg_.slot_bytes);
-  DeviceGuard guard(cfg_.device);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  ch.policy.poll = poll;
   const uint64_t msg = ch.rx.next_msg;
   uint32_t consumed = 0;  // chunks of this message already released
   try {
     for (uint32_t c = 0; c < plan.chunks.size(); ++c, ++consumed) {
-      const uint32_t slot = recv_chunk(ch, plan, specs, msg, c, what, stream);
+      const uint32_t slot =
+          recv_chunk(ch, plan, specs, msg, c, what, stream, c == 0 ? first : rest);
       const char* base = slot_ptr(ch.slots, slot);
       for (const Segment& s : plan.chunks[c].segments)
         HDRT_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<char*>(dsts[s.tensor].ptr) + s.tensor_offset,
@@ -522,12 +672,115 @@ void Engine::recv(int src, const std::vector<TensorRef>& dsts, const std::string
   ch.rx.next_msg = msg + 1;
 }
 
+void Engine::recv(int src, const std::vector<TensorRef>& dsts, const std::string& what,
+                  uintptr_t stream_handle, const std::function<void()>& poll) {
+  RecvChannel& ch = recv_channel(src);
+  if (ch.view_seq)
+    throw ProtocolError(ch.rx.label + ": recv() while a zero-copy view is held; release it first");
+  check_no_posted(ch, "recv()");
+  DeviceGuard guard(cfg_.device);
+  ch.policy.poll = poll;
+  receive_message(ch, dsts, what, reinterpret_cast<cudaStream_t>(stream_handle), ch.policy,
+                  ch.policy);
+}
+
+uint64_t Engine::post_recv(int src, const std::vector<TensorRef>& dsts, const std::string& what,
+                           uintptr_t stream) {
+  RecvChannel& ch = recv_channel(src);
+  if (ch.view_seq)
+    throw ProtocolError(ch.rx.label + ": post_recv() while a zero-copy view is held; release it "
+                        "first");
+  make_plan(specs_of(dsts, "post_recv()"), cfg_.slot_bytes);  // validates now, not on the worker
+  DeviceGuard guard(cfg_.device);
+  // The receive stream writes the buffers only after the work the caller queued before (e.g.
+  // the last use of the memory the caching allocator just handed out for them).
+  cudaEvent_t ready = record_ready(ch.mu, ch.ready_pool, ch.error, stream);
+  uint64_t ticket;
+  {
+    std::lock_guard<std::mutex> lk(ch.mu);
+    ticket = ch.next_ticket++;
+    ch.queue.push_back(Job{ticket, dsts, what, ready});
+  }
+  ch.cv.notify_all();
+  return ticket;
+}
+
+void Engine::recv_worker_loop(RecvChannel* chp) {
+  RecvChannel& ch = *chp;
+  auto finish = [&](uint64_t ticket, bool ok) {
+    {
+      std::lock_guard<std::mutex> lk(ch.mu);
+      ch.busy = false;
+      if (ok) ch.done_ticket = ticket;
+      else if (!ch.error) ch.error = std::current_exception();
+      ch.settled_ticket = ticket;
+    }
+    ch.cv.notify_all();
+  };
+  run_worker(
+      cfg_.device, ch, ch.rx.label, "received",
+      [&](Job& job) {
+        start_after_ready(ch, job);
+        receive_message(ch, job.tensors, job.what, ch.stream, ch.first_policy, ch.rest_policy);
+        record_mark(ch.done, ch.mu, job.ticket, ch.stream, ch.rest_policy,
+                    counter_pid(ch.rx.ctl->sender_pid), ch.rx.label);
+        finish(job.ticket, true);
+      },
+      [&](Job& job) {
+        if (job.ready) {
+          std::lock_guard<std::mutex> lk(ch.mu);
+          ch.ready_pool.push_back(job.ready);
+          job.ready = nullptr;
+        }
+        finish(job.ticket, false);
+      });
+}
+
+void Engine::wait_recv(int src, uint64_t ticket, uintptr_t stream,
+                       const std::function<void()>& poll) {
+  if (closed_) throw ProtocolError("the IPC engine is closed");
+  if (src < 0 || src >= cfg_.world_size || src == cfg_.rank || !rx_[src] || !rx_[src]->connected)
+    throw ProtocolError("invalid source rank " + std::to_string(src));
+  RecvChannel& ch = *rx_[src];
+  std::unique_lock<std::mutex> lk(ch.mu);
+  if (ticket == 0 || ticket >= ch.next_ticket)
+    throw ProtocolError("wait_recv(): unknown ticket " + std::to_string(ticket));
+  const int64_t limit_ms = ch.rest_policy.timeout_ms;
+  const int64_t deadline = now_ns() + limit_ms * 1000000LL;
+  while (ch.done_ticket < ticket) {
+    // this ticket failed or was dropped (the worker drops the rest of a failed channel at once)
+    if (ch.error && ch.settled_ticket >= ticket) std::rethrow_exception(ch.error);
+    ch.cv.wait_for(lk, std::chrono::milliseconds(20));
+    if (ch.done_ticket >= ticket) break;
+    lk.unlock();
+    if (poll) poll();
+    lk.lock();
+    if (ch.settled_ticket < ticket && now_ns() > deadline)
+      throw PeerTimeout(ch.rx.label + ": posted receive " + std::to_string(ticket) +
+                        " got no complete message within " + std::to_string(limit_ms) +
+                        " ms (the peer may be stuck, dead, or running a different program; "
+                        "raise timeout_s if it is only slow); it stays posted");
+  }
+  const DoneMark& mark = ch.done[ticket % kDoneMarks];
+  if (mark.ticket == ticket) {
+    DeviceGuard guard(cfg_.device);
+    HDRT_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), mark.event, 0));
+  }  // else the mark was reused, which the worker does only after the ticket's copies finished
+}
+
+uint64_t Engine::recv_settled(int src) const {
+  if (src < 0 || src >= cfg_.world_size || !rx_[src]) throw ProtocolError("invalid rank");
+  std::lock_guard<std::mutex> lk(rx_[src]->mu);
+  return rx_[src]->settled_ticket;
+}
+
 std::vector<uintptr_t> Engine::recv_view(int src, const std::vector<TensorSpec>& specs,
                                          const std::string& what, uintptr_t stream_handle,
                                          const std::function<void()>& poll) {
   RecvChannel& ch = recv_channel(src);
   if (ch.view_seq)
     throw ProtocolError(ch.rx.label + ": a zero-copy view is already held; release it first");
+  check_no_posted(ch, "recv_view()");
   if (ch.staging != Staging::kDevice)
     throw ProtocolError(ch.rx.label + ": zero-copy views need device staging (this channel "
                         "stages through host memory); use recv()");
@@ -541,7 +794,8 @@ std::vector<uintptr_t> Engine::recv_view(int src, const std::vector<TensorSpec>&
   const uint64_t msg = ch.rx.next_msg;
   uint32_t slot;
   try {
-    slot = recv_chunk(ch, plan, specs, msg, 0, what, reinterpret_cast<cudaStream_t>(stream_handle));
+    slot = recv_chunk(ch, plan, specs, msg, 0, what, reinterpret_cast<cudaStream_t>(stream_handle),
+                      ch.policy);
   } catch (const std::exception& e) {
     fail_recv_channel(ch, e, false);
     throw;
@@ -574,6 +828,11 @@ uintptr_t Engine::copy_stream(int dst) const {
   return reinterpret_cast<uintptr_t>(tx_[dst]->stream);
 }
 
+uintptr_t Engine::recv_stream(int src) const {
+  if (src < 0 || src >= cfg_.world_size || !rx_[src]) throw ProtocolError("invalid rank");
+  return reinterpret_cast<uintptr_t>(rx_[src]->stream);
+}
+
 std::string Engine::staging(int peer) const {
   if (peer < 0 || peer >= cfg_.world_size || !tx_[peer]) throw ProtocolError("invalid rank");
   return tx_[peer]->staging == Staging::kHost ? "host" : "device";
@@ -585,28 +844,76 @@ uint64_t Engine::bytes_sent(int dst) const {
   return tx_[dst]->bytes_sent;
 }
 
+uint64_t Engine::settled(int dst) const {
+  if (dst < 0 || dst >= cfg_.world_size || !tx_[dst]) throw ProtocolError("invalid rank");
+  std::lock_guard<std::mutex> lk(tx_[dst]->mu);
+  return tx_[dst]->settled_ticket;
+}
+
+void Engine::set_timeout(int64_t timeout_ms) {
+  if (timeout_ms <= 0)
+    throw ProtocolError("timeout must be positive, got " + std::to_string(timeout_ms) + " ms");
+  // The workers read the policies while they run a job: change them only while they are idle.
+  for (auto& t : tx_) {
+    if (!t) continue;
+    auto lk = lock_idle(*t, t->tx.label, "sends are being issued");
+    t->policy.timeout_ms = timeout_ms;
+  }
+  for (auto& r : rx_) {
+    if (!r) continue;
+    auto lk = lock_idle(*r, r->rx.label, "posted receives are pending");
+    r->policy.timeout_ms = r->rest_policy.timeout_ms = timeout_ms;
+  }
+  cfg_.timeout_ms = timeout_ms;
+}
+
+void Engine::abort(const std::string& reason) {
+  const std::string who = "rank " + std::to_string(cfg_.rank) + " aborted: " + reason;
+  for (auto& t : tx_)
+    if (t && t->tx.ctl) ring_set_error(t->tx.ctl, kSenderFailed, t->tx.label + ": " + who);
+  for (auto& r : rx_)
+    if (r && r->rx.ctl) ring_set_error(r->rx.ctl, kReceiverFailed, r->rx.label + ": " + who);
+}
+
+bool Engine::drain_send(SendChannel& ch, int64_t deadline_ns) {
+  if (!ch.stream) return true;
+  const int pid = ch.tx.ctl ? counter_pid(ch.tx.ctl->receiver_pid) : 0;
+  return poll_until([&] { return cudaStreamQuery(ch.stream) != cudaErrorNotReady; }, deadline_ns,
+                    pid, ch.policy.check_pid, nullptr) == PollResult::kDone;
+}
+
+bool Engine::drain_recv(RecvChannel& ch, int64_t deadline_ns) {
+  if (ch.view_seq) return false;  // the caller may still read a zero-copy view of a slot
+  // The copies out of the slots run on the consumers' streams; each records free[slot] after
+  // them, so all free events done = nothing reads the slots any more.
+  const int pid = ch.rx.ctl ? counter_pid(ch.rx.ctl->sender_pid) : 0;
+  return poll_until(
+             [&] {
+               for (cudaEvent_t e : ch.free_events)
+                 if (!event_settled(e)) return false;
+               return true;
+             },
+             deadline_ns, pid, ch.policy.check_pid, nullptr) == PollResult::kDone;
+}
+
 bool Engine::quiesce(int64_t timeout_ms) {
   const int64_t deadline = now_ns() + timeout_ms * 1000000LL;
   DeviceGuard guard(cfg_.device);
+  bool ok = true;
   for (auto& t : tx_) {
     if (!t || !t->connected) continue;
-    for (;;) {  // the worker has issued everything
-      {
-        std::lock_guard<std::mutex> lk(t->mu);
-        if ((t->queue.empty() && !t->busy) || t->error) break;
-      }
-      if (now_ns() > deadline) return false;
-      usleep(200);
-    }
-    for (;;) {  // and the GPU has finished it
-      cudaError_t e = cudaStreamQuery(t->stream);
-      if (e == cudaSuccess) break;
-      if (e != cudaErrorNotReady) HDRT_CUDA_CHECK(e);
-      if (now_ns() > deadline) return false;
-      usleep(200);
-    }
+    SendChannel* tp = t.get();
+    const bool issued =  // the worker has issued everything (or the channel failed)
+        poll_until(
+            [tp] {
+              std::lock_guard<std::mutex> lk(tp->mu);
+              return (tp->queue.empty() && !tp->busy) || tp->error;
+            },
+            deadline, counter_pid(t->tx.ctl->receiver_pid), t->policy.check_pid,
+            nullptr) == PollResult::kDone;
+    if (!issued || !drain_send(*t, deadline)) ok = false;  // and the GPU has finished it
   }
-  return true;
+  return ok;
 }
 
 void Engine::close() {
@@ -619,25 +926,29 @@ void Engine::close() {
       t->stopping = true;
     }
     t->cv.notify_all();
-    if (t->worker.joinable()) t->worker.join();
+    if (t->worker.joinable()) t->worker.join();  // its waits poll `stopping`: it ends promptly
   }
-  // If a copy stream cannot drain (a dead peer never signals its events), leak the CUDA
-  // resources rather than hang in cudaFree or cudaStreamDestroy.
+  for (auto& r : rx_) {
+    if (!r) continue;
+    {
+      std::lock_guard<std::mutex> lk(r->mu);
+      r->stopping = true;
+    }
+    r->cv.notify_all();
+    if (r->worker.joinable()) r->worker.join();
+  }
+  // Free nothing the GPU may still touch: the copy streams write into the peers' slots, and the
+  // consumers' streams may still be copying out of this rank's slots. Both are drained with a
+  // deadline (shortened when the peer is found dead); what does not drain is leaked, not freed.
   bool drained = true;
   int prev = 0;
   bool have_device = cudaGetDevice(&prev) == cudaSuccess && cudaSetDevice(cfg_.device) == cudaSuccess;
   if (have_device) {
     const int64_t deadline = now_ns() + std::min<int64_t>(cfg_.timeout_ms, 10000) * 1000000LL;
-    for (auto& t : tx_) {
-      if (!t || !t->stream) continue;
-      while (cudaStreamQuery(t->stream) == cudaErrorNotReady) {
-        if (now_ns() > deadline) {
-          drained = false;
-          break;
-        }
-        usleep(500);
-      }
-    }
+    for (auto& t : tx_)
+      if (t && !drain_send(*t, deadline)) drained = false;
+    for (auto& r : rx_)
+      if (r && !drain_recv(*r, deadline)) drained = false;
   }
   for (auto& t : tx_)
     if (t && t->tx.ctl) t->tx.close();
@@ -653,7 +964,8 @@ void Engine::close() {
       for (cudaEvent_t e : t->ready_pool) cudaEventDestroy(e);
       for (auto& d : t->done)
         if (d.event) cudaEventDestroy(d.event);
-      if (t->stream) cudaStreamDestroy(t->stream);
+      // The copy stream itself is kept: torch's caching allocator records events on it when
+      // tensors that were sent (record_stream'ed on it) are freed later, possibly after close().
     }
     for (auto& r : rx_) {
       if (!r) continue;
@@ -661,6 +973,10 @@ void Engine::close() {
       else if (r->slots) cudaFree(r->slots);
       for (cudaEvent_t e : r->full_events) cudaEventDestroy(e);
       for (cudaEvent_t e : r->free_events) cudaEventDestroy(e);
+      for (cudaEvent_t e : r->ready_pool) cudaEventDestroy(e);
+      for (auto& d : r->done)
+        if (d.event) cudaEventDestroy(d.event);
+      // The receive stream is kept, like the copy streams (buffers are record_stream'ed on it).
     }
     cudaGetLastError();
   }

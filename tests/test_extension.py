@@ -68,6 +68,26 @@ def test_device_queries_raise_cuda_unavailable_without_a_driver():
             assert "built without CUDA" in text
 
 
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(not NO_GPU, reason="this machine has a usable CUDA device")
+def test_device_query_errors_name_the_source_file_not_the_build_path():
+    """`hybridiff-rt info` shows these texts: no absolute path of the build machine in them."""
+    import json
+
+    from hybridiff_rt import cli
+
+    with pytest.raises(_C.CudaUnavailable) as info:
+        _C.device_count()
+    text = str(info.value)
+    report = json.dumps(cli.collect_info(), default=str)
+    for shown in (text, report):
+        assert SOURCE_ROOT not in shown and "/csrc/" not in shown, shown
+        if _C.build_info()["cuda_compiled"]:
+            assert "[cuda_query.cpp:" in shown, shown
+
+
 @pytest.mark.skipif(not NO_GPU, reason="this machine has a usable CUDA device")
 def test_python_wrapper_translates_to_cuda_unavailable_error():
     with pytest.raises(CudaUnavailableError, match="driver|built without CUDA") as info:

@@ -25,7 +25,7 @@ from hybridiff_rt import env
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.int64, torch.uint8, torch.int32]
-SCENARIO_TIMEOUT_S = 150
+SCENARIO_TIMEOUT_S = 60  # below device_check.sh's per-test limit, so a hang fails the test itself
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def _rank_main(rank: int, port: int, scenario: str, args: dict, results) -> None
         torch.cuda.set_device(device)
         store = TCPStore("127.0.0.1", port, None, False, timeout=datetime.timedelta(seconds=60))
         transport = ipc.make_ipc_transport(
-            store, rank, 2, device, args.get("timeout_s", 20.0),
+            store, rank, 2, args.get("device_arg", device), args.get("timeout_s", 20.0),
             num_slots=args.get("num_slots", 4), slot_bytes=args.get("slot_bytes"),
             staging=args.get("staging"))
         out = globals()[f"_scenario_{scenario}"](transport, rank, args)
@@ -292,6 +292,94 @@ def _scenario_killed_peer(t, rank, args):
     return errors
 
 
+def _scenario_setup_report(t, rank, args):
+    """What the set-up decided: device (given as "cuda"), self-test notes, measured bandwidth."""
+    return {"device": str(t.device), "notes": list(t.notes), "bytes_per_ms": t.bytes_per_ms,
+            "staging": t.staging}
+
+
+def _scenario_dropped_sends(t, rank, args):
+    """Sends whose pending transfer and source tensor are dropped at once (no wait()), while the
+    ring is full so the worker enqueues the copies later: the freed memory is reused and
+    overwritten right away, yet the receiver must get the original contents."""
+    from hybridiff_rt.comm.store import barrier
+
+    n, count = args["numel"], args["count"]
+    if rank == 0:
+        for i in range(count):
+            t.isend([torch.full((n,), float(i), device=t.device)], 1, what=f"drop {i}")
+            junk = torch.full((n,), float("nan"), device=t.device)  # may reuse the freed block
+            del junk
+        barrier(t._store, "test/dropped_sends", 2, 60)
+        return {}
+    barrier(t._store, "test/dropped_sends", 2, 60)  # every send was posted before any receive
+    bad = torch.zeros((), dtype=torch.int64, device=t.device)
+    for i in range(count):
+        y = torch.empty(n, device=t.device)
+        t.irecv([y], 0, what=f"drop {i}").wait()
+        bad += (y != float(i)).sum()
+    return {"bad": int(bad)}
+
+
+def _scenario_killed_with_copies_outstanding(t, rank, args):
+    """Rank 1 receives while its stream is blocked (a long sleep kernel before the copy-outs),
+    then dies: its free events never fire, so rank 0's copy stream waits on them forever. Rank 0's
+    sends must fail and close() must return soon, not hang in a CUDA synchronize."""
+    from hybridiff_rt.comm import ipc
+    from hybridiff_rt.errors import PeerTimeoutError
+
+    nbytes = t.slot_bytes
+    if rank == 1:
+        ipc._C.device_sleep(torch.cuda.current_stream().cuda_stream, 10e6)  # 10 s
+        for i in range(2):
+            t.irecv([torch.empty(nbytes, dtype=torch.uint8, device=t.device)], 0,
+                    what=f"m{i}").wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+    pending = [t.isend([torch.full((nbytes,), i % 256, dtype=torch.uint8, device=t.device)], 1,
+                       what=f"m{i}") for i in range(40)]  # > 32: completion marks get reused
+    time.sleep(1.0)
+    out = {}
+    start = time.monotonic()
+    try:
+        for p in pending:
+            p.wait()
+    except PeerTimeoutError as exc:
+        out["send"] = str(exc)
+    out["send_s"] = time.monotonic() - start
+    start = time.monotonic()
+    t.close()
+    out["close_s"] = time.monotonic() - start
+    return out
+
+
+def _scenario_host_staging_overlap(t, rank, args):
+    """Host staging, a boundary larger than the ring: the receiver posts irecv and computes for
+    a while before wait() (as the pipeline does); the sender's whole message must still go out
+    meanwhile (the engine drains the ring as it arrives), and the content must be right."""
+    from hybridiff_rt.comm import ipc
+    from hybridiff_rt.comm.store import barrier
+
+    n = args["nbytes"]
+    seed = args["seed"]
+    if rank == 0:
+        barrier(t._store, "test/overlap_posted", 2, 60)
+        start = time.monotonic()
+        t.isend([_fill((n,), torch.uint8, seed, t.device)], 1, what="boundary").wait()
+        torch.cuda.current_stream().synchronize()
+        sent_s = time.monotonic() - start
+        barrier(t._store, "test/overlap_sent", 2, 60)
+        return {"sent_s": sent_s}
+    y = torch.empty(n, dtype=torch.uint8, device=t.device)
+    pending = t.irecv([y], 0, what="boundary")
+    ipc._C.device_sleep(torch.cuda.current_stream().cuda_stream, 3e6)  # "compute": 3 s
+    barrier(t._store, "test/overlap_posted", 2, 60)
+    barrier(t._store, "test/overlap_sent", 2, 60)  # the sender finished while we computed
+    start = time.monotonic()
+    pending.wait()
+    bad = int(_bytes_differ(y, _fill((n,), torch.uint8, seed, t.device)))
+    return {"bad": bad, "wait_s": time.monotonic() - start, "staging": t.staging}
+
+
 # ------------------------------------------------------------------------------------------------
 # tests
 
@@ -342,3 +430,32 @@ def test_killed_peer_raises_timeout_error_not_a_hang():
     assert res["recv_s"] < 3.0, res
     assert "send" in res, res
     assert res["close_s"] < 15.0, res
+
+
+@pytest.mark.parametrize("staging", ["auto", "host"])
+def test_setup_self_test_measures_the_link_and_resolves_cuda_to_the_current_device(staging):
+    res = run_ranks("setup_report", device_arg="cuda", staging=staging)
+    for rank, r in res.items():
+        assert r["device"] == str(_device_for(rank)), r
+        assert r["notes"][0].startswith("ipc self-test passed"), r
+        assert r["notes"][1].startswith("ipc link measured at set-up"), r
+        assert r["bytes_per_ms"] > 1e6, r  # faster than the 1 GB/s default guess
+    assert res[0]["bytes_per_ms"] == res[1]["bytes_per_ms"]  # every rank plans alike
+
+
+def test_dropped_sends_keep_their_sources_until_the_copy_is_enqueued():
+    res = run_ranks("dropped_sends", count=24, numel=1 << 20, slot_bytes=1 << 20)
+    assert res[1]["bad"] == 0
+
+
+def test_peer_killed_with_copies_outstanding_does_not_hang_close():
+    res = run_ranks("killed_with_copies_outstanding", expect=(0,), timeout_s=5.0,
+                    slot_bytes=1 << 20)[0]
+    assert "send" in res and res["send_s"] < 10.0, res
+    assert res["close_s"] < 5.0, res
+
+
+def test_host_staged_boundary_moves_while_the_receiver_computes():
+    res = run_ranks("host_staging_overlap", staging="host", nbytes=48 << 20)
+    assert res[1]["bad"] == 0 and res[1]["staging"] == {0: "host"}, res
+    assert res[0]["sent_s"] < 2.5, res  # did not wait for the receiver's 3 s of compute

@@ -5,6 +5,8 @@
 // copies are synchronous memcpy; streams and events are inert (every operation has completed when
 // it returns, so any event wait is trivially satisfied). The engine's sequence/slot protocol,
 // chunking, worker thread, tickets and error paths run for real; GPU-side ordering does not.
+// Test hooks (fake_cudart.h): a "stuck" mode in which nothing ever completes, and counters of
+// released resources.
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -18,6 +20,8 @@
 #include <mutex>
 #include <string>
 
+#include "fake_cudart.h"
+
 namespace {
 std::mutex g_mu;
 std::map<void*, std::pair<std::string, size_t>> g_allocs;  // cudaMalloc'd: shm name, size
@@ -26,7 +30,26 @@ std::atomic<int> g_counter{0};
 thread_local int g_device = 0;
 struct FakeEvent { int dummy; };
 struct FakeStream { int dummy; };
+std::atomic<bool> g_stuck{false}, g_streams_stuck{false};
+std::map<std::string, long> g_counts;  // guarded by g_mu
+void count(const char* what) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  ++g_counts[what];
+}
 }  // namespace
+
+namespace hdrt {
+namespace fake {
+void set_stuck(bool stuck, bool streams) {
+  g_stuck = stuck;
+  g_streams_stuck = stuck && streams;
+}
+std::map<std::string, long> counters() {
+  std::lock_guard<std::mutex> lk(g_mu);
+  return g_counts;
+}
+}  // namespace fake
+}  // namespace hdrt
 
 extern "C" {
 
@@ -64,6 +87,7 @@ cudaError_t CUDARTAPI cudaMalloc(void** ptr, size_t size) {
 
 cudaError_t CUDARTAPI cudaFree(void* ptr) {
   if (!ptr) return cudaSuccess;
+  count("cudaFree");
   std::lock_guard<std::mutex> lk(g_mu);
   auto it = g_allocs.find(ptr);
   if (it == g_allocs.end()) return cudaErrorInvalidValue;
@@ -97,6 +121,7 @@ cudaError_t CUDARTAPI cudaIpcOpenMemHandle(void** ptr, cudaIpcMemHandle_t h, uns
 }
 
 cudaError_t CUDARTAPI cudaIpcCloseMemHandle(void* ptr) {
+  count("cudaIpcCloseMemHandle");
   std::lock_guard<std::mutex> lk(g_mu);
   auto it = g_opened.find(ptr);
   if (it == g_opened.end()) return cudaErrorInvalidValue;
@@ -106,7 +131,7 @@ cudaError_t CUDARTAPI cudaIpcCloseMemHandle(void* ptr) {
 }
 
 cudaError_t CUDARTAPI cudaHostRegister(void*, size_t, unsigned int) { return cudaSuccess; }
-cudaError_t CUDARTAPI cudaHostUnregister(void*) { return cudaSuccess; }
+cudaError_t CUDARTAPI cudaHostUnregister(void*) { count("cudaHostUnregister"); return cudaSuccess; }
 
 cudaError_t CUDARTAPI cudaEventCreateWithFlags(cudaEvent_t* e, unsigned int) {
   *e = reinterpret_cast<cudaEvent_t>(new FakeEvent());
@@ -114,7 +139,12 @@ cudaError_t CUDARTAPI cudaEventCreateWithFlags(cudaEvent_t* e, unsigned int) {
 }
 cudaError_t CUDARTAPI cudaEventDestroy(cudaEvent_t e) { delete reinterpret_cast<FakeEvent*>(e); return cudaSuccess; }
 cudaError_t CUDARTAPI cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
-cudaError_t CUDARTAPI cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t CUDARTAPI cudaEventQuery(cudaEvent_t) { return g_stuck ? cudaErrorNotReady : cudaSuccess; }
+cudaError_t CUDARTAPI cudaEventSynchronize(cudaEvent_t) {
+  count("cudaEventSynchronize");
+  while (g_stuck) usleep(1000);  // like a real GPU stream that never reaches the event
+  return cudaSuccess;
+}
 cudaError_t CUDARTAPI cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int) { return cudaSuccess; }
 cudaError_t CUDARTAPI cudaIpcGetEventHandle(cudaIpcEventHandle_t* h, cudaEvent_t) {
   std::memset(h, 0x5a, sizeof(*h));
@@ -130,8 +160,14 @@ cudaError_t CUDARTAPI cudaStreamCreateWithPriority(cudaStream_t* s, unsigned int
   *s = reinterpret_cast<cudaStream_t>(new FakeStream());
   return cudaSuccess;
 }
-cudaError_t CUDARTAPI cudaStreamDestroy(cudaStream_t s) { delete reinterpret_cast<FakeStream*>(s); return cudaSuccess; }
-cudaError_t CUDARTAPI cudaStreamQuery(cudaStream_t) { return cudaSuccess; }
+cudaError_t CUDARTAPI cudaStreamDestroy(cudaStream_t s) {
+  count("cudaStreamDestroy");
+  delete reinterpret_cast<FakeStream*>(s);
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaStreamQuery(cudaStream_t) {
+  return g_streams_stuck ? cudaErrorNotReady : cudaSuccess;
+}
 cudaError_t CUDARTAPI cudaMemcpyAsync(void* dst, const void* src, size_t n, enum cudaMemcpyKind,
                                       cudaStream_t) {
   std::memmove(dst, src, n);
