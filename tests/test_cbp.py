@@ -16,36 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from hybridiff_rt.testing import all_ok, run_ranks
+from hybridiff_rt.testing import all_ok, per_branch_forward, run_ranks
 
 #: fp32 max |difference| between batch-2 and per-branch denoiser calls, propagated through a
 #: few sampling steps (measured: 1e-6 to 2e-5 per call).
 BATCH2_TOLERANCE = 1e-3
 STEPS = 5
-
-
-def per_branch_forward(model):
-    """Patch ``model.forward`` to run each CFG branch as its own call (the exact serial
-    reference); returns a function that restores it."""
-    import inspect
-
-    from hybridiff_rt.engine.batch import join_cfg_batch, split_cfg_batch
-
-    original = model.forward
-    signature = inspect.signature(original)
-
-    def forward(*args, **kwargs):
-        kw = dict(signature.bind(*args, **kwargs).arguments)
-        return_dict = kw.pop("return_dict", True)
-        full = kw["sample" if "sample" in kw else "hidden_states"].shape[0]
-        pairs = {k: split_cfg_batch(v, full) for k, v in kw.items()}
-        outs = [original(**{k: p[i] for k, p in pairs.items()}, return_dict=False)[0]
-                for i in (0, 1)]
-        joined = join_cfg_batch(*outs)
-        return (joined,) if not return_dict else type(original(**kw))(sample=joined)
-
-    model.forward = forward
-    return lambda: delattr(model, "forward")
 
 
 def denoiser_of(pipe):

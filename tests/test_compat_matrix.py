@@ -32,32 +32,6 @@ PIPELINED = dict(window=1, slope_eps=0.0, k=2, tau_cap=2)  # tau1 = 2 by the cap
 CELLS = [(name, images, k) for name in VARIANTS for images in (1, 2) for k in (0, 2)]
 
 
-def _per_branch_reference(model):
-    """Patch ``model.forward`` so a CFG-doubled call runs each branch as its own call (what the
-    ranks compute); other calls (e.g. skip-layer guidance's single-branch call) run as given."""
-    import inspect
-
-    from hybridiff_rt.engine.batch import join_cfg_batch, split_cfg_batch
-
-    original = model.forward
-    signature = inspect.signature(original)
-
-    def forward(*args, **kwargs):
-        kw = dict(signature.bind(*args, **kwargs).arguments)
-        full = kw["sample" if "sample" in kw else "hidden_states"].shape[0]
-        if kw.get("skip_layers") is not None or full % 2:
-            return original(**kw)
-        return_dict = kw.pop("return_dict", True)
-        pairs = {k: split_cfg_batch(v, full) for k, v in kw.items()}
-        outs = [original(**{k: p[i] for k, p in pairs.items()}, return_dict=False)[0]
-                for i in (0, 1)]
-        joined = join_cfg_batch(*outs)
-        return (joined,) if not return_dict else type(original(**kw))(sample=joined)
-
-    model.forward = forward
-    return lambda: delattr(model, "forward")
-
-
 def _run(pipe, kwargs, name, images, steps, seed):
     output_type = INFO[name].output_type or "latent"
     out = pipe(prompt="a red fox", negative_prompt="blur", num_inference_steps=steps,
@@ -69,7 +43,7 @@ def _run(pipe, kwargs, name, images, steps, seed):
 
 def _rank_matrix(rank, seed, cells):
     import hybridiff_rt as hr
-    from hybridiff_rt.testing import build_variant, denoiser
+    from hybridiff_rt.testing import build_variant, denoiser, per_branch_forward
 
     hr.init_distributed()
     results = {}
@@ -96,7 +70,7 @@ def _rank_matrix(rank, seed, cells):
         pipe = runner.restore()
         if k == 0 and cell["error"] is None:
             torch.manual_seed(seed)
-            undo = _per_branch_reference(denoiser(pipe))
+            undo = per_branch_forward(denoiser(pipe))
             try:
                 cell["reference"] = _run(pipe, kwargs, name, images, steps, seed)
             finally:

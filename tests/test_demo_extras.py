@@ -6,37 +6,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from hybridiff_rt.demo import extras
+from hybridiff_rt.testing import hidden_imports_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
-HIDE = textwrap.dedent('''
-    import sys
-    from importlib.machinery import PathFinder
-
-    HIDDEN = set({hidden!r})
-
-    class HidingPathFinder(PathFinder):
-        @classmethod
-        def find_spec(cls, fullname, path=None, target=None):
-            if fullname.partition(".")[0] in HIDDEN:
-                return None
-            return super().find_spec(fullname, path, target)
-
-    sys.meta_path[:] = [HidingPathFinder if f is PathFinder else f for f in sys.meta_path]
-''')
-
-
 def _run_hidden(tmp_path: Path, hidden: list[str], *args: str) -> subprocess.CompletedProcess:
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(HIDE.format(hidden=hidden))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(ROOT)]))
+    env = hidden_imports_env(tmp_path / "shim", hidden,
+                             dict(os.environ, PYTHONPATH=str(ROOT)))
     return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
 

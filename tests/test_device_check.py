@@ -18,9 +18,10 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from hybridiff_rt.testing import hidden_imports_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "device_check.sh"
@@ -29,26 +30,6 @@ OUT_FILES = {"summary.txt", "summary.json", "device_check.log", "junit.xml", "tr
 QUICK_STEPS = ["wheels", "env", "build", "build_info", "triton_tests", "ipc_tests",
                "transport_bench", "cfg_kernel_bench", "runtime_tests"]
 
-# Hides diffusers and transformers from the import system, as on the GPU machine (which has no
-# diffusers): `import diffusers` raises ModuleNotFoundError and importlib.util.find_spec returns
-# None, while everything else imports from the same environment.
-HIDE_SITECUSTOMIZE = textwrap.dedent('''
-    import sys
-    from importlib.machinery import PathFinder
-
-    HIDDEN = {"diffusers", "transformers"}
-
-    class HidingPathFinder(PathFinder):
-        @classmethod
-        def find_spec(cls, fullname, path=None, target=None):
-            if fullname.partition(".")[0] in HIDDEN:
-                return None
-            return super().find_spec(fullname, path, target)
-
-    sys.meta_path[:] = [HidingPathFinder if f is PathFinder else f for f in sys.meta_path]
-''')
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEVICE_CHECK_", "PYTEST_"))}
     env.update(extra)
@@ -56,11 +37,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _hidden_env(tmp_path: Path) -> dict[str, str]:
-    shim = tmp_path / "hide_diffusers"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(HIDE_SITECUSTOMIZE)
-    return _env(PYTHONPATH=os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep))
+    """As on the GPU machine (which has no diffusers): `import diffusers` / `transformers` raise
+    ModuleNotFoundError, everything else imports from the same environment."""
+    return hidden_imports_env(tmp_path / "hide_diffusers", ["diffusers", "transformers"], _env())
 
 
 def _collect(env: dict[str, str], *args: str) -> tuple[set[str], set[str], str]:

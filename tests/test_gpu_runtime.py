@@ -42,7 +42,7 @@ def expected_backend(gpus: int | None = None, local_ranks: int = WORLD_SIZE) -> 
 def _rank_gpu(rank, transport, seed):
     import hybridiff_rt as hr
     from hybridiff_rt import testing
-    from test_cbp import per_branch_forward
+    from hybridiff_rt.testing import per_branch_forward
     from test_hybrid import emulate
 
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -32,6 +32,7 @@ from .pipelines import (
     vae,
 )
 from .ranks import Outcome, all_ok, free_port, run_ranks
+from .reference import hidden_imports_env, per_branch_forward
 from .variants import (
     INFO,
     VARIANTS,
@@ -42,7 +43,7 @@ from .variants import (
     denoiser,
 )
 
-__all__ = ["BUILDERS", "DEFAULT_IMAGE_SIZE", "INFO", "VARIANTS", "DenoiserCalls", "Outcome",
+__all__ = ["hidden_imports_env", "per_branch_forward", "BUILDERS", "DEFAULT_IMAGE_SIZE", "INFO", "VARIANTS", "DenoiserCalls", "Outcome",
            "VariantInfo", "all_ok", "build", "build_variant", "byte_level_vocab",
            "clip_text_config", "clip_text_encoder", "clip_tokenizer", "count_denoiser_calls",
            "denoiser", "euler_scheduler", "flow_match_scheduler", "free_port", "run_ranks",
