@@ -409,3 +409,28 @@ def test_world_size_three_is_refused_on_every_rank():
     for outcome in outcomes.values():
         assert outcome.error_type == "WorldSizeError", outcome
         assert "world size 1 (serial) or 2" in outcome.error and "3 ranks" in outcome.error
+
+
+def test_one_small_host_read_per_step(model, seed, monkeypatch):
+    """Per step the runtime reads back only the two discrepancy sums (rel_mae); it inspects the
+    predictions themselves (torch.isfinite) only when that number is not finite."""
+    import hybridiff_rt.engine.runtime as runtime
+
+    counts = {"rel_mae": 0, "isfinite": 0}
+    real_rel_mae, real_isfinite = runtime.rel_mae, torch.isfinite
+
+    def counting_rel_mae(stats):
+        counts["rel_mae"] += 1
+        return real_rel_mae(stats)
+
+    def counting_isfinite(x):
+        counts["isfinite"] += 1
+        return real_isfinite(x)
+
+    monkeypatch.setattr(runtime, "rel_mae", counting_rel_mae)
+    monkeypatch.setattr(runtime.torch, "isfinite", counting_isfinite)
+    den = hr.HybridDenoiser(model, hr.HybridConfig(k=0))
+    n = 3
+    for i, step in enumerate(_inputs(seed + 11, n)):
+        _call(den, step, i, n, 5.0)
+    assert counts == {"rel_mae": n, "isfinite": 0}
