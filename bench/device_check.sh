@@ -22,7 +22,7 @@
 #   wheels            30 |  30  pip install --no-index .whl/*.whl into /tmp/site (SKIPPED: none)
 #   env               30 |  20  versions of python, torch, triton, diffusers, nvcc, cmake, ...
 #   build            150 | 100  setup.py build_ext --inplace with CUDA, for the GPU's arch (sm_90)
-#   build_info        20 |  15  import hybridiff_rt._C and print build_info()
+#   build_info        50 |  45  print build_info(), then `hybridiff-rt info` (IPC self-test)
 #   triton_tests      90 |  45  pytest -m gpu tests/test_ops.py (Triton kernels); per test 60 | 30
 #   ipc_tests        150 |  60  pytest -m gpu tests/test_ipc_gpu.py (IPC engine); per test 75 | 40
 #                                 --quick: zero-copy views + collectives, killed peer, slow consumer
@@ -573,7 +573,7 @@ if [[ $MODE == quick ]]; then
   plan wheels 30 5 cmd "pip install carried .whl/*.whl into /tmp/site"
   plan env 20 5 cmd "versions: python, torch, triton, diffusers, nvcc, cmake"
   plan build 100 30 cmd "setup.py build_ext --inplace, CUDA, the GPU's arch"
-  plan build_info 15 5 cmd "import hybridiff_rt._C; build_info()"
+  plan build_info 45 5 cmd "build_info(); hybridiff-rt info (IPC self-test)"
   plan triton_tests 45 20 pytest "pytest -m gpu tests/test_ops.py"
   plan ipc_tests 60 20 pytest "pytest -m gpu tests/test_ipc_gpu.py (3 scenarios)"
   plan transport_bench 35 20 cmd "bench/transport.py --quick --sizes-mb 1 40"
@@ -584,7 +584,7 @@ else
   plan wheels 30 5 cmd "pip install carried .whl/*.whl into /tmp/site"
   plan env 30 5 cmd "versions: python, torch, triton, diffusers, nvcc, cmake"
   plan build 150 30 cmd "setup.py build_ext --inplace, CUDA"
-  plan build_info 20 5 cmd "import hybridiff_rt._C; build_info()"
+  plan build_info 50 5 cmd "build_info(); hybridiff-rt info (IPC self-test)"
   plan triton_tests 90 20 pytest "pytest -m gpu tests/test_ops.py"
   plan ipc_tests 150 20 pytest "pytest -m gpu tests/test_ipc_gpu.py"
   plan runtime_tests 180 40 pytest "pytest -m gpu tests/test_gpu_runtime.py"
@@ -799,7 +799,9 @@ if begin_step build; then
   run_step build "${STDBUF[@]}" "${CMD[@]}"  # line-buffered compiler output
 fi
 if begin_step build_info; then
-  dry_or build_info "$PY" -c "import json, hybridiff_rt._C as c; print(json.dumps(c.build_info()))"
+  # build_info, then `hybridiff-rt info`: versions, GPUs, peer access, and the CUDA IPC set-up
+  # self-test between two local processes (passed / failed with the reason)
+  dry_or build_info bash -c '"$0" -c "import json, hybridiff_rt._C as c; print(json.dumps(c.build_info()))" && "$0" -m hybridiff_rt.cli info' "$PY"
   run_step build_info "${CMD[@]}"
 fi
 

@@ -39,7 +39,49 @@ def collect_info() -> dict[str, Any]:
     except CudaUnavailableError as exc:
         info["gpus"] = []
         info["gpu_note"] = str(exc)
+    info["ipc_self_test"] = ipc_self_test(info)
     return info
+
+
+def ipc_self_test(info: dict[str, Any]) -> dict[str, Any]:
+    """Set up the CUDA IPC transport between two local processes (on GPUs 0 and 1 when there are
+    two, else both on GPU 0), which runs its self-test (a known pattern each way through the real
+    slots) and link measurement; returns ``{"status": "passed" | "failed" | "skipped", "detail"}``.
+    """
+    if not info["gpus"]:
+        return {"status": "skipped", "detail": "no GPU"}
+    if not info["ipc"]["available"]:
+        return {"status": "skipped", "detail": f"IPC not usable: {info['ipc']['reason']}"}
+    from .testing import run_ranks
+
+    try:
+        outcomes = run_ranks(_ipc_self_test_rank, len(info["gpus"]), timeout_s=180)
+    except Exception as exc:  # noqa: BLE001 - reported, never fatal for `info`
+        return {"status": "failed", "detail": f"{type(exc).__name__}: {exc}"}
+    results = [outcomes.get(rank) for rank in (0, 1)]
+    if any(r is None or not r.ok for r in results):
+        errors = [f"rank {rank}: " + ("no result (killed or timed out)" if r is None else
+                                     f"{r.error_type}: {r.error}")
+                  for rank, r in enumerate(results) if r is None or not r.ok]
+        return {"status": "failed", "detail": "; ".join(errors)}
+    passed, detail = results[0].value
+    return {"status": "passed" if passed else "failed", "detail": detail}
+
+
+def _ipc_self_test_rank(rank: int, gpus: int) -> tuple[bool, str]:
+    import torch
+
+    from .comm import default_store, init_distributed, ipc
+
+    init_distributed(backend="gloo", timeout_s=60)
+    device = torch.device("cuda", rank if gpus > 1 else 0)
+    transport, reason = ipc.try_make_ipc_transport(default_store(), rank, 2, device, 30.0,
+                                                   handshake_timeout_s=60.0)
+    if transport is None:
+        return False, reason
+    notes = "; ".join(transport.notes)
+    transport.close()
+    return True, notes
 
 
 def _version(package: str) -> str | None:
@@ -75,6 +117,8 @@ def print_info(info: dict[str, Any]) -> None:
         ("NCCL", info["nccl"] or "not found"),
         ("CUDA IPC transport", "usable" if info["ipc"]["available"]
          else f"not usable: {info['ipc']['reason']}"),
+        ("IPC self-test", f"{info['ipc_self_test']['status']} "
+                          f"({info['ipc_self_test']['detail']})"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

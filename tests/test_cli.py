@@ -26,13 +26,18 @@ def test_info_reports_versions_extension_and_gpus():
     if not torch.cuda.is_available():
         assert info["gpus"] == [] and info["gpu_note"]
         assert info["ipc"]["available"] is False and info["ipc"]["reason"]
+        assert info["ipc_self_test"] == {"status": "skipped", "detail": "no GPU"}
     else:
+        # with GPUs, info sets the IPC transport up between two local processes (self-test)
+        assert info["ipc_self_test"]["status"] in ("passed", "failed", "skipped"), info
+        if info["ipc"]["available"]:
+            assert info["ipc_self_test"]["status"] == "passed", info["ipc_self_test"]
         n = len(info["gpus"])
         assert n == torch.cuda.device_count()
         assert len(info["peer_access"]) == n and all(len(row) == n for row in info["peer_access"])
     text = _run("info")
     assert text.returncode == 0, text.stderr
-    for label in ("torch", "triton", "diffusers", "extension _C", "NCCL", "GPU"):
+    for label in ("torch", "triton", "diffusers", "extension _C", "NCCL", "GPU", "IPC self-test"):
         assert label in text.stdout
 
 
