@@ -5,6 +5,11 @@ Environment variables (HYBRIDIFF_RT_* are declared with their defaults in hybrid
                            without nvcc; off builds the host-only module.
   HYBRIDIFF_RT_CUDA_ARCHS  CMake CUDA architectures, e.g. "90" or "80-real;90" (default: 75 80 86 89
                            90, plus 100 and 120 when the toolkit supports them; PTX for the newest).
+  HYBRIDIFF_RT_CUDA_HOME   build without nvcc against this CUDA runtime folder (headers + shared
+                           libcudart.so.N). Without nvcc (and without this), auto/on use the
+                           nvidia-cuda-runtime pip package of this interpreter (nvidia/cu13, or
+                           nvidia/cuda_runtime + nvidia/cuda_nvcc for CUDA 12): host C++ only,
+                           shared cudart, no device kernels (build with --no-build-isolation).
   CUDA_HOME / CUDACXX      where to look for nvcc (else PATH, then /usr/local/cuda).
   CMAKE_BUILD_PARALLEL_LEVEL  build jobs (default: number of CPUs).
 
@@ -82,24 +87,52 @@ def default_archs(nvcc: str) -> str:
     return ";".join([f"{a}-real" for a in archs[:-1]] + [archs[-1]])
 
 
-def cuda_choice() -> tuple[str | None, tuple[int, int] | None]:
-    """(nvcc path, (major, minor)) when CUDA is compiled in, else (None, None)."""
+def site_roots() -> list[str]:
+    """Folders where pip installs packages for this interpreter (site-packages first)."""
+    import site
+
+    roots = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE and site.getusersitepackages():
+        roots.append(site.getusersitepackages())
+    roots += [p for p in sys.path if p.endswith("-packages")]
+    return list(dict.fromkeys(os.path.abspath(r) for r in roots if r and os.path.isdir(r)))
+
+
+def cuda_choice() -> tuple[str | None, dict | None, tuple[int, int] | None]:
+    """(nvcc path, None, version) for an nvcc build, (None, runtime, version) for a build against
+    a CUDA runtime without nvcc (see hybridiff_rt/env.py cuda_runtime_at), else (None, None, None)."""
     mode = ENV.read("HYBRIDIFF_RT_CUDA").lower()
     if mode not in ("auto", "on", "off"):
         raise RuntimeError(f"HYBRIDIFF_RT_CUDA must be auto, on or off, got {mode!r}")
     if mode == "off":
-        return None, None
+        return None, None, None
+    home = ENV.read("HYBRIDIFF_RT_CUDA_HOME")
+    if home:
+        runtime = ENV.cuda_runtime_at(os.path.abspath(home))
+        if runtime is None:
+            raise RuntimeError(f"HYBRIDIFF_RT_CUDA_HOME={home} holds no usable CUDA runtime: it "
+                               "needs include/cuda_runtime_api.h, include/crt/host_defines.h (or "
+                               "../cuda_nvcc/include/crt) and lib/libcudart.so.<major>")
+        return None, runtime, runtime["version"]
     nvcc = find_nvcc()
-    if nvcc is None:
-        if mode == "on":
-            raise RuntimeError("HYBRIDIFF_RT_CUDA=on but no nvcc was found: install a CUDA "
-                               "toolkit, set CUDA_HOME or CUDACXX, or use HYBRIDIFF_RT_CUDA=off")
-        return None, None
-    return nvcc, nvcc_version(nvcc)
+    if nvcc is not None:
+        return nvcc, None, nvcc_version(nvcc)
+    runtime = ENV.find_pip_cuda_runtime(site_roots())
+    if runtime is not None:
+        return None, runtime, runtime["version"]
+    if mode == "on":
+        raise RuntimeError("HYBRIDIFF_RT_CUDA=on but neither nvcc nor a pip CUDA runtime was "
+                           "found: install a CUDA toolkit (or set CUDA_HOME / CUDACXX), or "
+                           "`pip install nvidia-cuda-runtime nvidia-cuda-crt` (CUDA 13) / "
+                           "`pip install nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12` (CUDA 12) "
+                           "and build with --no-build-isolation, or use HYBRIDIFF_RT_CUDA=off")
+    return None, None, None
 
 
-NVCC, CUDA_VERSION = cuda_choice()
+NVCC, CUDART, CUDA_VERSION = cuda_choice()
 LOCAL_TAG = f"cu{CUDA_VERSION[0]}{CUDA_VERSION[1]}" if CUDA_VERSION else "cpu"
+# The build folder also says whether cudart is shared (a no-nvcc build) or static (nvcc).
+BUILD_TAG = LOCAL_TAG + ("-shared" if CUDART else "")
 
 
 class CMakeExtension(Extension):
@@ -117,7 +150,7 @@ class CMakeBuild(build_ext):
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         # A persistent build folder keeps rebuilds incremental (editable installs use a fresh
         # build_temp every time); one per interpreter and CUDA choice.
-        build_dir = ROOT / "build" / f"cmake-{LOCAL_TAG}-py{sys.version_info[0]}{sys.version_info[1]}"
+        build_dir = ROOT / "build" / f"cmake-{BUILD_TAG}-py{sys.version_info[0]}{sys.version_info[1]}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake = shutil.which("cmake")
         if cmake is None:
@@ -137,6 +170,15 @@ class CMakeBuild(build_ext):
             archs = ENV.read("HYBRIDIFF_RT_CUDA_ARCHS") or default_archs(NVCC)
             args += ["-DHYBRIDIFF_RT_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={NVCC}",
                      f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
+        elif CUDART:
+            # No nvcc: host C++ against the runtime's headers, linked to its shared libcudart.
+            rpaths = [f"$ORIGIN/../{CUDART['rpath']}"] if CUDART.get("rpath") else []
+            rpaths.append(os.path.dirname(CUDART["library"]))  # editable installs, build tree
+            args += ["-DHYBRIDIFF_RT_WITH_CUDA=OFF",
+                     f"-DHYBRIDIFF_RT_CUDART_LIBRARY={CUDART['library']}",
+                     f"-DHYBRIDIFF_RT_CUDART_INCLUDE_DIRS={';'.join(CUDART['include_dirs'])}",
+                     "-DHYBRIDIFF_RT_CUDART_VERSION={}.{}".format(*CUDART["version"]),
+                     f"-DHYBRIDIFF_RT_CUDART_RPATH={';'.join(rpaths)}"]
         else:
             args.append("-DHYBRIDIFF_RT_WITH_CUDA=OFF")
         env = dict(os.environ)

@@ -42,7 +42,11 @@ py::dict build_info() {
     start = end + 1;
   }
   d["archs"] = archs;
+#ifdef HYBRIDIFF_RT_CUDART_SHARED
+  d["cudart"] = "shared";
+#else
   d["cudart"] = "static";
+#endif
 #else
   d["cuda_version"] = py::none();
   d["archs"] = py::list();

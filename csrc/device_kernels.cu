@@ -1,8 +1,12 @@
 // The only device code: a kernel that keeps a stream busy for a given time (tests use it to make a
 // consumer slow without a host sleep). Kept free of pybind11 so nvcc compiles it quickly.
-#include <cuda_runtime.h>
-
+// A build without nvcc (pip CUDA runtime, see CMakeLists.txt) compiles this file as C++: there
+// is no device code then, and device_sleep reports cudaErrorNotSupported (torch.cuda._sleep is
+// the stand-in).
 #include <cstdint>
+
+#ifdef __CUDACC__
+#include <cuda_runtime.h>
 
 namespace {
 
@@ -26,3 +30,13 @@ cudaError_t launch_device_sleep(cudaStream_t stream, uint64_t ns) {
 }
 
 }  // namespace hdrt
+
+#else  // host C++ only
+#include <cuda_runtime_api.h>
+
+namespace hdrt {
+
+cudaError_t launch_device_sleep(cudaStream_t, uint64_t) { return cudaErrorNotSupported; }
+
+}  // namespace hdrt
+#endif

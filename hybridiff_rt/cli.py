@@ -12,6 +12,34 @@ import sys
 from typing import Any
 
 
+def _major(version: str | None) -> int | None:
+    try:
+        return int(str(version).split(".")[0]) if version else None
+    except ValueError:
+        return None
+
+
+def cuda_fit(driver: int, extension_cuda: str | None, torch_cuda: str | None) -> str:
+    """One line: whether the driver (cudaDriverGetVersion, e.g. 12080; 0 = no driver), the CUDA the
+    extension was built for ("13.0"; None = host-only) and torch's ("12.8"; None = CPU) fit, and
+    what to install when they do not. Same major suffices (CUDA minor-version compatibility)."""
+    ext_major, torch_major = _major(extension_cuda), _major(torch_cuda)
+    if ext_major is not None and torch_major is not None and ext_major != torch_major:
+        return (f"mismatch: extension built for CUDA {extension_cuda}, torch for CUDA {torch_cuda}: "
+                f"install the hybridiff_rt +cu{torch_cuda.replace('.', '')} wheel (or rebuild "
+                f"against nvidia-cuda-runtime for CUDA {torch_major})")
+    needed = max((m for m in (ext_major, torch_major) if m is not None), default=None)
+    if needed is None:
+        return "no CUDA in this build or in torch: nothing to check"
+    if driver <= 0:
+        return f"no CUDA driver: install an NVIDIA driver for CUDA {needed}.x or newer"
+    have = driver // 1000
+    if have < needed:
+        return (f"driver supports CUDA {have}.{driver % 1000 // 10}, the build needs CUDA {needed}: "
+                f"upgrade the NVIDIA driver or install the +cu{have}x wheels of torch and hybridiff_rt")
+    return f"ok: driver CUDA {have}.{driver % 1000 // 10} runs CUDA {needed} builds"
+
+
 def collect_info() -> dict[str, Any]:
     """Versions, the extension's build, NCCL and the GPUs with their peer-access matrix."""
     import torch
@@ -39,6 +67,14 @@ def collect_info() -> dict[str, Any]:
     except CudaUnavailableError as exc:
         info["gpus"] = []
         info["gpu_note"] = str(exc)
+    driver = 0
+    try:
+        driver = int(ipc._C.driver_version()) if ipc._C is not None else 0
+    except Exception:  # noqa: BLE001 - reported as "no driver"
+        driver = 0
+    ext = info["extension"]
+    info["cuda_fit"] = cuda_fit(driver, ext.get("cuda_version") if ext.get("cuda_compiled") else None,
+                                torch.version.cuda)
     info["ipc_self_test"] = ipc_self_test(info)
     return info
 
@@ -112,8 +148,10 @@ def print_info(info: dict[str, Any]) -> None:
         ("transformers", info["transformers"] or "not installed"),
         ("extension _C", "not importable: " + str(ext.get("import_error"))
          if not ext.get("available") else
-         f"CUDA {ext.get('cuda_version')} archs {','.join(map(str, ext.get('archs', [])))}"
+         f"CUDA {ext.get('cuda_version')} ({ext.get('cudart')} cudart) archs "
+         f"{','.join(map(str, ext.get('archs', []))) or 'none (no device code)'}"
          if ext.get("cuda_compiled") else "host-only build (no CUDA compiled in)"),
+        ("CUDA fit", info.get("cuda_fit", "")),
         ("NCCL", info["nccl"] or "not found"),
         ("CUDA IPC transport", "usable" if info["ipc"]["available"]
          else f"not usable: {info['ipc']['reason']}"),

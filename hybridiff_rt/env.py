@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,11 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("HYBRIDIFF_RT_CUDA_ARCHS", "", "build",
              "CMake CUDA architectures for the build, e.g. \"90\" or \"80-real;90\"; empty: 75, 80, "
              "86, 89, 90 plus 100 and 120 where the toolkit supports them (PTX for the newest)."),
+    Variable("HYBRIDIFF_RT_CUDA_HOME", "", "build",
+             "a CUDA runtime folder (include/cuda_runtime_api.h with include/crt/, and "
+             "lib/libcudart.so.N), e.g. site-packages/nvidia/cu13: build the CUDA engine against "
+             "it without nvcc (shared cudart, no device code); empty: nvcc when found, else the "
+             "nvidia-cuda-runtime pip package of the building interpreter."),
     Variable("HYBRIDIFF_RT_TIMEOUT_S", "30", "runtime",
              "seconds a collective waits for a peer when init_distributed() is called without "
              "timeout_s (HybridConfig(timeout_s=...) sets the runtime's own limit)."),
@@ -61,3 +67,59 @@ def markdown_table() -> str:
         meaning = v.meaning.replace("|", "\\|")
         lines.append(f"| `{v.name}` | {default} | {v.read_by} | {meaning} |")
     return "\n".join(lines)
+
+
+def _cudart_version(header: str) -> tuple[int, int] | None:
+    try:
+        with open(header, encoding="utf-8", errors="replace") as f:
+            match = re.search(r"#define\s+CUDART_VERSION\s+(\d+)", f.read())
+    except OSError:
+        return None
+    if not match:
+        return None
+    number = int(match.group(1))
+    return number // 1000, (number % 1000) // 10
+
+
+def cuda_runtime_at(home: str) -> dict | None:
+    """The CUDA runtime in folder ``home`` (headers and shared libcudart), or None.
+
+    ``home`` holds include/cuda_runtime_api.h and lib/ (or lib64/) libcudart.so.<major>; the
+    crt/ headers that cuda_runtime_api.h includes come from include/crt/ (a toolkit; the
+    nvidia-cuda-crt package merges them into nvidia/cu13/include) or, for the CUDA 12 pip
+    layout, from the sibling nvidia/cuda_nvcc/include (package nvidia-cuda-nvcc-cu12).
+    Returns {"home", "include_dirs", "library", "version": (major, minor)}.
+    """
+    include = os.path.join(home, "include")
+    version = _cudart_version(os.path.join(include, "cuda_runtime_api.h"))
+    if version is None:
+        return None
+    include_dirs = [include]
+    if not os.path.isfile(os.path.join(include, "crt", "host_defines.h")):
+        nvcc_include = os.path.join(os.path.dirname(home), "cuda_nvcc", "include")
+        if not os.path.isfile(os.path.join(nvcc_include, "crt", "host_defines.h")):
+            return None
+        include_dirs.append(nvcc_include)
+    for lib in ("lib", "lib64"):
+        library = os.path.join(home, lib, f"libcudart.so.{version[0]}")
+        if os.path.isfile(library):
+            return {"home": home, "include_dirs": include_dirs, "library": library,
+                    "version": version}
+    return None
+
+
+def find_pip_cuda_runtime(roots: list[str]) -> dict | None:
+    """The first CUDA runtime installed by pip under one of ``roots`` (site-packages folders).
+
+    Layouts: CUDA 13 ``nvidia/cu13`` (packages nvidia-cuda-runtime + nvidia-cuda-crt), CUDA 12
+    ``nvidia/cuda_runtime`` (nvidia-cuda-runtime-cu12, crt/ from nvidia-cuda-nvcc-cu12). The
+    result of :func:`cuda_runtime_at` gains "rpath": the library folder relative to the root,
+    so a module installed at <root>/hybridiff_rt/ finds it at $ORIGIN/../<rpath>.
+    """
+    for root in roots:
+        for sub in ("nvidia/cu13", "nvidia/cuda_runtime"):
+            found = cuda_runtime_at(os.path.join(root, sub))
+            if found:
+                found["rpath"] = os.path.relpath(os.path.dirname(found["library"]), root)
+                return found
+    return None

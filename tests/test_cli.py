@@ -22,7 +22,10 @@ def test_info_reports_versions_extension_and_gpus():
     assert info["extension"]["available"], info["extension"]
     assert isinstance(info["extension"]["cuda_compiled"], bool)
     if info["extension"]["cuda_compiled"]:
-        assert info["extension"]["cuda_version"] and info["extension"]["archs"]
+        assert info["extension"]["cuda_version"]
+        # device code (archs) exists in an nvcc build; a build against the pip CUDA runtime
+        # (shared cudart) has none
+        assert info["extension"]["archs"] or info["extension"]["cudart"] == "shared"
     if not torch.cuda.is_available():
         assert info["gpus"] == [] and info["gpu_note"]
         assert info["ipc"]["available"] is False and info["ipc"]["reason"]

@@ -32,6 +32,18 @@ SCENARIO_TIMEOUT_S = 60  # below device_check.sh's per-test limit, so a hang fai
 # harness
 
 
+def _gpu_sleep(microseconds: float) -> None:
+    """Keep the current stream busy for about ``microseconds`` of GPU time: the extension's
+    kernel where it was compiled with device code (nvcc), else torch's spin kernel (a build
+    against the pip CUDA runtime has no device code; about 2,000 cycles per microsecond)."""
+    from hybridiff_rt.comm import ipc
+
+    if ipc.build_info().get("archs"):
+        ipc._C.device_sleep(torch.cuda.current_stream().cuda_stream, microseconds)
+    else:
+        torch.cuda._sleep(int(microseconds * 2000))
+
+
 def _device_for(rank: int) -> torch.device:
     two = env.read("HYBRIDIFF_RT_TEST_TWO_GPUS") == "1" and torch.cuda.device_count() > 1
     return torch.device("cuda", rank if two else 0)
@@ -170,12 +182,10 @@ def _scenario_slow_consumer(t, rank, args):
             p.wait()
         torch.cuda.synchronize()
         return {}
-    from hybridiff_rt.comm import ipc
 
     bad = torch.zeros((), dtype=torch.int64, device=t.device)
-    stream = torch.cuda.current_stream().cuda_stream
     for i in range(count):
-        ipc._C.device_sleep(stream, args["sleep_us"])  # the read below starts late on the GPU
+        _gpu_sleep(args["sleep_us"])  # the read below starts late on the GPU
         buf = torch.empty(nbytes, dtype=torch.uint8, device=t.device)
         t.irecv([buf], 0, what=f"m{i}").wait()
         bad += _bytes_differ(buf, _fill((nbytes,), torch.uint8, seed + i, t.device))
@@ -325,12 +335,11 @@ def _scenario_killed_with_copies_outstanding(t, rank, args):
     """Rank 1 receives while its stream is blocked (a long sleep kernel before the copy-outs),
     then dies: its free events never fire, so rank 0's copy stream waits on them forever. Rank 0's
     sends must fail and close() must return soon, not hang in a CUDA synchronize."""
-    from hybridiff_rt.comm import ipc
     from hybridiff_rt.errors import PeerTimeoutError
 
     nbytes = t.slot_bytes
     if rank == 1:
-        ipc._C.device_sleep(torch.cuda.current_stream().cuda_stream, 10e6)  # 10 s
+        _gpu_sleep(10e6)  # 10 s
         for i in range(2):
             t.irecv([torch.empty(nbytes, dtype=torch.uint8, device=t.device)], 0,
                     what=f"m{i}").wait()
@@ -356,7 +365,6 @@ def _scenario_host_staging_overlap(t, rank, args):
     """Host staging, a boundary larger than the ring: the receiver posts irecv and computes for
     a while before wait() (as the pipeline does); the sender's whole message must still go out
     meanwhile (the engine drains the ring as it arrives), and the content must be right."""
-    from hybridiff_rt.comm import ipc
     from hybridiff_rt.comm.store import barrier
 
     n = args["nbytes"]
@@ -371,7 +379,7 @@ def _scenario_host_staging_overlap(t, rank, args):
         return {"sent_s": sent_s}
     y = torch.empty(n, dtype=torch.uint8, device=t.device)
     pending = t.irecv([y], 0, what="boundary")
-    ipc._C.device_sleep(torch.cuda.current_stream().cuda_stream, 3e6)  # "compute": 3 s
+    _gpu_sleep(3e6)  # "compute": 3 s
     barrier(t._store, "test/overlap_posted", 2, 60)
     barrier(t._store, "test/overlap_sent", 2, 60)  # the sender finished while we computed
     start = time.monotonic()
