@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Check every hybridiff_rt wheel in DIST (default dist/) installed on its own, away from the
+# source tree: a fresh venv per wheel, the CPU torch 2.13.0 first (never a CUDA torch), then the
+# wheel with --no-deps plus its runtime dependencies (numpy, diffusers, transformers, tqdm, and
+# nvidia-cuda-runtime-cu12 for the +cu12x wheel; no triton), then, from an empty folder outside
+# the tree with PYTHONPATH empty:
+#   - hybridiff_rt._C.build_info() reports the CUDA version of the wheel's local tag
+#   - `hybridiff-rt info` runs (and names the missing driver)
+#   - tests/test_extension.py passes against the installed wheel
+#   - for one wheel (DEMO_WHEEL, default the first +cpu one): `hybridiff-rt demo --steps 4
+#     --per-prompt 1` with the [demo] extra (matplotlib)
+# A wheel for an interpreter without a local CPU torch 2.13.0 is reported SKIP (pip would fetch a
+# CUDA torch). Prints PASS/FAIL/SKIP per wheel; exits 1 when any wheel fails.
+#
+# usage: scripts/wheels_check.sh [DIST]      env: TORCH_SPEC (default torch==2.13.0), KEEP_WORK=1
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DIST="${1:-${DIST:-dist}}"
+case "$DIST" in /*) ;; *) DIST="$ROOT/$DIST" ;; esac
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+DEPS=(numpy "diffusers>=0.30" transformers tqdm pytest)
+
+WORK="$(mktemp -d /tmp/hybridiff_wheels_check.XXXXXX)"
+if [[ "${KEEP_WORK:-0}" != 1 ]]; then trap 'rm -rf "$WORK"' EXIT; else echo "work folder: $WORK"; fi
+RUN_DIR="$WORK/cwd"   # outside the source tree, empty
+mkdir -p "$RUN_DIR"
+
+find_python() {  # find_python 311 -> an interpreter of Python 3.11
+  local v="${1:0:1}.${1:1}" c
+  for c in "python$v" /root/.pyenv/versions/"$v".*/bin/python"$v" /usr/bin/python"$v"; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$v'.split('.'))))" 2>/dev/null; then
+      command -v "$c"; return 0
+    fi
+  done
+  return 1
+}
+quiet_pip() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
+
+shopt -s nullglob
+wheels=("$DIST"/hybridiff_rt-*.whl)
+[[ ${#wheels[@]} -gt 0 ]] || { echo "no hybridiff_rt wheels in $DIST (make wheels)"; exit 1; }
+demo_wheel="${DEMO_WHEEL:-}"
+if [[ -z "$demo_wheel" ]]; then
+  for w in "${wheels[@]}"; do [[ "$(basename "$w")" == *+cpu-cp311-* ]] && demo_wheel="$w" && break; done
+  [[ -n "$demo_wheel" ]] || demo_wheel="${wheels[0]}"
+fi
+
+declare -A RESULT
+failed=0
+for whl in "${wheels[@]}"; do
+  name="$(basename "$whl")"
+  local_tag="$(sed -E 's/^hybridiff_rt-[^+]*\+([a-z0-9]+)-.*/\1/' <<<"$name")"   # cu130 / cu128 / cpu
+  pytag="$(sed -E 's/.*-cp([0-9]+)-cp[0-9]+-.*/\1/' <<<"$name")"
+  printf '\n==== %s\n' "$name"
+  py="$(find_python "$pytag")" || { RESULT[$name]="SKIP (no python ${pytag})"; continue; }
+  venv="$WORK/venv-${name%.whl}"
+  "$py" -m venv "$venv"
+  vpy="$venv/bin/python"
+  quiet_pip "$vpy" -m pip install -q --upgrade pip
+  # Never a CUDA torch: only go on when pip would install a +cpu build.
+  torch_version="$(quiet_pip "$vpy" -m pip install --dry-run --no-deps --quiet --report - "$TORCH_SPEC" \
+                   | "$vpy" -c 'import json,sys; print(json.load(sys.stdin)["install"][0]["metadata"]["version"])' 2>/dev/null)"
+  if [[ "$torch_version" != *+cpu ]]; then
+    RESULT[$name]="SKIP (no CPU build of $TORCH_SPEC for cp$pytag here: got '${torch_version:-none}')"
+    continue
+  fi
+  extra=()
+  [[ "$local_tag" == cu12* ]] && extra+=(nvidia-cuda-runtime-cu12)
+  [[ "$whl" == "$demo_wheel" ]] && extra+=(matplotlib)
+  if ! quiet_pip "$vpy" -m pip install -q "$TORCH_SPEC" ||
+     ! quiet_pip "$vpy" -m pip install -q --no-deps "$whl" ||
+     ! quiet_pip "$vpy" -m pip install -q "${DEPS[@]}" "${extra[@]}"; then
+    RESULT[$name]="FAIL (install)"; failed=1; continue
+  fi
+  "$vpy" -m pip check 2>&1 | grep -v -i triton || true   # triton is left out on purpose
+
+  steps=()
+  ok=1
+  step() {  # step LABEL CMD...: run in RUN_DIR with PYTHONPATH empty, record pass/fail
+    local label="$1"; shift
+    echo "-- $label"
+    if (cd "$RUN_DIR" && env PYTHONPATH= PATH="$venv/bin:$PATH" "$@"); then steps+=("$label:ok")
+    else steps+=("$label:FAIL"); ok=0; fi
+  }
+  if [[ "$local_tag" == cpu ]]; then want="None"; else want="'${local_tag:2:2}.${local_tag:4}'"; fi
+  step build_info "$vpy" -c "
+import hybridiff_rt, hybridiff_rt._C as c
+info = c.build_info(); print(info)
+assert '$venv' in c.__file__ and '$ROOT' not in hybridiff_rt.__file__, (c.__file__, hybridiff_rt.__file__)
+want = $want
+assert info['cuda_version'] == want, (info['cuda_version'], want)
+assert info['version'].endswith('+$local_tag'), info['version']
+print('built for CUDA', info['cuda_version'], 'cudart', info.get('cudart'), 'archs', info['archs'])"
+  step info bash -c "set -o pipefail; '$venv/bin/hybridiff-rt' info 2>&1 | tee '$WORK/info.txt'"
+  step test_extension "$vpy" -m pytest -q -p no:cacheprovider --import-mode=importlib \
+       --rootdir "$RUN_DIR" -c /dev/null "$ROOT/tests/test_extension.py"
+  if [[ "$whl" == "$demo_wheel" ]]; then
+    rm -rf /tmp/democheck
+    step demo "$venv/bin/hybridiff-rt" demo --steps 4 --per-prompt 1 --out /tmp/democheck
+  fi
+  if [[ $ok == 1 ]]; then RESULT[$name]="PASS (${steps[*]})"; else RESULT[$name]="FAIL (${steps[*]})"; failed=1; fi
+done
+
+printf '\n==== summary\n'
+for whl in "${wheels[@]}"; do printf '%-64s %s\n' "$(basename "$whl")" "${RESULT[$(basename "$whl")]}"; done
+exit $failed
