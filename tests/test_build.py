@@ -42,6 +42,9 @@ def test_cuda12_pip_layout_takes_crt_from_cuda_nvcc(tmp_path):
     assert found["include_dirs"] == [os.path.join(root, "nvidia", "cuda_runtime", "include"),
                                      os.path.join(root, "nvidia", "cuda_nvcc", "include")]
     assert found["rpath"] == os.path.join("nvidia", "cuda_runtime", "lib")
+    # named directly (HYBRIDIFF_RT_CUDA_HOME), the pip tree gets the same relative RUNPATH
+    direct = env.cuda_runtime_at(os.path.join(root, "nvidia", "cuda_runtime"))
+    assert direct["rpath"] == found["rpath"]
 
 
 def test_cuda_home_needs_the_shared_library_of_its_major(tmp_path):
@@ -52,6 +55,7 @@ def test_cuda_home_needs_the_shared_library_of_its_major(tmp_path):
     assert env.cuda_runtime_at(home) is None
     _touch(os.path.join(home, "lib64", "libcudart.so.12"))
     assert env.cuda_runtime_at(home)["version"] == (12, 4)
+    assert "rpath" not in env.cuda_runtime_at(home)  # a toolkit, not a pip tree
     assert env.cuda_runtime_at(str(tmp_path / "nowhere")) is None
 
 
