@@ -328,6 +328,15 @@ def _rank_engine(rank, seed):
                              stale_differs=stale_differs, report=report,
                              guided=[g.numpy().copy() for g in guided])
 
+    # a transport that measured its link at set-up (as the IPC self-test does): the runtime
+    # plans with that figure and probes nothing
+    measured = TorchTransport(30.0)
+    measured.bytes_per_ms, measured.link_measured = 1.234e6, True
+    den = hr.HybridDenoiser(model, hr.HybridConfig(**HYBRID), transport=measured)
+    for i, step in enumerate(steps):
+        _call(den, step, i, len(steps), w)
+    results["setup_link"] = den.report.to_dict()["extra"]["pipeline"]
+
     # a NaN in the cond branch at step 1: rank 1 computes it, both ranks raise
     den = hr.HybridDenoiser(model, hr.HybridConfig(k=0))
     steps = _inputs(seed + 4, 2)
@@ -386,6 +395,16 @@ def test_pipelined_steps_equal_a_one_process_stale_emulation_bit_for_bit(two_ran
             report["extra"]["pipeline"]["unit_names"])
     for a, b in zip(ranks[0]["hybrid"]["guided"], ranks[1]["hybrid"]["guided"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_link_measured_at_transport_set_up_is_used_without_probing_again(two_ranks):
+    _, ranks = two_ranks
+    for results in ranks:
+        probed = results["hybrid"]["report"]["extra"]["pipeline"]
+        assert probed["link_source"] == "probe" and probed["link_probe_bytes"] > 0
+        link = results["setup_link"]
+        assert link["link_source"] == "transport set-up" and link["link_measured"]
+        assert link["link_bytes_per_ms"] == 1.234e6 and link["link_probe_bytes"] == 0
 
 
 def test_non_finite_branch_prediction_raises_on_both_ranks(two_ranks):

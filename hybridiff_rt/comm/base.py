@@ -34,6 +34,9 @@ class Transport(abc.ABC):
     #: rough payload bandwidth in bytes per millisecond, used by the stage partitioner to weigh
     #: transfers against compute (1e6 bytes/ms = 1 GB/s).
     bytes_per_ms: float = 1e6
+    #: True when ``bytes_per_ms`` was measured at set-up (the same value on every rank); the
+    #: runtime then plans with it instead of probing the link again.
+    link_measured: bool = False
 
     def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
         self.rank = rank

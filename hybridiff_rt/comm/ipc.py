@@ -1116,6 +1116,7 @@ def make_ipc_transport(store: Any, rank: int, world_size: int, device: torch.dev
     transport.notes.extend(outcome.notes)
     if outcome.bytes_per_ms is not None:
         transport.bytes_per_ms = outcome.bytes_per_ms
+        transport.link_measured = True
     return transport
 
 

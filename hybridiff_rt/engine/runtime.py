@@ -449,22 +449,7 @@ class HybridDenoiser:
             profile = UnitProfile.from_dict(json.loads(store.get(key)))
         transport = self._get_transport()
         probe_bytes = min(max(profile.boundary_bytes, default=0), LINK_PROBE_MAX_BYTES)
-        # measured once per (transport kind, size) in this process, like the unit profile, so
-        # that repeated runs cut alike; every rank runs the same calls, so every rank's cache
-        # holds the same entries and they skip or take part in the probe together
-        link_key = (transport.name, self.world_size, probe_bytes)
-        if link_key in _LINK_CACHE:
-            measured = _LINK_CACHE[link_key]
-        else:
-            measured = self._measure_link(transport, probe_bytes)
-            if self.rank == 0:
-                store.set(f"{key}/link", json.dumps(measured))
-            else:
-                wait_for_keys(store, [f"{key}/link"], self.cfg.timeout_s,
-                              f"rank {self.rank}: the link measurement from rank 0")
-                measured = json.loads(store.get(f"{key}/link"))
-            _LINK_CACHE[link_key] = measured
-        bytes_per_ms = measured or transport.bytes_per_ms
+        bytes_per_ms, link_source = self._link_figure(transport, probe_bytes, store, key)
         plan = profile.plan(self.world_size, bytes_per_ms, cuts=self.cfg.stage_cuts)
         self._report.extra["pipeline"] = {
             "plan": plan.to_dict(),
@@ -475,16 +460,45 @@ class HybridDenoiser:
             "boundary_bytes": list(profile.boundary_bytes),
             "profile_device": profile.device,
             "link_bytes_per_ms": bytes_per_ms,
-            "link_measured": measured is not None,
-            "link_probe_bytes": probe_bytes,
+            "link_measured": link_source != "nominal",
+            "link_source": link_source,
+            "link_probe_bytes": probe_bytes if link_source == "probe" else 0,
             "setup_ms": (time.perf_counter() - started) * 1e3,
         }
         self._report.note(
-            f"stage cut planned with a link of {bytes_per_ms / 1e6:.3g} GB/s "
-            + (f"(measured: {probe_bytes} B there and back over {transport.name})" if measured
-               else f"({transport.name}'s nominal figure; nothing to measure)"))
+            f"stage cut planned with a link of {bytes_per_ms / 1e6:.3g} GB/s " + {
+                "transport set-up": f"(measured when the {transport.name} transport was set up)",
+                "probe": f"(measured: {probe_bytes} B there and back over {transport.name})",
+                "nominal": f"({transport.name}'s nominal figure; nothing to measure)",
+            }[link_source])
         return StagePipeline(self._staged, plan, profile.boundary_layouts, transport, self.rank,
                              self.world_size)
+
+    def _link_figure(self, transport: Transport, probe_bytes: int, store: Any,
+                     key: str) -> tuple[float, str]:
+        """``(bytes per ms, source)`` for the partitioner, the same on every rank.
+
+        Source "transport set-up": the transport measured its link when it was set up (the IPC
+        self-test), so nothing is measured again; "probe": a ``probe_bytes`` round trip, rank 0's
+        figure shared through the store and cached per process (repeated runs cut alike; every
+        rank runs the same calls, so every rank's cache holds the same entries and they skip or
+        take part in the probe together); "nominal": nothing to measure."""
+        if transport.link_measured:
+            return transport.bytes_per_ms, "transport set-up"
+        link_key = (transport.name, self.world_size, probe_bytes)
+        if link_key not in _LINK_CACHE:
+            measured = self._measure_link(transport, probe_bytes)
+            if self.rank == 0:
+                store.set(f"{key}/link", json.dumps(measured))
+            else:
+                wait_for_keys(store, [f"{key}/link"], self.cfg.timeout_s,
+                              f"rank {self.rank}: the link measurement from rank 0")
+                measured = json.loads(store.get(f"{key}/link"))
+            _LINK_CACHE[link_key] = measured
+        measured = _LINK_CACHE[link_key]
+        if measured is None:
+            return transport.bytes_per_ms, "nominal"
+        return measured, "probe"
 
     def _measure_link(self, transport: Transport, nbytes: int) -> float | None:
         """Payload bytes per millisecond between rank 0 and rank 1, from the median of
