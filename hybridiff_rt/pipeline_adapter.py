@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .config import HybridConfig, require_config
+from .config import HybridConfig
 from .engine import HybridDenoiser, RunReport
 from .engine.batch import join_cfg_batch, split_cfg_batch
 from .errors import HybridError, UnsupportedModelError
@@ -182,7 +182,7 @@ def parallelize(pipe: Any, cfg: HybridConfig | None = None) -> ParallelPipeline:
         A ParallelPipeline, called exactly like ``pipe`` on every rank with the same arguments.
         With world size 1 it is a serial wrapper that still records a RunReport.
     """
-    return ParallelPipeline(pipe, require_config(cfg))
+    return ParallelPipeline(pipe, cfg)  # HybridDenoiser validates cfg before anything is wrapped
 
 
 def last_report(pipe: Any) -> RunReport:

@@ -93,7 +93,8 @@ def _feed(h: "hashlib._Hash", value: Any) -> None:
         h.update(np.ascontiguousarray(array).tobytes())
     elif callable(value):  # callbacks: only which function (what it does per rank is the
         # caller's business)
-        h.update(f"C{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__qualname__)}".encode())
+        name = getattr(value, "__qualname__", type(value).__qualname__)
+        h.update(f"C{getattr(value, '__module__', '')}.{name}".encode())
     else:
         text = repr(value)
         # a default repr holds a memory address that differs between processes

@@ -23,8 +23,8 @@ class RunReport:
         rank, world_size: this rank and the number of ranks.
         num_steps: the denoiser calls the run was planned for (None until the first step).
         transport: backend that moved tensors ("torch-gloo", "torch-nccl", "ipc" or None).
-        tau1, tau2: switch points of the switching rule (docs/method.md) (None until known, and in runs that
-            cannot switch: world size 1 or k = 0).
+        tau1, tau2: switch points of the switching rule (docs/method.md); None until known,
+            and in runs that cannot switch (world size 1 or k = 0).
         modes: per step, one of MODES.
         rel_mae: per step, M_i = mean|eps_c - eps_u| / mean|eps_u| (nan where not measured).
         step_ms: per step, wall time of the denoiser call on this rank in milliseconds.

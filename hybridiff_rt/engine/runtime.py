@@ -27,7 +27,7 @@ from ..errors import (ConfigError, HybridError, NonFinitePredictionError, ShapeE
                       UnsupportedModelError, WorldSizeError)
 from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
-from ..stages import UnitProfile, profile_units, stage_denoiser
+from ..stages import UnitProfile, model_device, profile_units, stage_denoiser
 from .agreement import check_agreement
 from .batch import describe_shapes
 from .stage_pipeline import StagePipeline
@@ -368,7 +368,7 @@ class HybridDenoiser:
 
     def _get_transport(self) -> Transport:
         if self._transport is None:
-            device = _model_device(self.model, self.dist.device)
+            device = model_device(self.model, self.dist.device)
             self._transport = make_transport(self.cfg.transport, self.cfg.timeout_s, device,
                                              handshake_timeout_s=self.cfg.handshake_timeout_s)
             # a denoiser dropped without close() still releases the group / IPC rings
@@ -507,7 +507,7 @@ class HybridDenoiser:
         report's bytes."""
         if nbytes <= 0:
             return None
-        device = _model_device(self.model, self.dist.device)
+        device = model_device(self.model, self.dist.device)
         buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         sent_before = transport.bytes_sent
         round_trips_ms = []
@@ -527,8 +527,3 @@ class HybridDenoiser:
             return None
         median_ms = sorted(round_trips_ms)[len(round_trips_ms) // 2]
         return 2 * nbytes / max(median_ms, 1e-6)
-
-
-def _model_device(model: torch.nn.Module, default: torch.device) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else default

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from ..comm import PendingTransfer, Transport
-from ..stages import StagedDenoiser, empty_state_like, flatten_state, unflatten_state
+from ..stages import (StagedDenoiser, empty_state_like, flatten_state, model_device,
+                      unflatten_state)
 from ..stages.partition import PartitionPlan
 
 
@@ -98,7 +99,8 @@ class StagePipeline:
     # ------------------------------------------------------------------------------ transfers
     def _prediction_buffer(self) -> torch.Tensor:
         spec = self._out_spec
-        return torch.empty(spec.shape, dtype=spec.torch_dtype, device=_device_of(self.staged))
+        return torch.empty(spec.shape, dtype=spec.torch_dtype,
+                           device=model_device(self.staged.model))
 
     def _send(self, state: dict[str, torch.Tensor], step: int) -> None:
         if self._outgoing is not None:
@@ -108,7 +110,7 @@ class StagePipeline:
                                               what=f"pipeline step {step} boundary")
 
     def _post_receive(self, step: int) -> None:
-        buffers = empty_state_like(self._in_layout, _device_of(self.staged))
+        buffers = empty_state_like(self._in_layout, model_device(self.staged.model))
         names, tensors = flatten_state(buffers)
         pending = self.transport.irecv(tensors, self.rank - 1,
                                        what=f"pipeline step {step} boundary")
@@ -132,8 +134,3 @@ class StagePipeline:
         if self._stale is None:
             raise RuntimeError(f"pipeline step {step}: no boundary state from the previous step")
         return self._stale
-
-
-def _device_of(staged: StagedDenoiser) -> torch.device:
-    param = next(staged.model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")

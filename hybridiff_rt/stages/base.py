@@ -101,6 +101,13 @@ def state_nbytes(state: State) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def model_device(model: torch.nn.Module,
+                 default: torch.device = torch.device("cpu")) -> torch.device:
+    """The device of ``model``'s first parameter (``default`` for a model without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else default
+
+
 def empty_state_like(layout: Iterable[TensorSpec], device: torch.device | str) -> State:
     """Allocate receive buffers for a state of the given layout (uninitialised memory)."""
     specs = sorted(layout, key=lambda s: s.name)
