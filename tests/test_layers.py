@@ -21,18 +21,19 @@ from hybridiff_rt import env
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _lint_imports() -> str:
+def _lint_imports(tree: Path) -> subprocess.CompletedProcess:
+    """`lint-imports` run on the package tree in ``tree`` (its pyproject.toml's contracts)."""
     exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
     if not Path(exe).exists():
         pytest.fail("import-linter is not installed: pip install -e '.[test]'")
-    run = subprocess.run([exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert run.returncode == 0, run.stdout + run.stderr
-    return run.stdout
+    return subprocess.run([exe, "--no-cache"], cwd=tree, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(tree)))
 
 
 def test_import_linter_contracts_are_kept():
-    out = _lint_imports()
+    run = _lint_imports(ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
     kept = re.search(r"Contracts: (\d+) kept, (\d+) broken", out)
     assert kept, out
     assert int(kept.group(2)) == 0 and int(kept.group(1)) >= 5, out
@@ -46,9 +47,7 @@ def test_an_upward_import_breaks_a_contract(tmp_path):
     schedule = copy / "schedule.py"
     schedule.write_text(schedule.read_text() + "\nfrom .engine import runtime  # noqa\n")
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
-    run = subprocess.run([exe, "--no-cache"], cwd=tmp_path, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    run = _lint_imports(tmp_path)
     assert run.returncode != 0
     assert "hybridiff_rt.schedule is not allowed to import hybridiff_rt.engine" in run.stdout
 
