@@ -18,6 +18,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <random>
 #include <string>
 
 #include "fake_cudart.h"
@@ -71,8 +72,11 @@ cudaError_t CUDARTAPI cudaGetDeviceProperties(struct cudaDeviceProp* p, int) {
 }
 
 cudaError_t CUDARTAPI cudaMalloc(void** ptr, size_t size) {
+  // A random per-process part: a process that died without cudaFree leaves its segment behind,
+  // and a later process given the same pid must not collide with it (O_EXCL would fail).
+  static const unsigned nonce = std::random_device{}();
   char name[64];
-  std::snprintf(name, sizeof(name), "/hdrt_fakedev_%d_%d", getpid(), g_counter++);
+  std::snprintf(name, sizeof(name), "/hdrt_fakedev_%d_%08x_%d", getpid(), nonce, g_counter++);
   int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
   if (fd < 0) return cudaErrorMemoryAllocation;
   if (ftruncate(fd, size) != 0) { close(fd); shm_unlink(name); return cudaErrorMemoryAllocation; }
