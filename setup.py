@@ -13,7 +13,8 @@ Environment variables (HYBRIDIFF_RT_* are declared with their defaults in hybrid
   CUDA_HOME / CUDACXX      where to look for nvcc (else PATH, then /usr/local/cuda).
   CMAKE_BUILD_PARALLEL_LEVEL  build jobs (default: number of CPUs).
 
-The wheel's local version says what was compiled in: 0.1.0+cu130 (CUDA 13.0) or 0.1.0+cpu.
+The wheel's local version says what was compiled in: 0.1.0+cu130 (CUDA 13.0) or 0.1.0+cpu. The
+sdist, and a wheel built from it, carry the plain 0.1.0 (build_info() tells what was compiled).
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ NVCC, CUDART, CUDA_VERSION = cuda_choice()
 LOCAL_TAG = f"cu{CUDA_VERSION[0]}{CUDA_VERSION[1]}" if CUDA_VERSION else "cpu"
 # The build folder also says whether cudart is shared (a no-nvcc build) or static (nvcc).
 BUILD_TAG = LOCAL_TAG + ("-shared" if CUDART else "")
+# An sdist carries no local tag: what it compiles to is decided on the machine that builds it,
+# and pip refuses an sdist whose built metadata names another version than its file name. So
+# both making the sdist and building from an unpacked one (it has PKG-INFO at its root) use the
+# plain version; the extension's build_info() still says what was compiled in.
+FROM_SDIST = "sdist" in sys.argv[1:] or (ROOT / "PKG-INFO").is_file()
+PACKAGE_VERSION = BASE_VERSION if FROM_SDIST else f"{BASE_VERSION}+{LOCAL_TAG}"
 
 
 class CMakeExtension(Extension):
@@ -204,7 +211,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    version=f"{BASE_VERSION}+{LOCAL_TAG}",
+    version=PACKAGE_VERSION,
     ext_modules=[CMakeExtension("hybridiff_rt._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -131,7 +131,7 @@ EOF
   AUDIT_PATH="$base_path"
 done
 
-# (d) sdist (version 0.1.0+cpu: setup.py derives the local version from the build machine)
+# (d) sdist (plain version 0.1.0: what it compiles to is decided where it is built)
 log "sdist"
 src="$(fresh_tree sdist)"
 first_venv="$(ls -d "$WORK"/venv-py* | head -1)"

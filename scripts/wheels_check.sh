@@ -9,8 +9,11 @@
 #   - tests/test_extension.py passes against the installed wheel
 #   - for one wheel (DEMO_WHEEL, default the first +cpu one): `hybridiff-rt demo --steps 4
 #     --per-prompt 1` with the [demo] extra (matplotlib)
-# A wheel for an interpreter without a local CPU torch 2.13.0 is reported SKIP (pip would fetch a
-# CUDA torch). Prints PASS/FAIL/SKIP per wheel; exits 1 when any wheel fails.
+# A wheel for an interpreter without a local CPU torch 2.13.0 (pip would fetch a CUDA torch) gets
+# the checks that need no torch (its module loads from the installed wheel and reports the CUDA
+# version of its tag) and is reported PARTIAL. The sdist is pip-installed (an isolated build) in
+# a fresh venv and checked the same way (version, build_info, tests/test_extension.py).
+# Prints PASS/PARTIAL/FAIL/SKIP per artefact; exits 1 when any fails.
 #
 # usage: scripts/wheels_check.sh [DIST]      env: TORCH_SPEC (default torch==2.13.0), KEEP_WORK=1
 set -uo pipefail
@@ -46,6 +49,21 @@ if [[ -z "$demo_wheel" ]]; then
   [[ -n "$demo_wheel" ]] || demo_wheel="${wheels[0]}"
 fi
 
+module_check_py() {  # module_check_py VENV LOCAL_TAG -> Python that loads only _C (no torch)
+  local want
+  if [[ "$2" == cpu ]]; then want="None"; else want="'${2:2:2}.${2:4}'"; fi
+  cat <<PYEOF
+import glob, importlib.util, sys
+(path,) = glob.glob('$1/lib/python*/site-packages/hybridiff_rt/_C*.so')
+spec = importlib.util.spec_from_file_location('hybridiff_rt._C', path)
+c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)
+info = c.build_info(); print(info)
+assert 'torch' not in sys.modules, 'the extension module must load without torch'
+assert info['cuda_version'] == $want, (info['cuda_version'], $want)
+assert info['version'].endswith('+$2'), info['version']
+PYEOF
+}
+
 declare -A RESULT
 failed=0
 for whl in "${wheels[@]}"; do
@@ -62,7 +80,16 @@ for whl in "${wheels[@]}"; do
   torch_version="$(quiet_pip "$vpy" -m pip install --dry-run --no-deps --quiet --report - "$TORCH_SPEC" \
                    | "$vpy" -c 'import json,sys; print(json.load(sys.stdin)["install"][0]["metadata"]["version"])' 2>/dev/null)"
   if [[ "$torch_version" != *+cpu ]]; then
-    RESULT[$name]="SKIP (no CPU build of $TORCH_SPEC for cp$pytag here: got '${torch_version:-none}')"
+    # No CPU torch for this interpreter: check what needs no torch (the module loads from the
+    # installed wheel, against the CUDA runtime package for +cu12x, and says what it was built for).
+    no_torch=()
+    [[ "$local_tag" == cu12* ]] && no_torch+=(nvidia-cuda-runtime-cu12)
+    if quiet_pip "$vpy" -m pip install -q --no-deps "$whl" "${no_torch[@]}" &&
+       (cd "$RUN_DIR" && env PYTHONPATH= "$vpy" -c "$(module_check_py "$venv" "$local_tag")"); then
+      RESULT[$name]="PARTIAL (module_build_info:ok; torch-dependent checks skipped: no CPU build of $TORCH_SPEC for cp$pytag here, got '${torch_version:-none}')"
+    else
+      RESULT[$name]="FAIL (module_build_info)"; failed=1
+    fi
     continue
   fi
   extra=()
@@ -101,6 +128,40 @@ print('built for CUDA', info['cuda_version'], 'cudart', info.get('cudart'), 'arc
   fi
   if [[ $ok == 1 ]]; then RESULT[$name]="PASS (${steps[*]})"; else RESULT[$name]="FAIL (${steps[*]})"; failed=1; fi
 done
+
+# The sdist, installed by pip as a user would (an isolated build from the file), in a fresh venv
+# with the CPU torch: pip accepts its metadata (the built version matches the file name), and the
+# module it compiled works. CUDA is what this machine offers (nvcc -> CUDA engine); one GPU
+# architecture (HYBRIDIFF_RT_CUDA_ARCHS=90) keeps the compile short.
+sdists=("$DIST"/hybridiff_rt-*.tar.gz)
+if [[ ${#sdists[@]} -gt 0 ]]; then
+  sdist="${sdists[0]}"; name="$(basename "$sdist")"
+  version="$(sed -E 's/^hybridiff_rt-(.*)\.tar\.gz$/\1/' <<<"$name")"
+  printf '\n==== %s\n' "$name"
+  venv="$WORK/venv-sdist"; vpy="$venv/bin/python"
+  if ! py="$(find_python 311)"; then
+    RESULT[$name]="SKIP (no python 3.11)"
+  elif ! { "$py" -m venv "$venv" && quiet_pip "$vpy" -m pip install -q --upgrade pip &&
+           quiet_pip "$vpy" -m pip install -q "$TORCH_SPEC" &&
+           (cd "$RUN_DIR" && HYBRIDIFF_RT_CUDA_ARCHS=90 quiet_pip "$vpy" -m pip install -q --no-cache-dir --no-deps "$sdist") &&
+           quiet_pip "$vpy" -m pip install -q "${DEPS[@]}"; }; then
+    RESULT[$name]="FAIL (pip install of the sdist)"; failed=1
+  else
+    if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then tag=cu; else tag=cpu; fi
+    steps=(); ok=1
+    for check in version build_info test_extension; do
+      echo "-- $check"
+      case $check in
+        version) cmd=("$vpy" -c "import importlib.metadata as m; v = m.version('hybridiff_rt'); print(v); assert v == '$version', v") ;;
+        build_info) cmd=("$vpy" -c "import hybridiff_rt._C as c; i = c.build_info(); print(i); assert i['version'].split('+')[1].startswith('$tag'), i") ;;
+        test_extension) cmd=("$vpy" -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir "$RUN_DIR" -c /dev/null "$ROOT/tests/test_extension.py") ;;
+      esac
+      if (cd "$RUN_DIR" && env PYTHONPATH= "${cmd[@]}"); then steps+=("$check:ok"); else steps+=("$check:FAIL"); ok=0; fi
+    done
+    if [[ $ok == 1 ]]; then RESULT[$name]="PASS (${steps[*]})"; else RESULT[$name]="FAIL (${steps[*]})"; failed=1; fi
+  fi
+  wheels+=("$sdist")
+fi
 
 printf '\n==== summary\n'
 for whl in "${wheels[@]}"; do printf '%-64s %s\n' "$(basename "$whl")" "${RESULT[$(basename "$whl")]}"; done
