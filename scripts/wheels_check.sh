@@ -129,9 +129,9 @@ print('built for CUDA', info['cuda_version'], 'cudart', info.get('cudart'), 'arc
   if [[ $ok == 1 ]]; then RESULT[$name]="PASS (${steps[*]})"; else RESULT[$name]="FAIL (${steps[*]})"; failed=1; fi
 done
 
-# The sdist, installed by pip as a user would (an isolated build from the file), in a fresh venv
-# with the CPU torch: pip accepts its metadata (the built version matches the file name), and the
-# module it compiled works. CUDA is what this machine offers (nvcc -> CUDA engine); one GPU
+# The sdist, installed by pip as from a package index (find-links: pip then discards an sdist whose
+# built metadata names another version than its file name) with an isolated build, in a fresh
+# venv with the CPU torch: pip accepts it, and the module it compiled works. CUDA is what this machine offers (nvcc -> CUDA engine); one GPU
 # architecture (HYBRIDIFF_RT_CUDA_ARCHS=90) keeps the compile short.
 sdists=("$DIST"/hybridiff_rt-*.tar.gz)
 if [[ ${#sdists[@]} -gt 0 ]]; then
@@ -143,7 +143,9 @@ if [[ ${#sdists[@]} -gt 0 ]]; then
     RESULT[$name]="SKIP (no python 3.11)"
   elif ! { "$py" -m venv "$venv" && quiet_pip "$vpy" -m pip install -q --upgrade pip &&
            quiet_pip "$vpy" -m pip install -q "$TORCH_SPEC" &&
-           (cd "$RUN_DIR" && HYBRIDIFF_RT_CUDA_ARCHS=90 quiet_pip "$vpy" -m pip install -q --no-cache-dir --no-deps "$sdist") &&
+           mkdir -p "$WORK/sdist-index" && cp "$sdist" "$WORK/sdist-index/" &&
+           (cd "$RUN_DIR" && HYBRIDIFF_RT_CUDA_ARCHS=90 quiet_pip "$vpy" -m pip install -q --no-cache-dir \
+              --no-deps --find-links "$WORK/sdist-index" "hybridiff_rt==$version") &&
            quiet_pip "$vpy" -m pip install -q "${DEPS[@]}"; }; then
     RESULT[$name]="FAIL (pip install of the sdist)"; failed=1
   else
