@@ -28,15 +28,23 @@ from __future__ import annotations
 
 import time
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..config import HybridConfig
 from ..stages import StagedDenoiser
 from . import graphs
-from .graphs import (MAX_LAYOUTS, CudaGraphBackend, EmulatedGraphBackend, GraphedCallable,
-                     flatten_args, rebuild_args)
+from .graphs import (
+    MAX_LAYOUTS,
+    CudaGraphBackend,
+    EmulatedGraphBackend,
+    GraphedCallable,
+    describe_error,
+    flatten_args,
+    rebuild_args,
+)
 
 #: compile modes whose torch.compile replays CUDA graphs itself (cudagraph trees) on CUDA
 TREE_MODES = ("reduce-overhead", "max-autotune")
@@ -101,10 +109,9 @@ class CompiledCallable:
             if self.clone_outputs:
                 torch.compiler.cudagraph_mark_step_begin()
             out = self._compiled(*args)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any compiler failure: run eagerly)
             out = self.fn(*args)  # a genuine error of the call raises here, unchanged
-            self._give_up(f"torch.compile failed ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"[:300])
+            self._give_up(f"torch.compile failed ({describe_error(exc)})")
             return out
         if first:
             self._seen[layout] = time.perf_counter() - started

@@ -31,7 +31,8 @@ static output tensors, so outputs are overwritten exactly as a real replay overw
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -53,6 +54,17 @@ def emulate_on_cpu(on: bool = True) -> None:
 def emulating_on_cpu() -> bool:
     """Whether :func:`emulate_on_cpu` is on in this process."""
     return _EMULATE_ON_CPU[0]
+
+
+def describe_error(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: message"`` on one line (at most ``limit`` characters), with the wrapped cause of a
+    wrapper exception (torch's BackendCompilerFailed holds the compiler's own error)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    out = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    inner = getattr(exc, "inner_exception", None) or exc.__cause__
+    if inner is not None and str(inner).strip() and str(inner).strip() not in text:
+        out += f" <- {describe_error(inner, limit)}"
+    return out[:limit]
 
 
 def flatten_args(obj: Any) -> tuple[list[torch.Tensor], Layout]:
@@ -205,9 +217,8 @@ class GraphedCallable:
                 return self.fn(*args)
             try:
                 captured = self._capture(args, tensors, layout)
-            except Exception as exc:  # capture is an optimisation: eager is always correct
-                self._give_up(f"capture failed ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})"[:300])
+            except Exception as exc:  # noqa: BLE001 (graphs are an optimisation: eager is always correct)
+                self._give_up(f"capture failed ({describe_error(exc)})")
                 return self.fn(*args)
             self._graphs[layout] = captured
         for static, value in zip(captured.inputs, tensors):

@@ -16,7 +16,8 @@ sends and receives always pair up and a run that ends mid-pipeline leaves nothin
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
