@@ -56,8 +56,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_detail, write_results  # noqa: E402
-from e2e_gpu_worker import parallel_worker, psnr, serial_worker  # noqa: E402
+from common import machine_detail, write_results
+from e2e_gpu_worker import parallel_worker, psnr, serial_worker
 
 VARIANTS = [("cbp", {"k": 0}), ("hybrid", {"preset": "auto"})]
 MPS_PERCENT = 50
@@ -121,7 +121,7 @@ class Mps:
             (self.dir / sub).mkdir(exist_ok=True)
         try:
             proc = subprocess.run([self.exe, "-d"], env={**os.environ, **self.env},
-                                  capture_output=True, text=True, timeout=30)
+                                  capture_output=True, text=True, timeout=30, check=False)
         except (OSError, subprocess.SubprocessError) as exc:
             return None, f"nvidia-cuda-mps-control -d failed: {exc}"
         if proc.returncode != 0:
@@ -141,7 +141,7 @@ class Mps:
         if self.running:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 subprocess.run([self.exe], input="quit\n", env={**os.environ, **self.env},
-                               capture_output=True, text=True, timeout=30)
+                               capture_output=True, text=True, timeout=30, check=False)
             self.running = False
 
 
@@ -220,7 +220,7 @@ def build_rows(args, serial100, serial50, parallel, mps_note) -> list[dict]:
         s50_b1 = serial50[family]["serial_b1"] if serial50 else None
         step_a = _median(a["step_ms"]) if a else math.nan
 
-        def row(mode, run, procs, share, **more):
+        def row(mode, run, procs, share, family=family, **more):
             return {"model": family, "mode": mode, "processes": procs, "sm_share": share,
                     "total_s": run["total_s"] if run else None,
                     "step_ms": _median(run["step_ms"]) if run else None, **more}
@@ -330,10 +330,10 @@ def main(argv: list[str] | None = None) -> int:
                                    for f in args.models for v, _ in VARIANTS[1:]}
               if parallel else None},
         out_dir=out_dir,
-        notes=[f"device: {detail}"] + notes + [
-            "Timed run after one untimed warm-up run per row; hand-written CFG loop on "
-            "random-init published configs (no text encoders, no VAE).",
-            "speed-up: (b) vs (a); (c), (d) vs (b50). ideal / in situ: see bench/e2e_gpu.py."])
+        notes=[f"device: {detail}", *notes,
+               ("Timed run after one untimed warm-up run per row; hand-written CFG loop on "
+                "random-init published configs (no text encoders, no VAE)."),
+               "speed-up: (b) vs (a); (c), (d) vs (b50). ideal / in situ: see bench/e2e_gpu.py."])
     return 1 if errors else 0
 
 

@@ -228,7 +228,7 @@ def serial_worker(rank: int, plan: dict, eager: bool) -> dict:
         for label, joint in (("serial", True), ("serial_b1", False)):
             den = hr.HybridDenoiser(model, cfg)
 
-            def predict_for_run(den=den, joint=joint):
+            def predict_for_run(den=den, joint=joint, data=data):
                 def predict(uncond_kw, cond_kw, joint_kw, i):
                     return den.predict_branches(uncond_kw, cond_kw, guidance_scale=data["w"],
                                                 step=i, num_steps=plan["steps"],
@@ -265,7 +265,7 @@ def parallel_worker(rank: int, plan: dict, variants: list) -> dict:
                 fields["preset"] = family
             den = hr.HybridDenoiser(model, _config(plan, fields))
 
-            def predict_for_run(den=den):
+            def predict_for_run(den=den, data=data):
                 def predict(uncond_kw, cond_kw, joint_kw, i):
                     return den.predict_branches(uncond_kw, cond_kw, guidance_scale=data["w"],
                                                 step=i, num_steps=plan["steps"])
