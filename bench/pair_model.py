@@ -149,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                ("denoiser_speedup", "denoiser speed-up"), ("image_speedup", "image speed-up"),
                ("paper_speedup", "paper")]
     write_results("pair_model", rows, columns, meta=vars(args), out_dir=args.out,
-                  notes=[f"inputs: b2/b1 = {args.b2_over_b1}, non-denoiser {args.overhead_s} s "
-                         f"per image, link {args.link_gbps} GB/s + {args.latency_ms} ms per "
-                         "transfer; unit costs = FLOPs (meta-device count) scaled to the paper's "
-                         "1-GPU time. See docs/gpu-latency.md."])
+                  notes=[(f"inputs: b2/b1 = {args.b2_over_b1}, non-denoiser {args.overhead_s} s "
+                          f"per image, link {args.link_gbps} GB/s + {args.latency_ms} ms per "
+                          "transfer; unit costs = FLOPs (meta-device count) scaled to the "
+                          "paper's 1-GPU time. See docs/gpu-latency.md.")])
     return 0
 
 

@@ -297,6 +297,18 @@ def test_two_rank_timings_are_filled_in_and_add_up(two_ranks):
         assert report["wait_ms"][2] == 0.0  # the fill step receives on the critical path
 
 
+def test_an_unknown_compile_backend_is_refused_naming_the_known_ones():
+    from hybridiff_rt import testing
+
+    with pytest.raises(hr.ConfigError, match="compile_backend='inductr' is not a torch.compile "
+                                             "backend") as info:
+        hr.HybridDenoiser(testing.sd_pipeline().unet,
+                          hr.HybridConfig(k=0, compile="default", compile_backend="inductr"))
+    assert "'inductor'" in str(info.value) and "'aot_eager'" in str(info.value)
+    # compile="off" never looks the backend up
+    hr.HybridDenoiser(testing.sd_pipeline().unet, hr.HybridConfig(k=0, compile_backend="inductr"))
+
+
 def test_compile_mode_without_cuda_notes_that_no_graphs_are_replayed():
     notes = []
     accel = compiled.Accelerator(hr.HybridConfig(compile="reduce-overhead"),
@@ -309,3 +321,56 @@ def test_compile_mode_without_cuda_notes_that_no_graphs_are_replayed():
     accel = compiled.Accelerator(hr.HybridConfig(cuda_graphs="on"), torch.device("cpu"),
                                  notes.append)
     assert accel.graphs == "off" and not accel.enabled and "needs a CUDA device" in notes[0]
+
+
+# ------------------------------------------------------------------------------ on a GPU
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_graph_replays_equal_the_call_and_keep_earlier_results():
+    from hybridiff_rt.engine.graphs import CudaGraphBackend
+
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    notes = []
+    graphed = GraphedCallable(_fn, "f", CudaGraphBackend(device), notes.append)
+    calls = []
+    for _ in range(3):
+        state, ctx = _args(g)
+        calls.append(({"x": state["x"].to(device)}, _Ctx(ctx.scale.to(device), ctx.shift)))
+    outs = [graphed(*a) for a in calls]  # the first call captures, every call replays
+    assert notes == [] and graphed.layouts == 1 and graphed.replays == 3
+    for args, out in zip(calls, outs):
+        expected = _fn(*args)
+        torch.testing.assert_close(out["h"], expected["h"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out["pair"][1], expected["pair"][1], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("fields", [{"cuda_graphs": "on"},
+                                    {"compile": "default", "compile_backend": "aot_eager",
+                                     "cuda_graphs": "on"},
+                                    {"compile": "reduce-overhead"}])
+def test_gpu_serial_run_graphed_or_compiled_equals_eager(fields):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    seed = random.randrange(1 << 16)
+    model = _model("sd3", seed).cuda()
+    steps = [{k: _to_cuda(v) for k, v in step.items()} for step in _sd3_inputs(seed + 1, 3)]
+    eager, _ = _run(model, hr.HybridConfig(k=0), steps)
+    fast, report = _run(model, hr.HybridConfig(k=0, **fields), steps)
+    for a, b in zip(fast, eager):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    entry = report.extra["compile"]["calls"]["denoiser"]
+    assert "fallback" not in str(entry), (entry, report.notes)
+    expected = {"cuda-graph": "graphed", "torch-cudagraph-trees": "compiled"}
+    assert entry["state"].endswith(expected[report.extra["compile"]["graphs"]]), entry
+
+
+def _to_cuda(value):
+    if isinstance(value, dict):
+        return {k: _to_cuda(v) for k, v in value.items()}
+    return value.cuda() if isinstance(value, torch.Tensor) else value

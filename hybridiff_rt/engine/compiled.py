@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..config import HybridConfig
+from ..errors import ConfigError
 from ..stages import StagedDenoiser
 from . import graphs
 from .graphs import (
@@ -143,6 +144,8 @@ class Accelerator:
         self._calls: dict[Any, Any] = {}
         self._graph_backend = None
         cuda = device.type == "cuda"
+        if cfg.compile != "off":
+            _check_backend(cfg.compile_backend)
         self.compile_mode = cfg.compile
         self.graphs = "off"
         if cfg.cuda_graphs == "on":
@@ -232,6 +235,18 @@ class Accelerator:
                                        else EmulatedGraphBackend(self.device))
             graphed = GraphedCallable(inner, name, self._graph_backend, self.note)
         return _Stack(name, inner, graphed)
+
+
+def _check_backend(name: str) -> None:
+    """ConfigError naming the known backends when torch.compile has no backend ``name``."""
+    import torch._dynamo
+
+    try:
+        torch._dynamo.lookup_backend(name)
+    except Exception as exc:  # noqa: BLE001 (torch's InvalidBackend; its module moves between versions)
+        known = ", ".join(repr(b) for b in torch._dynamo.list_backends(exclude_tags=()))
+        raise ConfigError(f"compile_backend={name!r} is not a torch.compile backend here "
+                          f"({type(exc).__name__}); choose one of {known}") from None
 
 
 class _Stack:

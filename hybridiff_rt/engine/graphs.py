@@ -129,7 +129,9 @@ class CudaGraphBackend:
                 fn()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the transports' worker threads may issue CUDA calls meanwhile; only this
+        # thread's calls are checked against the capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
         return graph, out
 
