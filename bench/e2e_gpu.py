@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--graphs", default="on", choices=["auto", "on", "off"],
                         help="HybridConfig.cuda_graphs of the hybridiff_rt rows (default on: "
                         "explicit CUDA-graph capture)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                        help="model and latent dtype on the GPU (--dry-run: float32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="SDXL only, 20 steps")
     parser.add_argument("--dry-run", action="store_true",
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(trace).parent.mkdir(parents=True, exist_ok=True)
     plan = {"models": args.models, "size": "tiny" if args.dry_run else "real",
             "side": args.side, "steps": args.steps,
-            "dtype": "float32" if args.dry_run else "float16",
+            "dtype": "float32" if args.dry_run else args.dtype,
             "device": "cpu" if args.dry_run else "cuda", "seed": args.seed,
             "compile": args.compile, "compile_backend": args.compile_backend,
             "cuda_graphs": args.graphs, "profile": trace}
