@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                ("max_abs_diff", "max abs diff vs eager")]
     write_results("compile_cpu", rows, columns, meta={"steps": args.steps, "threads": 1},
                   out_dir=args.out,
-                  notes=["World of one, two batch-1 denoiser calls per step (no joint batch). "
-                         "compile s: first call of the layout (tracing, code generation, call)."])
+                  notes=[("World of one, two batch-1 denoiser calls per step (no joint batch). "
+                          "compile s: first call of the layout (tracing, code generation, "
+                          "call).")])
     return 0
 
 
