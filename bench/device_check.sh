@@ -28,8 +28,8 @@
 #                                 --quick: zero-copy views + collectives, killed peer, slow consumer
 #   runtime_tests    180 |  75  pytest -m gpu tests/test_gpu_runtime.py; per test 150 | 70
 #                                 (--quick: the ipc case only, and last: it runs if time is left)
-#   other_gpu_tests  100 |   -  pytest -m gpu over the rest of tests/ (tests/test_compiled.py:
-#                                 CUDA-graph replay, compiled and graphed serial runs)
+#   other_gpu_tests  120 |   -  pytest -m gpu over the rest of tests/ (tests/test_compiled.py:
+#                                 graph replay, compiled and graphed serial and two-rank runs)
 #   transport_bench   75 |  35  bench/transport.py --out $OUT (--quick --sizes-mb 1 40)
 #   cfg_kernel_bench  60 |  30  bench/cfg_kernel.py --out-dir $OUT (--quick: 2 shapes)
 #   e2e_bench        300 | 150  bench/e2e_gpu.py --out $OUT: eager vs graphed serial, CBP and
@@ -597,7 +597,7 @@ else
   plan triton_tests 90 20 pytest "pytest -m gpu tests/test_ops.py"
   plan ipc_tests 150 20 pytest "pytest -m gpu tests/test_ipc_gpu.py"
   plan runtime_tests 180 40 pytest "pytest -m gpu tests/test_gpu_runtime.py"
-  plan other_gpu_tests 100 20 pytest "pytest -m gpu: the rest of tests/"
+  plan other_gpu_tests 120 20 pytest "pytest -m gpu: the rest of tests/"
   plan transport_bench 75 20 cmd "bench/transport.py"
   plan cfg_kernel_bench 60 15 cmd "bench/cfg_kernel.py"
   plan e2e_bench 300 90 cmd "bench/e2e_gpu.py --profile (SDXL + SD3, 50 steps, MPS 50%)"
