@@ -57,6 +57,10 @@ def build(family: str, size: str, device: Any, dtype: Any, seed: int):
 
     from hybridiff_rt import testing
 
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"bench/e2e_gpu.py needs a CUDA GPU (torch {torch.__version__}: "
+                           "torch.cuda.is_available() is False); --dry-run checks the script "
+                           "on CPU")
     if size == "tiny":
         pipe = testing.build(family, seed=seed)
         model = pipe.unet if family == "sdxl" else pipe.transformer
