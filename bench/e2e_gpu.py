@@ -235,25 +235,28 @@ def build_rows(args, serial100, serial50, parallel, mps_note) -> list[dict]:
         if s50:
             rows.append(row("(b50) hybridiff_rt serial, baseline", s50, 1, mps_note,
                             speedup=1.0, psnr_db=math.inf))
-        if not (parallel and s50):
+        if not parallel:
             continue
-        t2 = _median(s50["report"]["compute_ms"])
-        t1 = _median(s50_b1["report"]["compute_ms"]) / 2  # two batch-1 calls per step
+        if s50:
+            t2 = _median(s50["report"]["compute_ms"])
+            t1 = _median(s50_b1["report"]["compute_ms"]) / 2  # two batch-1 calls per step
         for label in ("cbp", "hybrid"):
             runs = [rank[family][label] for rank in parallel]
             reports = [r["report"] for r in runs]
             seconds = max(r["total_s"] for r in runs)
-            speed = s50["total_s"] / seconds
-            ideal = ideal_speedup(reports, t2, t1)
-            in_situ = ideal_speedup(reports, t2, t1, in_situ=True)
+            speed = ideal = in_situ = None
+            if s50:  # without the baseline: times, bytes and schedule only
+                speed = s50["total_s"] / seconds
+                ideal = ideal_speedup(reports, t2, t1)
+                in_situ = ideal_speedup(reports, t2, t1, in_situ=True)
             rows.append({
                 "model": family, "mode": "(c) CBP" if label == "cbp" else "(d) hybrid",
                 "processes": 2, "sm_share": mps_note, "total_s": seconds,
                 "step_ms": _median(runs[0]["step_ms"]), "speedup": speed, "ideal": ideal,
-                "of_ideal": speed / ideal, "ideal_in_situ": in_situ,
-                "of_in_situ": speed / in_situ,
+                "of_ideal": speed / ideal if s50 else None, "ideal_in_situ": in_situ,
+                "of_in_situ": speed / in_situ if s50 else None,
                 "mb_per_image": sum(sum(r["bytes_sent"]) for r in reports) / 1e6,
-                "psnr_db": psnr(s50["latent"], runs[0]["latent"]),
+                "psnr_db": psnr(s50["latent"], runs[0]["latent"]) if s50 else None,
                 "tau1": reports[0]["tau1"], "tau2": reports[0]["tau2"],
                 "transport": reports[0]["transport"],
                 "ranks_equal": bool((runs[0]["latent"] == runs[1]["latent"]).all())})
