@@ -72,6 +72,34 @@ def test_replayed_outputs_equal_the_call_and_survive_later_replays():
         assert out["h"].data_ptr() not in {t.data_ptr() for t in static}
 
 
+def test_graphed_forward_keeps_diffusers_output_classes_and_calls_outside_steps_are_untimed():
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    from hybridiff_rt import testing
+
+    seed = random.randrange(1 << 16)
+    model = testing.sd_pipeline(seed=seed).unet
+    g = torch.Generator().manual_seed(seed)
+    kw = {"sample": torch.randn(1, 4, 16, 16, generator=g), "timestep": torch.tensor(700),
+          "encoder_hidden_states": torch.randn(1, 8, 32, generator=g)}
+    graphs.emulate_on_cpu(True)
+    try:
+        den = hr.HybridDenoiser(model, hr.HybridConfig(k=0, cuda_graphs="on"))
+        out = den.serial_step(dict(kw), step=0, num_steps=1, reason="no guidance in this call")
+        side = den.side_call(dict(kw), "an extra call between steps")
+    finally:
+        graphs.emulate_on_cpu(False)
+    with torch.no_grad():
+        expected = model(**kw)
+    for result in (out, side):  # the model's own output class, rebuilt around cloned tensors
+        assert type(result) is UNet2DConditionOutput
+        assert torch.equal(result.sample, expected.sample) and torch.equal(result[0], result.sample)
+    # the report's summary is taken at the end of each step (the side call came after it)
+    assert den.report.extra["compile"]["calls"]["denoiser"] == {
+        "graph_layouts": 1, "replays": 1, "state": "graphed"}
+    assert den.report.compute_ms[0] > 0 and len(den.report.compute_ms) == 1
+
+
 def test_graphs_fall_back_eagerly_with_a_note_on_changing_layouts_and_failed_captures():
     g = torch.Generator().manual_seed(random.randrange(1 << 30))
     notes = []

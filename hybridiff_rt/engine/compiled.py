@@ -3,8 +3,8 @@
 :class:`Accelerator` hands the runtime two kinds of callables, built once per denoiser and kept
 across runs (so compiled code and captured graphs are reused):
 
-* :meth:`Accelerator.model_call` -> ``call(kw) -> prediction``: the whole denoiser,
-  ``model.forward(**kw, return_dict=False)[0]`` (CBP and serial steps);
+* :meth:`Accelerator.forward` -> ``forward(**kw)``: the whole denoiser, a drop-in for
+  ``model.forward`` with the same outputs (CBP and serial steps);
 * :meth:`Accelerator.stage_call` -> ``call(kw, state) -> state | prediction``: one pipeline
   stage, ``prepare(**kw)`` then units ``[start, stop)`` on ``state`` (``None``: the step's own
   initial state) and, for the last stage, ``finish`` (pipelined steps).
@@ -174,13 +174,19 @@ class Accelerator:
             self.notes.append(text)
         self._note_to_report(text)
 
-    def model_call(self, forward: Callable[..., Any]) -> Callable[[dict], torch.Tensor]:
-        """``call(kw) -> forward(**kw, return_dict=False)[0]``, accelerated (cached)."""
+    def forward(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+        """``forward`` (the model's own) accelerated: same keyword arguments, same outputs
+        (tuples, or diffusers' output classes), one compiled / captured callable per denoiser
+        whatever the arguments' layout."""
         if "model" not in self._calls:
             def denoiser(kw):
-                return forward(**kw, return_dict=False)[0]
+                return forward(**kw)
             self._calls["model"] = self._wrap(denoiser, "denoiser")
-        return self._calls["model"]
+        call = self._calls["model"]
+
+        def accelerated(**kw):
+            return call(kw)
+        return accelerated
 
     def stage_call(self, staged: StagedDenoiser, start: int, stop: int,
                    last: bool) -> Callable[[dict, Any], Any]:

@@ -79,8 +79,8 @@ def _layout(obj: Any, tensors: list[torch.Tensor]) -> Layout:
     if isinstance(obj, torch.Tensor):
         tensors.append(obj)
         return ("tensor", tuple(obj.shape), obj.dtype, obj.device, obj.stride())
-    if isinstance(obj, dict):
-        return ("dict", tuple((k, _layout(v, tensors)) for k, v in obj.items()))
+    if isinstance(obj, dict):  # before dataclasses: diffusers' outputs are both
+        return ("dict", type(obj), tuple((k, _layout(v, tensors)) for k, v in obj.items()))
     if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
         return (type(obj).__name__, tuple(_layout(v, tensors) for v in obj))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -98,7 +98,8 @@ def rebuild_args(layout: Layout, tensors: Iterator[torch.Tensor], template: Any)
     if kind == "tensor":
         return next(tensors)
     if kind == "dict":
-        return {k: rebuild_args(sub, tensors, template[k]) for k, sub in layout[1]}
+        items = {k: rebuild_args(sub, tensors, template[k]) for k, sub in layout[2]}
+        return items if layout[1] is dict else layout[1](**items)  # e.g. UNet2DConditionOutput
     if kind in ("list", "tuple"):
         items = [rebuild_args(sub, tensors, t) for sub, t in zip(layout[1], template)]
         return items if kind == "list" else tuple(items)

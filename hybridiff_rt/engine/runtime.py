@@ -104,17 +104,18 @@ class HybridDenoiser:
         # staged before anyone (parallelize) wraps model.forward: units call the submodules
         self._staged = stage_denoiser(model) if self.world_size > 1 and self.cfg.k > 0 else None
         self._pipeline: StagePipeline | None = None
-        self._model_forward: Callable[..., Any] = model.forward
+        # compiled / graph-replayed calls (engine/compiled.py) and per-step timings (timing.py)
+        device = model_device(model, self.dist.device)
+        self._accel = Accelerator(self.cfg, device, self._note)
+        self._timer = StepTimer(device)
+        forward = self._accel.forward(model.forward) if self._accel.enabled else model.forward
+        self._model_forward: Callable[..., Any] = self._timer.timed(forward)
         self._transport = transport
         self._owns_transport = transport is None
         self._instance = next(_INSTANCES)
         self._run_index = -1
         self._context: Kwargs = {}
         self._closed = False
-        device = model_device(model, self.dist.device)
-        # compiled / graph-replayed calls (engine/compiled.py) and per-step timings
-        self._accel = Accelerator(self.cfg, device, self._note)
-        self._timer = StepTimer(device)
         self.reset()
 
     # ----------------------------------------------------------------------------- public API
@@ -260,7 +261,7 @@ class HybridDenoiser:
         if not self._agreed and self.world_size > 1:
             self._check_agreement({"guidance": "off", **self._run_fields(),
                                    "shapes": describe_shapes(kw), "inputs": kw})
-        with torch.no_grad(), self._timer.section("compute"):
+        with torch.no_grad():
             out = self._model_forward(**kw)
         self._report.note(reason)
         self._finish_step(step, "serial", math.nan, started, self._bytes_sent())
@@ -304,6 +305,7 @@ class HybridDenoiser:
         elapsed_ms = (time.perf_counter() - started) * 1e3
         self._report.record_step(mode, measured, elapsed_ms, self._bytes_sent() - sent_before)
         self._next_step = step + 1
+        self._timer.end_step()
         self._collect_timings(block=False)
         if self._accel.enabled:
             self._report.extra["compile"] = self._accel.summary()
@@ -400,13 +402,9 @@ class HybridDenoiser:
                 self._report.set_timing(step, compute, transfer, wait)
 
     def _run_model(self, kw: Kwargs) -> torch.Tensor:
-        with self._timer.section("compute"):
-            if self._accel.enabled:
-                return self._accel.model_call(self._model_forward)(
-                    {k: v for k, v in kw.items() if k != "return_dict"})
-            kw = dict(kw)
-            kw["return_dict"] = False
-            return self._model_forward(**kw)[0]
+        kw = dict(kw)
+        kw["return_dict"] = False
+        return self._model_forward(**kw)[0]
 
     def _serial_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs,
                          joint_kw: Kwargs | None) -> tuple[torch.Tensor, torch.Tensor]:

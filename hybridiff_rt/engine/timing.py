@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -47,6 +48,17 @@ class StepTimer:
         """Sections from now on belong to ``step``."""
         self._step = step
         self._totals[step] = {kind: 0.0 for kind in KINDS}
+
+    def end_step(self) -> None:
+        """Sections from now on (work between steps, e.g. an extra side call) are not timed."""
+        self._step = None
+
+    def timed(self, fn: Callable[..., Any], kind: str = "compute") -> Callable[..., Any]:
+        """``fn`` with every call inside a ``kind`` section."""
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            with self.section(kind):
+                return fn(*args, **kwargs)
+        return timed_call
 
     @contextlib.contextmanager
     def section(self, kind: str) -> Iterator[None]:
