@@ -30,9 +30,9 @@ from ..schedule import SwitchSchedule
 from ..stages import UnitProfile, model_device, profile_units, stage_denoiser
 from .agreement import check_agreement
 from .batch import describe_shapes
-from .compiled import Accelerator
 from .stage_pipeline import StagePipeline
 from .report import RunReport
+from .compiled import Accelerator
 from .timing import StepTimer
 
 SUPPORTED_WORLD_SIZES = (1, 2)
@@ -273,6 +273,17 @@ class HybridDenoiser:
             raise HybridError("this HybridDenoiser was closed (the parallelized pipeline was "
                               "restored); wrap the pipeline again with hr.parallelize")
 
+    def _note(self, text: str) -> None:
+        report = getattr(self, "_report", None)
+        if report is not None:
+            report.note(text)
+
+    def _collect_timings(self, block: bool) -> None:
+        """Move finished steps' compute / transfer / wait ms from the timer into the report."""
+        for step, (compute, transfer, wait) in self._timer.collect(block=block).items():
+            if step < len(self._report.modes):
+                self._report.set_timing(step, compute, transfer, wait)
+
     def _discard_pipeline(self, wait: bool = False) -> None:
         """Drop the stage pipeline of the current run. ``wait``: complete its transfers first
         (a run that ended normally); otherwise a failed run's transfers are abandoned, since a
@@ -389,17 +400,6 @@ class HybridDenoiser:
 
     def _bytes_sent(self) -> int:
         return self._transport.bytes_sent if self._transport is not None else 0
-
-    def _note(self, text: str) -> None:
-        report = getattr(self, "_report", None)
-        if report is not None:
-            report.note(text)
-
-    def _collect_timings(self, block: bool) -> None:
-        """Move finished steps' compute / transfer / wait ms from the timer into the report."""
-        for step, (compute, transfer, wait) in self._timer.collect(block=block).items():
-            if step < len(self._report.modes):
-                self._report.set_timing(step, compute, transfer, wait)
 
     def _run_model(self, kw: Kwargs) -> torch.Tensor:
         kw = dict(kw)
