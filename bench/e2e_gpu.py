@@ -75,9 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         choices=["off", "default", "reduce-overhead", "max-autotune"],
                         help="HybridConfig.compile of the hybridiff_rt rows")
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--graphs", default="on", choices=["auto", "on", "off"],
-                        help="HybridConfig.cuda_graphs of the hybridiff_rt rows (default on: "
-                        "explicit CUDA-graph capture)")
+    parser.add_argument("--graphs", default=None, choices=["auto", "on", "off"],
+                        help="HybridConfig.cuda_graphs of the hybridiff_rt rows (default: on, "
+                        "explicit CUDA-graph capture; auto with --compile reduce-overhead, "
+                        "whose graphs are torch's)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
                         help="model and latent dtype on the GPU (--dry-run: float32)")
     parser.add_argument("--seed", type=int, default=0)
@@ -97,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.steps = 8 if args.dry_run else 20 if args.quick else 50
     if args.side is None:
         args.side = 32 if args.dry_run else 1024
+    if args.graphs is None:
+        args.graphs = "auto" if args.compile == "reduce-overhead" else "on"
     if args.steps < 4:
         parser.error("--steps must be at least 4 (a hybrid schedule needs CBP, pipelined and "
                      "CBP steps)")
