@@ -138,7 +138,7 @@ class _Clock:
 
 
 def sample(family: str, model: Any, scheduler: Any, data: dict, steps: int, device: Any,
-           predict=None, clock: _Clock | None = None):
+           predict=None, clock: _Clock | None = None, on_step=None):
     """Run the sampling loop; ``predict(uncond_kw, cond_kw, joint_kw, i) -> (u, c)`` (default:
     the eager batch-2 call). Returns the final latent (float32 numpy)."""
     import torch
@@ -166,6 +166,8 @@ def sample(family: str, model: Any, scheduler: Any, data: dict, steps: int, devi
             latents = sched.step(u + w * (c - u), t, latents, return_dict=False)[0]
             if clock is not None:
                 clock.mark()
+            if on_step is not None:
+                on_step()
     return latents.float().cpu().numpy()
 
 
@@ -203,7 +205,7 @@ def _timed_runs(family, model, scheduler, data, plan, predict_for_run, around=No
     with around if around is not None else contextlib.nullcontext():
         start = time.perf_counter()
         latent = sample(family, model, scheduler, data, plan["steps"], plan["device"], predict,
-                        clock)
+                        clock, on_step=getattr(around, "step", None))
         if clock.cuda:
             torch.cuda.synchronize()
         total_s = time.perf_counter() - start
@@ -275,11 +277,11 @@ def parallel_worker(rank: int, plan: dict, variants: list) -> dict:
                                                 step=i, num_steps=plan["steps"])
                 return predict, lambda: den.report.to_dict()
             profile = plan.get("profile") and rank == 0 and label == "hybrid" and not traced
-            prof = _profiler(plan["device"]) if profile else None
+            prof, window = _profiler(plan, family) if profile else (None, None)
             result[label] = _timed_runs(family, model, scheduler, data, plan, predict_for_run,
                                         around=prof)
             if profile:
-                prof.export_chrome_trace(plan["profile"])
+                result[label]["trace_steps"] = window
                 result[label]["trace"] = plan["profile"]
                 traced = True
             den.close()
@@ -290,14 +292,29 @@ def parallel_worker(rank: int, plan: dict, variants: list) -> dict:
     return out
 
 
-def _profiler(device: str):
-    """A torch profiler (CPU, and CUDA activity on a GPU); use it as a context manager."""
+def _profiler(plan: dict, family: str):
+    """(torch profiler, (first, stop) steps it records) for one hybrid run: CPU and, on a GPU,
+    CUDA activity of the steps from the earliest possible switch to a few steps past the latest
+    possible end of the pipelined phase (the preset's window .. tau_cap + k + 2), so the trace
+    shows CBP, pipelined and CBP steps at a size that comes back from the device machine. It is
+    written to ``plan["profile"]`` when that window ends. Use it as a context manager and call
+    its ``step()`` after each sampling step."""
     import torch
 
+    from hybridiff_rt import HybridConfig
+
+    cfg = HybridConfig.preset(family, num_steps=plan["steps"])
+    first = max(0, cfg.window - 1)
+    stop = min(plan["steps"], cfg.tau_cap + cfg.k + 3)
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if device != "cpu":
+    if plan["device"] != "cpu":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return torch.profiler.profile(activities=activities)
+    prof = torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=max(0, first - 1), warmup=min(1, first),
+                                         active=max(1, stop - first), repeat=1),
+        on_trace_ready=lambda p: p.export_chrome_trace(plan["profile"]))
+    return prof, (first, stop)
 
 
 def psnr(reference: np.ndarray, test: np.ndarray) -> float:
