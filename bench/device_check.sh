@@ -3,8 +3,8 @@
 # tree, runs this with $OUT set, and brings back at most 8 files from $OUT).
 #
 #   bash bench/device_check.sh [--quick] [--dry-run]
-#   device tool: run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540)
-#                run(command="bash bench/device_check.sh --quick", carry=[".whl"], timeout_s=240)
+#   device tool: run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=600)
+#                run(command="bash bench/device_check.sh --quick", carry=[".whl"], timeout_s=380)
 #
 # The GPU machine has no diffusers and no network: run bench/prepare_device_wheels.sh here first
 # and carry .whl (its wheels are installed into /tmp/site).
@@ -17,8 +17,8 @@
 #   4  the time budget ran out before every step ran (nothing failed in what ran)
 #
 # Steps, in order, with time limits in seconds (full | --quick). Every step runs even if an earlier
-# one failed; a step never runs past its limit nor past the whole run's budget (full 450 s,
-# --quick 170 s: DEVICE_CHECK_BUDGET_S); a step with too little budget left is SKIPPED.
+# one failed; a step never runs past its limit nor past the whole run's budget (full 570 s,
+# --quick 330 s: DEVICE_CHECK_BUDGET_S); a step with too little budget left is SKIPPED.
 #   wheels            30 |  30  pip install --no-index .whl/*.whl into /tmp/site (SKIPPED: none)
 #   env               30 |  20  versions of python, torch, triton, diffusers, nvcc, cmake, ...
 #   build            150 | 100  setup.py build_ext --inplace with CUDA, for the GPU's arch (sm_90)
@@ -27,19 +27,24 @@
 #   ipc_tests        150 |  60  pytest -m gpu tests/test_ipc_gpu.py (IPC engine); per test 75 | 40
 #                                 --quick: zero-copy views + collectives, killed peer, slow consumer
 #   runtime_tests    180 |  75  pytest -m gpu tests/test_gpu_runtime.py; per test 150 | 70
-#                                 (--quick: the ipc case only, and last: it runs if time is left)
-#   other_gpu_tests   60 |   -  pytest -m gpu over the rest of tests/ (none today: "ok, none")
+#                                 (--quick: the ipc case only, after the two benchmarks)
+#   other_gpu_tests  120 |   -  pytest -m gpu over the rest of tests/ (tests/test_compiled.py:
+#                                 graph replay, compiled and graphed serial and two-rank runs)
 #   transport_bench   75 |  35  bench/transport.py --out $OUT (--quick --sizes-mb 1 40)
 #   cfg_kernel_bench  60 |  30  bench/cfg_kernel.py --out-dir $OUT (--quick: 2 shapes)
+#   e2e_bench        300 | 150  bench/e2e_gpu.py --out $OUT: eager vs graphed serial, CBP and
+#                                 hybrid under MPS at 50% (full: SDXL + SD3, 50 steps, --profile;
+#                                 --quick: SDXL, 20 steps; last in both modes; SKIPPED without
+#                                 diffusers)
 # Per-test limits need pytest-timeout (used when importable; else faulthandler stack dumps only).
 # A step at its limit gets SIGTERM (pytest then ends the session and writes its junit), SIGKILL
 # 10 s later; pytest steps also keep a live per-test record, so even a SIGKILLed step reports the
 # tests that finished (and the one it was killed in).
-# Estimated (not yet measured) on one H200: full about 5 minutes, --quick about 2.5 minutes; the
+# Estimated (not yet measured) on one H200: full about 9 minutes, --quick about 5 minutes; the
 # pytest steps print per-test durations (>= 2 s) into the log to calibrate these limits.
 #
 # Files in $OUT (default ./out), each written as soon as it exists, so a run killed at any point
-# keeps what finished (6 files, under the tool's 8):
+# keeps what finished (8 files, the tool's limit):
 #   summary.txt        one screen: result, GPU, each step's status/time/limit/detail, failures
 #   summary.json       the same as data (rewritten after every step: "running" until the end)
 #   device_check.log   everything every step printed, as it printed it
@@ -47,10 +52,12 @@
 #                      after each step (a step killed at its limit still writes its own junit)
 #   transport.json     bench/transport.py's results
 #   cfg_kernel.json    bench/cfg_kernel.py's results
+#   e2e_gpu.json       bench/e2e_gpu.py's results (its table is in the log)
+#   e2e_gpu_trace.json.gz  full mode: a torch profiler trace of one hybrid run (rank 0)
 # (the benchmarks' .md tables are printed into the log and kept out of $OUT.)
 #
-# --quick    under 3 minutes: build for the GPU's arch only, the most important tests, short
-#            benchmarks (budget 170 s).
+# --quick    under 6 minutes: build for the GPU's arch only, the most important tests, short
+#            benchmarks (budget 330 s).
 # --dry-run  checks this script's plumbing without a GPU: pretends one, runs the pytest steps for
 #            real (their GPU tests skip without CUDA), and stands in for wheels, build, build_info
 #            and the benchmarks with a line saying what would run.
@@ -84,9 +91,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$(pwd)
 PY="${PYTHON:-python3}"
 LOG="$OUT/device_check.log"
-OUT_FILES=(summary.txt summary.json device_check.log junit.xml transport.json cfg_kernel.json)
+OUT_FILES=(summary.txt summary.json device_check.log junit.xml transport.json cfg_kernel.json
+  e2e_gpu.json e2e_gpu_trace.json.gz)
 rm -f "$OUT"/{summary.txt,summary.json,device_check.log,junit.xml,transport.json,transport.md} \
-  "$OUT"/{cfg_kernel.json,cfg_kernel.md}
+  "$OUT"/{cfg_kernel.json,cfg_kernel.md,e2e_gpu.json,e2e_gpu.md,e2e_gpu_trace.json.gz}
 : >"$LOG"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX") || exit 2
 mkdir -p "$WORK/junit" "$WORK/results" "$WORK/logs" "$WORK/plugins" "$WORK/moved" "$WORK/running"
@@ -569,7 +577,7 @@ plan() {
 }
 
 if [[ $MODE == quick ]]; then
-  BUDGET=${DEVICE_CHECK_BUDGET_S:-170}
+  BUDGET=${DEVICE_CHECK_BUDGET_S:-330}
   plan wheels 30 5 cmd "pip install carried .whl/*.whl into /tmp/site"
   plan env 20 5 cmd "versions: python, torch, triton, diffusers, nvcc, cmake"
   plan build 100 30 cmd "setup.py build_ext --inplace, CUDA, the GPU's arch"
@@ -579,8 +587,9 @@ if [[ $MODE == quick ]]; then
   plan transport_bench 35 20 cmd "bench/transport.py --quick --sizes-mb 1 40"
   plan cfg_kernel_bench 30 15 cmd "bench/cfg_kernel.py --quick (2 shapes)"
   plan runtime_tests 75 40 pytest "pytest -m gpu tests/test_gpu_runtime.py -k ipc"
+  plan e2e_bench 150 60 cmd "bench/e2e_gpu.py --quick (SDXL, 20 steps, MPS 50%)"
 else
-  BUDGET=${DEVICE_CHECK_BUDGET_S:-450}
+  BUDGET=${DEVICE_CHECK_BUDGET_S:-570}
   plan wheels 30 5 cmd "pip install carried .whl/*.whl into /tmp/site"
   plan env 30 5 cmd "versions: python, torch, triton, diffusers, nvcc, cmake"
   plan build 150 30 cmd "setup.py build_ext --inplace, CUDA"
@@ -588,9 +597,10 @@ else
   plan triton_tests 90 20 pytest "pytest -m gpu tests/test_ops.py"
   plan ipc_tests 150 20 pytest "pytest -m gpu tests/test_ipc_gpu.py"
   plan runtime_tests 180 40 pytest "pytest -m gpu tests/test_gpu_runtime.py"
-  plan other_gpu_tests 60 20 pytest "pytest -m gpu: the rest of tests/"
+  plan other_gpu_tests 120 20 pytest "pytest -m gpu: the rest of tests/"
   plan transport_bench 75 20 cmd "bench/transport.py"
   plan cfg_kernel_bench 60 15 cmd "bench/cfg_kernel.py"
+  plan e2e_bench 300 90 cmd "bench/e2e_gpu.py --profile (SDXL + SD3, 50 steps, MPS 50%)"
 fi
 if [[ ! $BUDGET =~ ^[0-9]+$ ]]; then
   echo "device_check.sh: DEVICE_CHECK_BUDGET_S must be whole seconds, got '$BUDGET'" >&2
@@ -841,7 +851,7 @@ else
   pytest_step triton_tests 60 -m gpu tests/test_ops.py
   pytest_step ipc_tests 75 -m gpu tests/test_ipc_gpu.py
   pytest_step runtime_tests 150 -m gpu tests/test_gpu_runtime.py
-  pytest_step other_gpu_tests 60 -m gpu --continue-on-collection-errors tests/ \
+  pytest_step other_gpu_tests 90 -m gpu --continue-on-collection-errors tests/ \
     "${GPU_FILES[@]/#/--ignore=}"
 fi
 
@@ -869,6 +879,18 @@ else
     dry_or cfg_kernel_bench "$PY" bench/cfg_kernel.py --out-dir "$OUT"
     run_step cfg_kernel_bench "${CMD[@]}"
   fi
+fi
+
+# the end-to-end benchmark (bench/e2e_gpu.py), last in both modes
+E2E_ARGS=(--profile)
+[[ $MODE == quick ]] && E2E_ARGS=(--quick)
+if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
+  skip_step e2e_bench "diffusers is not importable (carry .whl: bench/prepare_device_wheels.sh)"
+elif begin_step e2e_bench; then
+  # the benchmark splits what is left of its limit among its phases and keeps 10 s spare
+  dry_or e2e_bench "$PY" bench/e2e_gpu.py --out "$OUT" "${E2E_ARGS[@]}" \
+    --timeout $((LIM > 30 ? LIM - 10 : LIM))
+  run_step e2e_bench "${CMD[@]}"
 fi
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ from .errors import ConfigError
 PIPELINE_GUIDANCE_POLICIES = ("off", "reuse")
 TRANSPORTS = ("auto", "ipc", "torch")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
+#: torch.compile modes of HybridConfig.compile ("off": eager). "reduce-overhead" and
+#: "max-autotune" replay CUDA graphs on CUDA devices (torch's own CUDA-graph trees).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 #: Paper defaults for 2 devices and 50 steps. SD3's slope_eps is the reference scripts' 0.5e-3;
 #: the paper's 0.1e-3 stays reachable as preset "sd3-paper" (or ``preset("sd3", slope_eps=1e-4)``).
@@ -46,7 +49,18 @@ class HybridConfig:
             (w-1) times the last measured cond-uncond difference).
         transport: "auto" (CUDA IPC when all ranks share a node with CUDA, else torch.distributed),
             "ipc" or "torch".
-        cuda_graphs: "auto" | "on" | "off".
+        cuda_graphs: CUDA-graph replay of the denoiser (CBP and serial steps) and of each stage
+            (pipelined steps) on CUDA devices: "auto" (as the compile mode implies: torch's
+            CUDA-graph trees for compile="reduce-overhead" / "max-autotune", none otherwise),
+            "on" (explicit ``torch.cuda.CUDAGraph`` capture per input layout, on top of
+            compile="off" / "default" / "max-autotune"), or "off" (never). Where capture is
+            impossible (a CPU device, a capture that raises, changing shapes) the call runs
+            without replay and the RunReport notes why.
+        compile: run the denoiser and the stages through ``torch.compile``: "off" (eager),
+            "default", "reduce-overhead" or "max-autotune" (torch.compile's ``mode``). A call
+            that cannot be compiled runs eagerly, noted in the RunReport.
+        compile_backend: torch.compile backend ("inductor"; "aot_eager" traces without code
+            generation, for debugging); ignored when compile="off".
         timeout_s: seconds a rank waits for a peer during a step before raising PeerTimeoutError.
         handshake_timeout_s: seconds start-up (joining the job, the first-call agreement check,
             creating the transport) waits for slow peers (model loading can skew ranks by tens
@@ -66,6 +80,8 @@ class HybridConfig:
     pipeline_guidance: str = "off"
     transport: str = "auto"
     cuda_graphs: str = "auto"
+    compile: str = "off"
+    compile_backend: str = "inductor"
     timeout_s: float = 30.0
     handshake_timeout_s: float = 300.0
     guidance_scale: float | None = None
@@ -80,6 +96,15 @@ class HybridConfig:
         _check_choice("pipeline_guidance", self.pipeline_guidance, PIPELINE_GUIDANCE_POLICIES)
         _check_choice("transport", self.transport, TRANSPORTS)
         _check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
+        _check_choice("compile", self.compile, COMPILE_MODES)
+        if not isinstance(self.compile_backend, str) or not self.compile_backend.strip():
+            raise ConfigError(f"compile_backend must be a torch.compile backend name such as "
+                              f"'inductor' or 'aot_eager', got {self.compile_backend!r}")
+        if self.compile == "reduce-overhead" and self.cuda_graphs != "auto":
+            raise ConfigError(
+                f"compile='reduce-overhead' replays torch's own CUDA graphs, which "
+                f"cuda_graphs={self.cuda_graphs!r} contradicts: use cuda_graphs='auto' with it, "
+                "or compile='default' with cuda_graphs='on' (explicit capture) or 'off'")
         if self.stage_cuts is not None:
             cuts = tuple(self.stage_cuts) if isinstance(self.stage_cuts, (list, tuple)) else None
             if (cuts is None or len(cuts) < 2 or any(isinstance(c, bool) or not isinstance(c, int)

@@ -1,7 +1,7 @@
 """HybridConfig: presets, step scaling, validation, digest.
 
 (The CFG batch helpers and the agreement summaries are tested in test_batch_and_agreement.py,
-the refusal of cuda_graphs='on' by the runtime in test_runtime.py.)
+what compile / cuda_graphs do at run time in test_compiled.py.)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hybridiff_rt as hr
-from hybridiff_rt.config import PRESETS, scale_to_steps
+from hybridiff_rt.config import COMPILE_MODES, PRESETS, scale_to_steps
 
 
 def test_presets_are_the_paper_defaults_at_50_steps():
@@ -58,10 +58,24 @@ def test_scaling_identity_at_50_steps_and_tiny_runs_drop_pipelining():
     ("guidance_scale", float("nan"), "guidance_scale"), ("guidance_scale", True, "guidance"),
     ("guidance_scale", -1.0, "guidance_scale"), ("stage_cuts", (0, True), "stage_cuts"),
     ("stage_cuts", "0,4", "stage_cuts"), ("stage_cuts", (0, 2.5), "stage_cuts"),
+    ("compile", "on", "compile must be one of"), ("compile", True, "compile must be one of"),
+    ("compile", "max_autotune", "compile must be one of"),
+    ("compile_backend", "", "compile_backend"), ("compile_backend", None, "compile_backend"),
 ])
 def test_invalid_fields_are_refused_with_the_field_named(field, value, fragment):
     with pytest.raises(hr.ConfigError, match=fragment):
         hr.HybridConfig(**{field: value})
+
+
+@pytest.mark.parametrize("graphs", ["on", "off"])
+def test_reduce_overhead_with_explicit_graph_settings_is_refused_naming_the_choices(graphs):
+    with pytest.raises(hr.ConfigError, match="compile='reduce-overhead'") as info:
+        hr.HybridConfig(compile="reduce-overhead", cuda_graphs=graphs)
+    assert "cuda_graphs='auto'" in str(info.value) and "compile='default'" in str(info.value)
+    for mode in COMPILE_MODES:  # every other pairing is accepted
+        if mode != "reduce-overhead":
+            assert hr.HybridConfig(compile=mode, cuda_graphs=graphs).compile == mode
+    assert hr.HybridConfig(compile="reduce-overhead").cuda_graphs == "auto"
 
 
 def test_unknown_preset_lists_the_known_ones():
@@ -73,6 +87,8 @@ def test_digest_follows_every_field_and_config_is_json():
     a = hr.HybridConfig.preset("sdxl")
     assert a.digest() == hr.HybridConfig.preset("sdxl").digest()
     assert a.digest() != a.replace(timeout_s=31).digest()
+    assert len({a.replace(compile=m).digest() for m in COMPILE_MODES}) == len(COMPILE_MODES)
+    assert a.digest() != a.replace(compile_backend="aot_eager").digest()
     assert a.replace(stage_cuts=[0, 4, 9]).stage_cuts == (0, 4, 9)
     json.dumps(a.to_dict())
 

@@ -26,9 +26,9 @@ from hybridiff_rt.testing import hidden_imports_env
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "device_check.sh"
 OUT_FILES = {"summary.txt", "summary.json", "device_check.log", "junit.xml", "transport.json",
-             "cfg_kernel.json"}
+             "cfg_kernel.json", "e2e_gpu.json", "e2e_gpu_trace.json.gz"}
 QUICK_STEPS = ["wheels", "env", "build", "build_info", "triton_tests", "ipc_tests",
-               "transport_bench", "cfg_kernel_bench", "runtime_tests"]
+               "transport_bench", "cfg_kernel_bench", "runtime_tests", "e2e_bench"]
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEVICE_CHECK_", "PYTEST_"))}
@@ -149,7 +149,8 @@ def test_dry_run_reports_timeouts_keeps_going_and_keeps_every_result(tmp_path):
     assert list(steps) == QUICK_STEPS
     status = {name: s["status"] for name, s in steps.items()}
     assert status["wheels"] in ("ok", "SKIPPED"), steps["wheels"]  # SKIPPED: no .whl/ here
-    for name in ("env", "build_info", "triton_tests", "transport_bench", "cfg_kernel_bench"):
+    for name in ("env", "build_info", "triton_tests", "transport_bench", "cfg_kernel_bench",
+                 "e2e_bench"):
         assert status[name] == "ok", (name, steps[name])
     for name, limit, exit_codes in (("build", 3, (124,)), ("ipc_tests", 12, (137,)),
                                     ("runtime_tests", 12, (124,))):
@@ -178,6 +179,7 @@ def test_dry_run_reports_timeouts_keeps_going_and_keeps_every_result(tmp_path):
     assert text in proc.stdout  # the summary is the end of what the run prints
     log = (out / "device_check.log").read_text()
     assert "dry run: would run:" in log and "bench/transport.py --out" in log
+    assert re.search(r"would run: \S+ bench/e2e_gpu\.py --out \S+ --quick --timeout \d+", log)
     assert "KeyboardInterrupt: device_check: the step reached its time limit" in log, log[-3000:]
 
 

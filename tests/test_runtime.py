@@ -249,9 +249,13 @@ def test_unsupported_model_is_refused_with_the_supported_families():
         hr.HybridDenoiser(torch.nn.Linear(4, 4))
 
 
-def test_cuda_graphs_on_is_refused_until_implemented():
-    with pytest.raises(hr.ConfigError, match="cuda_graphs='on'"):
-        hr.HybridDenoiser(testing.sd_pipeline().unet, hr.HybridConfig(k=0, cuda_graphs="on"))
+def test_cuda_graphs_on_without_a_gpu_runs_eagerly_and_says_so(model, seed):
+    den = hr.HybridDenoiser(model, hr.HybridConfig(k=0, cuda_graphs="on"))
+    step = _inputs(seed, 1)[0]
+    guided = _call(den, step, 0, 1, 3.0)
+    u, c = _direct(model, step, "uncond"), _direct(model, step, "cond")
+    assert torch.equal(guided, u + 3.0 * (c - u))
+    assert any(n.startswith("cuda_graphs='on' needs a CUDA device") for n in den.report.notes)
 
 
 # ----------------------------------------------------------------------------------- RunReport

@@ -29,6 +29,11 @@ class RunReport:
         rel_mae: per step, M_i = mean|eps_c - eps_u| / mean|eps_u| (nan where not measured).
         step_ms: per step, wall time of the denoiser call on this rank in milliseconds.
         bytes_sent: per step, payload bytes this rank sent.
+        compute_ms, transfer_ms, wait_ms: per step, milliseconds of this rank's model compute,
+            of exchanges on the step's critical path (waits for a slower peer included) and of
+            completing transfers posted in an earlier step (overlap that compute did not hide);
+            nan until known (engine/timing.py defines the sections).
+        timing_clock: what measured those: "cuda-events" (stream time) or "perf_counter".
         nonfinite_steps: steps whose M_i was NaN or infinite (never a switch trigger).
         notes: human-readable remarks (e.g. why no partitioning happened).
         config: the HybridConfig used, as a dict.
@@ -45,6 +50,10 @@ class RunReport:
     rel_mae: list[float] = dataclasses.field(default_factory=list)
     step_ms: list[float] = dataclasses.field(default_factory=list)
     bytes_sent: list[int] = dataclasses.field(default_factory=list)
+    compute_ms: list[float] = dataclasses.field(default_factory=list)
+    transfer_ms: list[float] = dataclasses.field(default_factory=list)
+    wait_ms: list[float] = dataclasses.field(default_factory=list)
+    timing_clock: str | None = None
     nonfinite_steps: list[int] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -58,6 +67,17 @@ class RunReport:
         self.rel_mae.append(float(rel_mae))
         self.step_ms.append(float(step_ms))
         self.bytes_sent.append(int(bytes_sent))
+        for values in (self.compute_ms, self.transfer_ms, self.wait_ms):
+            values.append(math.nan)
+
+    def set_timing(self, step: int, compute_ms: float, transfer_ms: float,
+                   wait_ms: float) -> None:
+        """Fill in step ``step``'s compute / transfer / wait milliseconds (recorded step)."""
+        if not 0 <= step < len(self.modes):
+            raise IndexError(f"step {step} has not been recorded ({len(self.modes)} steps)")
+        self.compute_ms[step] = float(compute_ms)
+        self.transfer_ms[step] = float(transfer_ms)
+        self.wait_ms[step] = float(wait_ms)
 
     def note(self, text: str) -> None:
         """Add a remark once (repeated remarks are not duplicated)."""

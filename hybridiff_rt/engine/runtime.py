@@ -23,7 +23,7 @@ import torch
 
 from ..comm import Transport, default_store, init_distributed, make_transport, wait_for_keys
 from ..config import HybridConfig, require_config
-from ..errors import (ConfigError, HybridError, NonFinitePredictionError, ShapeError,
+from ..errors import (HybridError, NonFinitePredictionError, ShapeError,
                       UnsupportedModelError, WorldSizeError)
 from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
@@ -32,6 +32,8 @@ from .agreement import check_agreement
 from .batch import describe_shapes
 from .stage_pipeline import StagePipeline
 from .report import RunReport
+from .compiled import Accelerator
+from .timing import StepTimer
 
 SUPPORTED_WORLD_SIZES = (1, 2)
 #: The stage partitioner's link figure is measured with this many round trips of the largest
@@ -91,10 +93,6 @@ class HybridDenoiser:
         self.family = model_family(model)
         self.model = model
         self.cfg = require_config(cfg)
-        if self.cfg.cuda_graphs == "on":
-            raise ConfigError("cuda_graphs='on': CUDA graph capture is not implemented in this "
-                              "version; use cuda_graphs='auto' (runs eagerly, noted in the "
-                              "report) or 'off'")
         # joining the job waits for ranks still loading their models: the handshake limit
         self.dist = init_distributed(timeout_s=self.cfg.handshake_timeout_s)
         if self.dist.world_size not in SUPPORTED_WORLD_SIZES:
@@ -106,7 +104,12 @@ class HybridDenoiser:
         # staged before anyone (parallelize) wraps model.forward: units call the submodules
         self._staged = stage_denoiser(model) if self.world_size > 1 and self.cfg.k > 0 else None
         self._pipeline: StagePipeline | None = None
-        self._model_forward: Callable[..., Any] = model.forward
+        # compiled / graph-replayed calls (engine/compiled.py) and per-step timings (timing.py)
+        device = model_device(model, self.dist.device)
+        self._accel = Accelerator(self.cfg, device, self._note)
+        self._timer = StepTimer(device)
+        forward = self._accel.forward(model.forward) if self._accel.enabled else model.forward
+        self._model_forward: Callable[..., Any] = self._timer.timed(forward)
         self._transport = transport
         self._owns_transport = transport is None
         self._instance = next(_INSTANCES)
@@ -127,6 +130,7 @@ class HybridDenoiser:
     @property
     def report(self) -> RunReport:
         """The RunReport of the current (or last finished) run."""
+        self._collect_timings(block=True)
         return self._report
 
     def reset(self, context: Kwargs | None = None) -> None:
@@ -139,8 +143,10 @@ class HybridDenoiser:
         """
         self._run_index += 1
         self._discard_pipeline()
+        if getattr(self, "_report", None) is not None:
+            self._collect_timings(block=True)
         self._report = RunReport(rank=self.rank, world_size=self.world_size,
-                                 config=self.cfg.to_dict())
+                                 config=self.cfg.to_dict(), timing_clock=self._timer.clock)
         self._schedule: SwitchSchedule | None = None
         self._next_step = 0
         self._agreed = False
@@ -152,6 +158,7 @@ class HybridDenoiser:
         inside the pipelined phase, and make the report's ``num_steps`` the calls really made
         (with a note when that differs from the planned count)."""
         self._discard_pipeline(wait=True)
+        self._collect_timings(block=True)
         made = len(self._report.modes)
         planned = self._report.num_steps
         if planned is not None and made != planned:
@@ -222,6 +229,7 @@ class HybridDenoiser:
         step = self._begin_step(step, num_steps)
         started = time.perf_counter()
         sent_before = self._bytes_sent()
+        self._timer.begin_step(step)
         try:
             with torch.no_grad():
                 if self._schedule is None:
@@ -249,6 +257,7 @@ class HybridDenoiser:
         model's own output. Recorded as a "serial" step with ``reason`` in the report notes."""
         step = self._begin_step(step, num_steps)
         started = time.perf_counter()
+        self._timer.begin_step(step)
         if not self._agreed and self.world_size > 1:
             self._check_agreement({"guidance": "off", **self._run_fields(),
                                    "shapes": describe_shapes(kw), "inputs": kw})
@@ -263,6 +272,17 @@ class HybridDenoiser:
         if self._closed:
             raise HybridError("this HybridDenoiser was closed (the parallelized pipeline was "
                               "restored); wrap the pipeline again with hr.parallelize")
+
+    def _note(self, text: str) -> None:
+        report = getattr(self, "_report", None)
+        if report is not None:
+            report.note(text)
+
+    def _collect_timings(self, block: bool) -> None:
+        """Move finished steps' compute / transfer / wait ms from the timer into the report."""
+        for step, (compute, transfer, wait) in self._timer.collect(block=block).items():
+            if step < len(self._report.modes):
+                self._report.set_timing(step, compute, transfer, wait)
 
     def _discard_pipeline(self, wait: bool = False) -> None:
         """Drop the stage pipeline of the current run. ``wait``: complete its transfers first
@@ -296,6 +316,10 @@ class HybridDenoiser:
         elapsed_ms = (time.perf_counter() - started) * 1e3
         self._report.record_step(mode, measured, elapsed_ms, self._bytes_sent() - sent_before)
         self._next_step = step + 1
+        self._timer.end_step()
+        self._collect_timings(block=False)
+        if self._accel.enabled:
+            self._report.extra["compile"] = self._accel.summary()
         if self._schedule is not None:
             self._report.nonfinite_steps = list(self._schedule.nonfinite_steps)
             if self.world_size > 1 and self.cfg.k > 0:  # serial and CBP-only runs never switch
@@ -304,9 +328,8 @@ class HybridDenoiser:
 
     def _start_run(self, uncond_kw: Kwargs, cond_kw: Kwargs, guidance_scale: float) -> None:
         num_steps = self._report.num_steps
-        if self.cfg.cuda_graphs == "auto" and self.dist.device.type == "cuda":
-            self._report.note("cuda_graphs='auto': denoiser calls ran eagerly (CUDA graph "
-                              "capture is not implemented in this version)")
+        for text in self._accel.notes:  # fallbacks of earlier runs still hold
+            self._report.note(text)
         if self.world_size == 1:
             # a world of one never pipelines, so pipelining limits do not apply to it
             self._schedule = SwitchSchedule(self.cfg.replace(k=0), num_steps)
@@ -393,7 +416,8 @@ class HybridDenoiser:
     def _cbp_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs,
                       step: int) -> tuple[torch.Tensor, torch.Tensor]:
         mine = self._run_model(uncond_kw if self.rank == 0 else cond_kw)
-        uncond_pred, cond_pred = self._transport.all_gather(mine, what=f"cbp step {step}")
+        with self._timer.section("transfer"):
+            uncond_pred, cond_pred = self._transport.all_gather(mine, what=f"cbp step {step}")
         return uncond_pred, cond_pred
 
     def _observe(self, step: int, uncond_pred: torch.Tensor, cond_pred: torch.Tensor) -> float:
@@ -471,8 +495,12 @@ class HybridDenoiser:
                 "probe": f"(measured: {probe_bytes} B there and back over {transport.name})",
                 "nominal": f"({transport.name}'s nominal figure; nothing to measure)",
             }[link_source])
+        start, stop = plan.stage_range(self.rank)
+        run_stage = (self._accel.stage_call(self._staged, start, stop,
+                                            last=self.rank == self.world_size - 1)
+                     if self._accel.enabled else None)
         return StagePipeline(self._staged, plan, profile.boundary_layouts, transport, self.rank,
-                             self.world_size)
+                             self.world_size, run_stage=run_stage, timer=self._timer)
 
     def _link_figure(self, transport: Transport, probe_bytes: int, store: Any,
                      key: str) -> tuple[float, str]:

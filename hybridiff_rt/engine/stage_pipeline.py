@@ -15,6 +15,8 @@ sends and receives always pair up and a run that ends mid-pipeline leaves nothin
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from ..comm import PendingTransfer, Transport
 from ..stages import (StagedDenoiser, empty_state_like, flatten_state, model_device,
                       unflatten_state)
 from ..stages.partition import PartitionPlan
+from .compiled import stage_function
 
 
 class StagePipeline:
@@ -35,10 +38,17 @@ class StagePipeline:
             to allocate receive buffers.
         transport: moves boundary states and the prediction.
         rank, world_size: this rank and the number of stages.
+        run_stage: ``run_stage(cond_kw, state) -> state`` (the last stage: -> prediction), this
+            rank's stage with ``prepare`` (``state`` None: the step's initial state); default the
+            eager ``engine.compiled.stage_function`` (the runtime passes a compiled or
+            graph-replayed one).
+        timer: an ``engine.timing.StepTimer`` for the compute / transfer / wait sections.
     """
 
     def __init__(self, staged: StagedDenoiser, plan: PartitionPlan, layouts: Any,
-                 transport: Transport, rank: int, world_size: int) -> None:
+                 transport: Transport, rank: int, world_size: int,
+                 run_stage: Callable[[dict[str, Any], Any], Any] | None = None,
+                 timer: Any = None) -> None:
         if plan.num_stages != world_size:
             raise ValueError(f"plan has {plan.num_stages} stages for {world_size} ranks")
         self.staged = staged
@@ -47,6 +57,9 @@ class StagePipeline:
         self.rank = rank
         self.world_size = world_size
         self.start, self.stop = plan.stage_range(rank)
+        self._run_stage = run_stage or stage_function(staged, self.start, self.stop,
+                                                      last=rank == world_size - 1)
+        self._section = timer.section if timer is not None else _untimed
         self._in_layout = layouts[self.start - 1] if rank > 0 else None
         (self._out_spec,) = layouts[-1]  # the state after the last unit holds the prediction
         self._stale: dict[str, torch.Tensor] | None = None  # boundary of step s-1 (rank > 0)
@@ -64,24 +77,26 @@ class StagePipeline:
             more_follow: another pipelined step follows this one (so boundaries are shipped).
         """
         last_rank = self.world_size - 1
-        ctx = self.staged.prepare(**cond_kw)
-        if self.rank == 0:
-            state_in = ctx.initial_state
-        elif first:
-            state_in = self._receive_now(step)
-        else:
-            state_in = self._take_stale(step)
+        state_in = None  # rank 0: this step's own initial state (built by prepare)
+        if self.rank > 0 and first:
+            with self._section("transfer"):
+                state_in = self._receive_now(step)
+        elif self.rank > 0:
+            with self._section("wait"):
+                state_in = self._take_stale(step)
         if self.rank > 0 and more_follow and not first:
             self._post_receive(step)  # boundary of this step, consumed by the next one
-        state_out = self.staged.run(state_in, ctx, self.start, self.stop)
+        with self._section("compute"):
+            out = self._run_stage(cond_kw, state_in)
         if self.rank < last_rank and (first or more_follow):
-            self._send(state_out, step)
+            self._send(out, step)
         if self.rank == last_rank:
-            prediction = self.staged.finish(state_out, ctx).contiguous()
+            prediction = out.contiguous()
         else:
             prediction = self._prediction_buffer()
-        self.transport.broadcast(prediction, src=last_rank, what=f"pipeline step {step} "
-                                                                  "prediction")
+        with self._section("transfer"):
+            self.transport.broadcast(prediction, src=last_rank,
+                                     what=f"pipeline step {step} prediction")
         if self.rank > 0 and first:
             self._stale = state_in
         return prediction
@@ -104,7 +119,8 @@ class StagePipeline:
 
     def _send(self, state: dict[str, torch.Tensor], step: int) -> None:
         if self._outgoing is not None:
-            self._outgoing.wait()  # the previous boundary must be out before reusing the slot
+            with self._section("wait"):
+                self._outgoing.wait()  # the previous boundary must be out before the next
         _, tensors = flatten_state(state)
         self._outgoing = self.transport.isend(tensors, self.rank + 1,
                                               what=f"pipeline step {step} boundary")
@@ -134,3 +150,8 @@ class StagePipeline:
         if self._stale is None:
             raise RuntimeError(f"pipeline step {step}: no boundary state from the previous step")
         return self._stale
+
+
+@contextlib.contextmanager
+def _untimed(kind: str):
+    yield
