@@ -71,13 +71,16 @@ def loop(den, sample: torch.Tensor, cond: dict, uncond: dict) -> torch.Tensor:
     return sample
 
 
-def run_case(seed: int, name: str, **overrides: Any) -> dict[str, Any]:
-    """This rank's loop output (numpy) and report for case ``name`` (inputs from ``seed``)."""
+def run_case(seed: int, name: str, image: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """This rank's loop output (numpy) and report for case ``name`` (inputs from ``seed``; only
+    image ``image`` of them when given)."""
     import hybridiff_rt as hr
 
     batch, fields = CASES[name]
     model = unet(seed)
     sample, cond, uncond = inputs(seed + 1, batch)
+    if image is not None:
+        sample, cond, uncond = (rows(v, image, image + 1) for v in (sample, cond, uncond))
     den = hr.HybridDenoiser(model, hr.HybridConfig(**{**fields, **overrides}))
     try:
         out = loop(den, sample, cond, uncond)
@@ -136,3 +139,22 @@ def emulate(seed: int, name: str, pairs: int, chains: list[tuple[tuple[int, int]
             guided, _ = hr.ops.cfg_combine(u_pred, c_pred, GUIDANCE)
             sample = sample - 0.1 * guided
     return sample.numpy().copy()
+
+
+PROMPTS = ("a red fox in the snow", "a castle on a cliff")
+
+
+def pipeline_call(pipe, seed: int, images: tuple[int, ...]) -> dict[str, Any]:
+    """Keyword arguments of a tiny SDXL pipeline call making ``images`` (indices into PROMPTS):
+    each prompt encoded on its own (batch 1) and one generator per image, so image i of any call
+    gets the same embeddings and initial latents."""
+    encoded = [pipe.encode_prompt(PROMPTS[i], device=torch.device("cpu"),
+                                  num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                  negative_prompt="low quality") for i in images]
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+             "negative_pooled_prompt_embeds")
+    call = {name: torch.cat([e[n] for e in encoded]) for n, name in enumerate(names)}
+    call.update(num_inference_steps=STEPS, height=32, width=32, guidance_scale=GUIDANCE,
+                output_type="latent",
+                generator=[torch.Generator().manual_seed(seed + 10 + i) for i in images])
+    return call
