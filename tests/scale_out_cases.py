@@ -15,14 +15,14 @@ STEPS = 6
 GUIDANCE = 4.0
 LATENT = 16
 #: window 1 makes every slope exactly 0, so the switch fires at step 1: pipelined steps 2..3
-HYBRID = dict(window=1, slope_eps=1e-6, k=2, tau_cap=2)
+HYBRID = {"window": 1, "slope_eps": 1e-6, "k": 2, "tau_cap": 2}
 #: the 2-stage cut pinned for image pairs (so a pair and a 2-rank run of its images cut alike)
 PAIR_CUTS = (0, 8, 16)
 
 #: name -> (images per branch, HybridConfig fields); the layouts these give on 4 ranks are in
 #: the names
 CASES: dict[str, tuple[int, dict[str, Any]]] = {
-    "pairs_k0": (2, dict(k=0)),
+    "pairs_k0": (2, {"k": 0}),
     "pairs_hybrid": (2, dict(HYBRID, stage_cuts=PAIR_CUTS)),
     "pairs_uneven_hybrid": (3, dict(HYBRID, stage_cuts=PAIR_CUTS)),
     "layers_hybrid": (1, dict(HYBRID)),

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import scale_out_cases as cases  # noqa: E402
+import scale_out_cases as cases
 
 
 def main() -> None:

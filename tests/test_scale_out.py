@@ -14,6 +14,7 @@ Inputs and weights are fresh random draws per test session.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,16 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scale_out_cases as cases  # tests/ is on sys.path under pytest
 import torch
 
 import hybridiff_rt as hr
+from hybridiff_rt import testing
 from hybridiff_rt.engine.images import assemble, pad_rows, take_rows
 from hybridiff_rt.engine.scale_model import modelled_speedup
 from hybridiff_rt.engine.world import RankLayout, check_world_size, choose_layout, deal
-from hybridiff_rt import testing
 from hybridiff_rt.testing import all_ok, free_port, run_ranks
-
-import scale_out_cases as cases  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 4
@@ -62,7 +62,7 @@ def test_even_worlds_give_pairs_groups_and_shares():
     images = random.randrange(0, 3 * n)
     shares = deal(images, n)
     assert shares[0][0] == 0 and shares[-1][1] == images
-    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(shares))
     sizes = [b - a for a, b in shares]
     assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
     described = RankLayout(0, n).describe("layers", 1)

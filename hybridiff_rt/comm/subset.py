@@ -13,7 +13,7 @@ Every method counts the payload this rank sends on each link in :attr:`link_byte
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -7,7 +7,8 @@ is a contiguous row range ``[start, stop)`` of it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

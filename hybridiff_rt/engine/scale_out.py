@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -53,7 +54,7 @@ class _ChainPipeline:
     """The pipelined steps of one rank: its chain's StagePipeline (None when its pair has no
     image) plus, in "pairs" layout, the all-gather that gives every rank the whole batch."""
 
-    def __init__(self, owner: "ScaleOut", inner: StagePipeline | None) -> None:
+    def __init__(self, owner: ScaleOut, inner: StagePipeline | None) -> None:
         self._owner = owner
         self._inner = inner
 
