@@ -292,3 +292,29 @@ def test_two_nodes_of_two_ranks_equal_the_single_node_run(four, tmp_path):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert report["layers"]["layout"]["layout"] == "layers"
         assert report["layers"]["extra"]["pipeline"]["plan"]["cuts"] == cuts
+
+
+def test_the_partitioner_weighs_each_boundary_with_the_link_it_crosses():
+    """Per-stage link figures (one slow link, as between two nodes): the optimum equals a brute
+    force over every cut with the per-link model written out here."""
+    import itertools
+
+    from hybridiff_rt.stages.partition import plan_partition
+
+    n, stages = random.randrange(6, 10), 4
+    costs = [random.uniform(0.5, 5.0) for _ in range(n)]
+    sizes = [random.randrange(1, 1 << 20) for _ in range(n)]
+    links = [random.uniform(5e4, 5e5) for _ in range(stages)]
+    links[random.randrange(stages - 1)] /= 50  # the slow link
+
+    def bottleneck(cuts):
+        return max(sum(costs[a:b]) + sizes[b - 1] / links[j]
+                   for j, (a, b) in enumerate(itertools.pairwise(cuts)))
+
+    best = min(bottleneck((0, *inner, n))
+               for inner in itertools.combinations(range(1, n), stages - 1))
+    plan = plan_partition(costs, sizes, stages, links)
+    assert math.isclose(plan.bottleneck_ms, best, rel_tol=1e-12)
+    assert math.isclose(bottleneck(plan.cuts), best, rel_tol=1e-12)
+    with pytest.raises(hr.ConfigError, match="one per stage"):
+        plan_partition(costs, sizes, stages, links[:-1])

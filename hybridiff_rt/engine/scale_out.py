@@ -14,8 +14,8 @@ what on 2N ranks:
 * Pipelined steps, "layers": rank j runs stage j of 2N stages on the whole batch.
 
 Every pipeline is planned from unit costs measured on the chain's first rank and link figures
-measured between each pair of consecutive ranks of the chain (the slowest link goes to the
-partitioner, so a chain crossing a slow inter-node link is cut for it).
+measured between each pair of consecutive ranks of the chain; the partitioner weighs each stage's
+boundary with the link it crosses, so a chain crossing a slow inter-node link is cut for it.
 """
 
 from __future__ import annotations
@@ -255,7 +255,11 @@ class ScaleOut:
             links = _LINKS[cache_key]
         measured = [v for v in links if v is not None]
         bytes_per_ms = min(measured) if measured else sub.bytes_per_ms
-        plan = profile.plan(len(chain), bytes_per_ms, cuts=self.cfg.stage_cuts)
+        # stage j's boundary crosses link j; the last stage's prediction goes to every rank of
+        # the chain, so it is weighed with the slowest link
+        per_stage = ([*links, bytes_per_ms] if len(measured) == len(links)
+                     else [bytes_per_ms] * len(chain))
+        plan = profile.plan(len(chain), per_stage, cuts=self.cfg.stage_cuts)
         return profile, plan, {"per_link_bytes_per_ms": links, "bytes_per_ms": bytes_per_ms,
                                "measured": bool(measured), "probe_bytes": probe}
 
@@ -318,9 +322,11 @@ class ScaleOut:
             "link_probe_bytes": links["probe_bytes"] if links["measured"] else 0,
             "setup_ms": (time.perf_counter() - started) * 1e3,
         }
+        figures = ", ".join(f"{v / 1e6:.3g}" if v else "?" for v in
+                            links["per_link_bytes_per_ms"])
         self.report.note(
-            f"stage cut over ranks {list(chain)} planned with the slowest of their links, "
-            f"{links['bytes_per_ms'] / 1e6:.3g} GB/s over {self.parent.name}")
+            f"stage cut over ranks {list(chain)} planned with each link's measured figure "
+            f"({figures} GB/s between consecutive ranks, over {self.parent.name})")
         images = rows[1] - rows[0]
         whole_ms = sum(profile.unit_ms) + profile.prepare_ms + profile.finish_ms
         per_image = profile.boundary_bytes[-1] // max(images, 1)
