@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": seconds, "images_per_s": images / seconds,
                     "speedup": serial_s / seconds if serial_s else None,
                     "modelled": modelled(report, images) if world > 1 else 1.0,
-                    "modes": "".join(m[0] for m in report.get("modes", []))})
+                    "modes": "".join(m[0] for m in report.get("modes", [])),
+                    "model_detail": report.get("modelled_speedup"),
+                    "plan": (report.get("extra", {}).get("pipeline") or {}).get("plan"),
+                    "per_link_bytes_per_ms": (report.get("extra", {}).get("pipeline") or {})
+                    .get("per_link_bytes_per_ms")})
                 print(f"  {seconds:.2f} s, {images / seconds:.2f} images/s, modelled "
                       f"{rows[-1]['modelled']}", flush=True)
     columns = [("model", "model"), ("kind", "kind"), ("world", "ranks"), ("images", "images"),
