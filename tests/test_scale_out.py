@@ -228,6 +228,15 @@ def _rank_faults(rank, seed):
     out = {}
     model = cases.unet(seed)
     sample, cond, uncond = cases.inputs(seed + 1, 2)
+    # a pinned 2-stage cut cannot serve a 4-stage layer-wise chain: refused at the first call
+    den = hr.HybridDenoiser(model, hr.HybridConfig(**cases.HYBRID, stage_cuts=cases.PAIR_CUTS,
+                                                   scale_out="layers"))
+    try:
+        cases.loop(den, sample, cond, uncond)
+        out["cuts"] = None
+    except hr.ConfigError as exc:
+        out["cuts"] = str(exc)
+    den.close()
     den = hr.HybridDenoiser(model, hr.HybridConfig(k=0, timeout_s=3.0))
     try:  # rank 2 passes another guidance scale
         den(sample, cases.timestep(0), cond=cond, uncond=uncond,
@@ -249,13 +258,14 @@ def _rank_faults(rank, seed):
     return out
 
 
-def test_disagreement_and_a_killed_rank_raise_on_every_surviving_rank():
+def test_bad_cuts_disagreement_and_a_killed_rank_raise_on_every_surviving_rank():
     outcomes = run_ranks(_rank_faults, random.randrange(1 << 16), world_size=WORLD,
                          timeout_s=240)
     assert 3 not in outcomes or not outcomes[3].ok
     for rank in range(3):
         assert rank in outcomes, f"rank {rank} hung"
         result = outcomes[rank].unwrap()
+        assert result["cuts"] and "4 ranks (layers layout" in result["cuts"], result
         assert result["mismatch"] and "guidance_scale" in result["mismatch"], result
         assert result["death"] and "step 3" in result["death"], result
 
