@@ -27,6 +27,7 @@ CASES: dict[str, tuple[int, dict[str, Any]]] = {
     "pairs_uneven_hybrid": (3, dict(HYBRID, stage_cuts=PAIR_CUTS)),
     "layers_hybrid": (1, dict(HYBRID)),
     "layers_forced_two_images": (2, dict(HYBRID, scale_out="layers")),
+    "pairs_forced_one_image": (1, dict(HYBRID, stage_cuts=PAIR_CUTS, scale_out="pairs")),
 }
 
 

@@ -184,6 +184,9 @@ def test_every_layout_equals_a_one_process_emulation_of_its_schedule(four):
             assert tau1 == 1 and report["tau2"] == 1 + fields["k"]
             if layout["layout"] == "pairs":
                 for pair, (a, b) in enumerate(deal(batch, PAIRS)):
+                    if b == a:  # a pair without an image does not pipeline
+                        assert "pipeline" not in ranks[pair][name]["report"]["extra"]
+                        continue
                     pipe_report = ranks[pair][name]["report"]
                     plan = pipe_report["extra"]["pipeline"]
                     assert plan["chain"] == [pair, PAIRS + pair] and plan["rows"] == [a, b]
@@ -216,6 +219,8 @@ def test_reports_give_layout_bytes_per_link_and_a_modelled_speedup(four):
         speed = results["pairs_hybrid"]["report"]["modelled_speedup"]
         assert speed["run_speedup"] > 0 and speed["pipelined_step_ms"] > 0
         assert "unit costs measured" in speed["source"]
+        for name in cases.CASES:  # every rank, idle or not, models its layout
+            assert results[name]["report"]["modelled_speedup"]["run_speedup"] > 0, (rank, name)
         layers = results["layers_hybrid"]["report"]
         assert layers["layout"]["idle_on_cbp_steps"] == [1, 3]
         assert any("ranks [1, 3] had no image" in n for n in layers["notes"])

@@ -21,6 +21,7 @@ boundary with the link it crosses, so a chain crossing a slow inter-node link is
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +60,13 @@ class _ChainPipeline:
         self._inner = inner
 
     def step(self, cond_kw: Kwargs, step: int, *, first: bool, more_follow: bool) -> torch.Tensor:
+        owner = self._owner
+        try:
+            return self._step(cond_kw, step, first, more_follow)
+        finally:
+            owner.record_links()
+
+    def _step(self, cond_kw: Kwargs, step: int, first: bool, more_follow: bool) -> torch.Tensor:
         owner = self._owner
         if owner.layout_name == "layers":
             return self._inner.step(cond_kw, step, first=first, more_follow=more_follow)
@@ -138,7 +146,7 @@ class ScaleOut:
             self.report.note("layer-wise layout: condition-based steps split the images within "
                              "each branch group; pipelined steps run the whole batch over "
                              f"{self.layout.world_size} stages")
-        self._record_links()
+        self.record_links()
 
     @property
     def my_share(self) -> tuple[int, int]:
@@ -164,8 +172,7 @@ class ScaleOut:
             mine = self.run_model(take_rows(mine_kw, self.batch, start, stop))
             model_ms = (time.perf_counter() - started) * 1e3
             if self._spec is None:
-                self._publish_spec(mine)
-                self._model_cbp(model_ms / (stop - start), mine)
+                self._publish_spec(mine, model_ms / (stop - start))
         else:
             if self._spec is None:
                 self._learn_spec(step)
@@ -175,7 +182,7 @@ class ScaleOut:
         pairs = self.layout.pairs
         uncond = assemble(parts[:pairs], self.shares)
         cond = assemble(parts[pairs:], self.shares)
-        self._record_links()
+        self.record_links()
         return uncond, cond
 
     def build_pipeline(self, cond_kw: Kwargs) -> _ChainPipeline:
@@ -196,41 +203,47 @@ class ScaleOut:
             inner = StagePipeline(self.staged, plan, profile.boundary_layouts, sub, sub.rank,
                                   sub.world_size)
             self._describe_pipeline(chain, rows, profile, plan, links, started)
-        self._record_links()
+        self.record_links()
         return _ChainPipeline(self, inner)
 
     # ------------------------------------------------------------------------------ internals
-    def _record_links(self) -> None:
+    def record_links(self) -> None:
+        """Copy the per-link byte counts into the report."""
         self.report.link_bytes = {f"{self.layout.rank}->{dst}": n
                                   for dst, n in sorted(self.ledger.items())}
 
-    def _publish_spec(self, prediction: torch.Tensor) -> None:
+    def _publish_spec(self, prediction: torch.Tensor, image_ms: float) -> None:
         self._spec = (prediction.dtype, tuple(prediction.shape[1:]), prediction.device)
+        self._model_cbp(image_ms, prediction[:1].numel() * prediction.element_size(),
+                        "this rank's")
         if self.layout.rank == 0:
             default_store().set(f"{self.key}/spec", json.dumps(
-                [str(prediction.dtype).removeprefix("torch."), list(prediction.shape[1:])]))
+                [str(prediction.dtype).removeprefix("torch."), list(prediction.shape[1:]),
+                 image_ms]))
 
     def _learn_spec(self, step: int) -> None:
-        """A rank without images learns the prediction's dtype and shape from rank 0 (once)."""
+        """A rank without images learns the prediction's dtype and shape (and the model's time
+        per image, for the modelled speed-up) from rank 0, once per run."""
         store = default_store()
         wait_for_keys(store, [f"{self.key}/spec"], self.cfg.timeout_s,
                       f"rank {self.layout.rank}: step {step}, the prediction layout from rank 0")
-        dtype, tail = json.loads(store.get(f"{self.key}/spec"))
+        dtype, tail, image_ms = json.loads(store.get(f"{self.key}/spec"))
         self._spec = (getattr(torch, dtype), tuple(tail), self.device)
+        per_image = self.empty_prediction().element_size() * math.prod(tail)
+        self._model_cbp(image_ms, per_image, "rank 0's")
 
-    def _model_cbp(self, image_ms: float, prediction: torch.Tensor) -> None:
-        """The modelled speed-up of a run without pipelined steps, from this rank's measured
-        whole-model time per image at the first step (replaced by the unit-cost model when the
-        run pipelines)."""
+    def _model_cbp(self, image_ms: float, prediction_bytes_per_image: int, whose: str) -> None:
+        """The modelled speed-up of a run without pipelined steps, from the measured whole-model
+        time per image at the first step (replaced by the unit-cost model when the run
+        pipelines)."""
         steps = self.report.num_steps or 1
-        per_image = prediction[:1].numel() * prediction.element_size()
         self.report.modelled_speedup = modelled_speedup(
             images_per_branch=self.batch, pairs=self.layout.pairs, image_ms=image_ms,
-            prediction_bytes_per_image=per_image, bytes_per_ms=self.parent.bytes_per_ms,
-            cbp_steps=steps, pipelined_steps=0, pipeline_bottleneck_ms=None,
-            pipeline_gathers=False)
+            prediction_bytes_per_image=prediction_bytes_per_image,
+            bytes_per_ms=self.parent.bytes_per_ms, cbp_steps=steps, pipelined_steps=0,
+            pipeline_bottleneck_ms=None, pipeline_gathers=False)
         self.report.modelled_speedup["source"] = (
-            "this rank's measured model call at the first step; nominal link figure")
+            f"{whose} measured model call at the first step; nominal link figure")
 
     def _plan(self, sub: Transport, chain: tuple[int, ...], kw: Kwargs):
         """Profile (the chain's first rank, shared through the store), measure each link of the
