@@ -227,10 +227,34 @@ def test_reports_give_layout_bytes_per_link_and_a_modelled_speedup(four):
 
 
 # ------------------------------------------------------------------------------------- faults
+def _sd3_too_few_units(seed):
+    """An SD3-shaped transformer of 3 units on 4 ranks, one image, k > 0: the layer-wise chain
+    cannot have a stage per rank, so the run is condition-based throughout (noted). Returns the
+    output, the report and the per-branch serial reference computed in this process."""
+    with testing.seeded(seed):
+        model = testing.sd3_transformer(num_layers=1).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    sample = torch.randn(1, 16, 16, 16, generator=g)
+    cond, uncond = ({"encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
+                     "pooled_projections": torch.randn(1, 32, generator=g)} for _ in range(2))
+    den = hr.HybridDenoiser(model, hr.HybridConfig(**cases.HYBRID))
+    x, ref = sample, sample
+    with torch.no_grad():
+        for i in range(cases.STEPS):
+            t = torch.full((1,), 900.0 - 150.0 * i)
+            x = x - 0.1 * den(x, t, cond=cond, uncond=uncond, guidance_scale=cases.GUIDANCE,
+                              step=i, num_steps=cases.STEPS)
+            u = model(hidden_states=ref, timestep=t, **uncond, return_dict=False)[0]
+            c = model(hidden_states=ref, timestep=t, **cond, return_dict=False)[0]
+            ref = ref - 0.1 * hr.ops.cfg_combine(u, c, cases.GUIDANCE)[0]
+    den.close()
+    return {"out": x.numpy().copy(), "ref": ref.numpy().copy(), "report": den.report.to_dict()}
+
+
 def _rank_faults(rank, seed):
     import os as _os
 
-    out = {}
+    out = {"sd3": _sd3_too_few_units(seed)}
     model = cases.unet(seed)
     sample, cond, uncond = cases.inputs(seed + 1, 2)
     # a pinned 2-stage cut cannot serve a 4-stage layer-wise chain: refused at the first call
@@ -263,13 +287,17 @@ def _rank_faults(rank, seed):
     return out
 
 
-def test_bad_cuts_disagreement_and_a_killed_rank_raise_on_every_surviving_rank():
+def test_edge_cases_bad_cuts_disagreement_and_a_killed_rank_on_every_surviving_rank():
     outcomes = run_ranks(_rank_faults, random.randrange(1 << 16), world_size=WORLD,
                          timeout_s=240)
     assert 3 not in outcomes or not outcomes[3].ok
     for rank in range(3):
         assert rank in outcomes, f"rank {rank} hung"
         result = outcomes[rank].unwrap()
+        sd3 = result["sd3"]
+        assert sd3["report"]["modes"] == ["cbp"] * cases.STEPS
+        assert any("3 units for 4 ranks" in n for n in sd3["report"]["notes"])
+        np.testing.assert_array_equal(sd3["out"], sd3["ref"])
         assert result["cuts"] and "4 ranks (layers layout" in result["cuts"], result
         assert result["mismatch"] and "guidance_scale" in result["mismatch"], result
         assert result["death"] and "step 3" in result["death"], result

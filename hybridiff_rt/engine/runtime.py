@@ -403,7 +403,11 @@ class HybridDenoiser:
                                staged=self._staged, report=self._report, run_model=self._run_model,
                                key=f"hybridiff_rt/scale/{self._instance}/{self._run_index}",
                                device=model_device(self.model, self.dist.device))
-        self._scale.start(batch)
+        problem = self._scale.start(batch)
+        if problem and self._schedule.k > 0:  # the same on every rank: the same inputs
+            self._schedule = SwitchSchedule(self.cfg.replace(k=0), self._report.num_steps)
+            self._report.note(f"no pipelined steps in this run (k=0 instead of {self.cfg.k}): "
+                              f"{problem}")
 
     def _cbp_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs,
                       step: int) -> tuple[torch.Tensor, torch.Tensor]:

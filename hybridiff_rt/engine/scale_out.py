@@ -119,8 +119,11 @@ class ScaleOut:
         self._spec: tuple[torch.dtype, tuple[int, ...], torch.device] | None = None
 
     # ------------------------------------------------------------------------------ the run
-    def start(self, batch: int) -> None:
-        """Decide the layout for ``batch`` images per branch and describe it in the report."""
+    def start(self, batch: int) -> str:
+        """Decide the layout for ``batch`` images per branch and describe it in the report.
+
+        Returns why this run cannot pipeline ("" when it can): a layer-wise chain needs at least
+        one unit of the staged denoiser per rank."""
         pairs = self.layout.pairs
         self.batch = int(batch)
         self.shares = deal(self.batch, pairs)
@@ -147,6 +150,12 @@ class ScaleOut:
                              "each branch group; pipelined steps run the whole batch over "
                              f"{self.layout.world_size} stages")
         self.record_links()
+        units = len(self.staged.units) if self.staged is not None else 0
+        if self.staged is not None and self.layout_name == "layers" and units < stages:
+            return (f"the layer-wise layout needs one unit of the staged model per rank, and "
+                    f"this model has {units} units for {stages} ranks (use fewer ranks, or "
+                    f"scale_out='pairs' with at least {self.layout.pairs} images)")
+        return ""
 
     @property
     def my_share(self) -> tuple[int, int]:
