@@ -21,6 +21,7 @@ CUDA_GRAPH_MODES = ("auto", "on", "off")
 #: torch.compile modes of HybridConfig.compile ("off": eager). "reduce-overhead" and
 #: "max-autotune" replay CUDA graphs on CUDA devices (torch's own CUDA-graph trees).
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+SCALE_OUT_LAYOUTS = ("auto", "pairs", "layers")
 
 #: Paper defaults for 2 devices and 50 steps. SD3's slope_eps is the reference scripts' 0.5e-3;
 #: the paper's 0.1e-3 stays reachable as preset "sd3-paper" (or ``preset("sd3", slope_eps=1e-4)``).
@@ -71,6 +72,10 @@ class HybridConfig:
             cuts can differ between processes when two cuts cost nearly the same, so pin them
             (e.g. the ``extra["pipeline"]["plan"]["cuts"]`` of an earlier RunReport) when runs
             must be reproducible bit for bit across launches.
+        scale_out: layout on more than two ranks (world size 2N, N > 1; docs/scale-out.md):
+            "pairs" deals the images to the N rank pairs, "layers" runs one batch over 2N
+            pipelined stages, "auto" takes pairs when there are at least N images per branch.
+            Ignored on one or two ranks.
     """
 
     window: int = 12
@@ -86,6 +91,7 @@ class HybridConfig:
     handshake_timeout_s: float = 300.0
     guidance_scale: float | None = None
     stage_cuts: tuple[int, ...] | None = None
+    scale_out: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, minimum=1)
@@ -105,6 +111,7 @@ class HybridConfig:
                 f"compile='reduce-overhead' replays torch's own CUDA graphs, which "
                 f"cuda_graphs={self.cuda_graphs!r} contradicts: use cuda_graphs='auto' with it, "
                 "or compile='default' with cuda_graphs='on' (explicit capture) or 'off'")
+        _check_choice("scale_out", self.scale_out, SCALE_OUT_LAYOUTS)
         if self.stage_cuts is not None:
             cuts = tuple(self.stage_cuts) if isinstance(self.stage_cuts, (list, tuple)) else None
             if (cuts is None or len(cuts) < 2 or any(isinstance(c, bool) or not isinstance(c, int)

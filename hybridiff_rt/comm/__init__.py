@@ -3,7 +3,8 @@
 ``make_transport`` picks a backend for a HybridConfig.transport value:
   * "torch": torch.distributed (NCCL on GPUs, gloo on CPUs), works across nodes;
   * "ipc": the CUDA IPC engine of the compiled extension (ranks on one node, CUDA tensors);
-  * "auto": IPC when every rank is on this node with CUDA and the engine is usable, else torch.
+  * "auto": IPC when every rank is on this node with CUDA and the engine is usable, else torch;
+    on more than two ranks, torch for every link.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from ..errors import ExtensionError
 from .base import PendingTransfer, Transport
 from .distributed import DistInfo, current_dist_info, init_distributed
 from .store import default_store, wait_for_keys
+from .subset import SubsetTransport
 from .torch_backend import TorchTransport
 
-__all__ = ["PendingTransfer", "Transport", "TorchTransport", "DistInfo", "current_dist_info",
+__all__ = ["PendingTransfer", "Transport", "TorchTransport", "SubsetTransport", "DistInfo", "current_dist_info",
            "init_distributed", "make_transport", "all_ranks_on_this_node", "default_store",
            "wait_for_keys"]
 
@@ -49,10 +51,18 @@ def make_transport(kind: str, timeout_s: float, device: torch.device,
     wants_ipc = device.type == "cuda" and all_ranks_on_this_node()
     if kind == "auto" and not wants_ipc:
         return TorchTransport(timeout_s)
+    import torch.distributed as dist
+
+    if kind == "auto" and dist.get_world_size() > 2:
+        # world size 2N > 2: every link on torch.distributed (NCCL on GPUs) for now
+        transport = TorchTransport(timeout_s)
+        transport.notes.append(f"transport='auto' on {dist.get_world_size()} ranks: every link "
+                               f"uses torch.distributed ({transport.name}); the CUDA IPC "
+                               "transport serves runs on two ranks (transport='ipc' asks for it)")
+        return transport
     if kind == "ipc" and not wants_ipc:
         raise ExtensionError("transport='ipc' needs CUDA tensors and every rank on one node; "
                              f"this rank runs on {device} (use transport='torch' or 'auto')")
-    import torch.distributed as dist
 
     from . import ipc
 

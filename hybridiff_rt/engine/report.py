@@ -38,6 +38,13 @@ class RunReport:
         notes: human-readable remarks (e.g. why no partitioning happened).
         config: the HybridConfig used, as a dict.
         extra: room for engine-specific fields (stage cuts, ideal speed-up, ...).
+        layout: on more than one rank, who computes what (engine/world.py ``describe``):
+            "layout" ("pairs" | "layers"), pairs, branch groups, image shares, stage chains,
+            idle ranks, and "links" (this rank -> peer: the transport that link uses).
+        link_bytes: payload bytes this rank sent on each link, "src->dst" -> bytes (runs on
+            more than two ranks; on two ranks every byte of ``bytes_sent`` goes to the peer).
+        modelled_speedup: runs on more than two ranks: the modelled speed-up over one device from
+            measured unit costs (engine/scale_model.py); None where nothing was measured.
     """
 
     rank: int = 0
@@ -58,6 +65,9 @@ class RunReport:
     notes: list[str] = dataclasses.field(default_factory=list)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    layout: dict[str, Any] = dataclasses.field(default_factory=dict)
+    link_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    modelled_speedup: dict[str, Any] | None = None
 
     def record_step(self, mode: str, rel_mae: float, step_ms: float, bytes_sent: int) -> None:
         """Append one step's entry (mode, M_i or nan, wall ms, bytes this rank sent)."""

@@ -24,7 +24,7 @@ import torch
 from ..comm import Transport, default_store, init_distributed, make_transport, wait_for_keys
 from ..config import HybridConfig, require_config
 from ..errors import (HybridError, NonFinitePredictionError, ShapeError,
-                      UnsupportedModelError, WorldSizeError)
+                      UnsupportedModelError)
 from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
 from ..stages import UnitProfile, model_device, profile_units, stage_denoiser
@@ -34,8 +34,11 @@ from .stage_pipeline import StagePipeline
 from .report import RunReport
 from .compiled import Accelerator
 from .timing import StepTimer
+from .scale_out import ScaleOut
+from .world import RankLayout, check_world_size
 
-SUPPORTED_WORLD_SIZES = (1, 2)
+#: World sizes: 1 (serial), 2 (one CFG branch per rank) and any even 2N (engine/world.py).
+SUPPORTED_WORLD_SIZES = "1 or any even number"
 #: The stage partitioner's link figure is measured with this many round trips of the largest
 #: boundary (capped at LINK_PROBE_MAX_BYTES) when the pipelined phase starts.
 LINK_PROBE_ROUNDS = 3
@@ -95,11 +98,8 @@ class HybridDenoiser:
         self.cfg = require_config(cfg)
         # joining the job waits for ranks still loading their models: the handshake limit
         self.dist = init_distributed(timeout_s=self.cfg.handshake_timeout_s)
-        if self.dist.world_size not in SUPPORTED_WORLD_SIZES:
-            raise WorldSizeError(
-                f"hybridiff_rt runs on world size 1 (serial) or 2 (one CFG branch per device); "
-                f"this job has {self.dist.world_size} ranks. Start it with "
-                "`torchrun --nproc_per_node=2 ...`.")
+        self._pairs = check_world_size(self.dist.world_size)  # WorldSizeError when odd
+        self._scale: ScaleOut | None = None  # runs on 2N > 2 ranks (engine/scale_out.py)
         self.sample_key = "sample" if self.family == "unet" else "hidden_states"
         # staged before anyone (parallelize) wraps model.forward: units call the submodules
         self._staged = stage_denoiser(model) if self.world_size > 1 and self.cfg.k > 0 else None
@@ -148,6 +148,7 @@ class HybridDenoiser:
         self._report = RunReport(rank=self.rank, world_size=self.world_size,
                                  config=self.cfg.to_dict(), timing_clock=self._timer.clock)
         self._schedule: SwitchSchedule | None = None
+        self._scale = None
         self._next_step = 0
         self._agreed = False
         self._last_difference: torch.Tensor | None = None
@@ -361,6 +362,7 @@ class HybridDenoiser:
         self._report.transport = transport.name
         for text in transport.notes:
             self._report.note(text)
+        self._start_layout(transport, sample.shape[0])
 
     def _run_fields(self) -> Kwargs:
         """Fields every rank must agree on in any mode: config, model, planned steps and the
@@ -413,8 +415,27 @@ class HybridDenoiser:
             return uncond_pred, cond_pred
         return self._run_model(uncond_kw), self._run_model(cond_kw)
 
+    def _start_layout(self, transport: Transport, batch: int) -> None:
+        """Describe the rank layout in the report; on 2N > 2 ranks hand the run to ScaleOut."""
+        layout = RankLayout(self.rank, self._pairs)
+        if self.world_size == 2:
+            self._report.layout = layout.describe("pairs", batch)
+            self._report.layout["links"] = {f"{self.rank}->{1 - self.rank}": transport.name}
+            return
+        self._scale = ScaleOut(layout=layout, transport=transport, cfg=self.cfg,
+                               staged=self._staged, report=self._report, run_model=self._run_model,
+                               key=f"hybridiff_rt/scale/{self._instance}/{self._run_index}",
+                               device=model_device(self.model, self.dist.device))
+        problem = self._scale.start(batch)
+        if problem and self._schedule.k > 0:  # the same on every rank: the same inputs
+            self._schedule = SwitchSchedule(self.cfg.replace(k=0), self._report.num_steps)
+            self._report.note(f"no pipelined steps in this run (k=0 instead of {self.cfg.k}): "
+                              f"{problem}")
+
     def _cbp_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs,
                       step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._scale is not None:
+            return self._scale.cbp(uncond_kw, cond_kw, step)
         mine = self._run_model(uncond_kw if self.rank == 0 else cond_kw)
         with self._timer.section("transfer"):
             uncond_pred, cond_pred = self._transport.all_gather(mine, what=f"cbp step {step}")
@@ -459,7 +480,10 @@ class HybridDenoiser:
     def _build_pipeline(self, cond_kw: Kwargs) -> StagePipeline:
         """Profile the units (rank 0, cached per model/shape/device), share the profile through
         the store, measure the link with a boundary-sized transfer, and set up this rank's stage.
-        Every rank plans from rank 0's profile and link figure, so every rank cuts identically."""
+        Every rank plans from rank 0's profile and link figure, so every rank cuts identically.
+        On 2N > 2 ranks ScaleOut sets up the pairs' or the world's stage chain instead."""
+        if self._scale is not None:
+            return self._scale.build_pipeline(cond_kw)
         store = default_store()
         key = f"hybridiff_rt/profile/{self._instance}/{self._run_index}"
         started = time.perf_counter()

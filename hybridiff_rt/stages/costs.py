@@ -76,7 +76,8 @@ class UnitProfile:
         costs = tuple(float(x) for x in unit_ms)
         return cls(tuple(unit_names), costs, tuple(int(b) for b in boundary_bytes), (), device=device)
 
-    def plan(self, num_stages: int, bytes_per_ms: float, **kwargs: Any) -> PartitionPlan:
+    def plan(self, num_stages: int, bytes_per_ms: float | Sequence[float],
+             **kwargs: Any) -> PartitionPlan:
         """:func:`~hybridiff_rt.stages.partition.plan_partition` on these costs."""
         return plan_partition(self.unit_ms, self.boundary_bytes, num_stages, bytes_per_ms, **kwargs)
 

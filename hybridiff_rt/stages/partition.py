@@ -10,6 +10,10 @@ Definitions (N units, S stages):
   ``boundary_bytes[cuts[j+1]-1] / bytes_per_ms``. The last stage's outgoing transfer is the
   prediction, which it ships to the other ranks (every rank steps the scheduler); it is counted
   unless ``count_final_transfer=False``. With one stage nothing is sent, so no transfer is counted.
+* The link figure ``bytes_per_ms`` is one number for every link, or one per stage: entry j is the
+  link stage j's outgoing transfer crosses (the last entry: the link its prediction is shipped
+  over). Per-stage figures let the cut avoid putting a large boundary on a slow link (e.g. the one
+  between two nodes).
 * Objective: minimise the bottleneck ``max_j stage_ms[j]`` (the pipelined step time). Among
   optimal partitions the one with the least total transfer time is returned; remaining ties are
   broken deterministically (the last stages are kept as long as possible).
@@ -77,7 +81,7 @@ class _Chain:
         unit_costs_ms: Sequence[float],
         boundary_bytes: Sequence[int],
         num_stages: int,
-        bytes_per_ms: float,
+        bytes_per_ms: float | Sequence[float],
         count_final_transfer: bool,
     ) -> None:
         costs = [float(c) for c in unit_costs_ms]
@@ -106,23 +110,32 @@ class _Chain:
                 f"num_stages = {num_stages} is more than the {n} units; every stage needs at least "
                 "one unit, so use at most that many stages (devices) or a finer staging"
             )
-        bpm = float(bytes_per_ms)
-        if math.isnan(bpm) or bpm <= 0:
-            raise ConfigError(f"bytes_per_ms = {bytes_per_ms}; the link bandwidth must be > 0 bytes/ms (inf = free)")
+        if isinstance(bytes_per_ms, numbers.Real):
+            links = [float(bytes_per_ms)] * int(num_stages)
+        else:
+            links = [float(x) for x in bytes_per_ms]
+            if len(links) != num_stages:
+                raise ConfigError(f"bytes_per_ms has {len(links)} link figures for {num_stages} "
+                                  "stages; give one number, or one per stage (the link its "
+                                  "outgoing transfer crosses)")
+        for bpm in links:
+            if math.isnan(bpm) or bpm <= 0:
+                raise ConfigError(f"bytes_per_ms = {bytes_per_ms}; the link bandwidth must be > 0 bytes/ms (inf = free)")
         self.n, self.s = n, int(num_stages)
         self.prefix = [0.0]
         for c in costs:
             self.prefix.append(self.prefix[-1] + c)
-        # transfer[b]: outgoing transfer (ms) of a stage that ends right before unit index b.
-        self.transfer = [0.0] + [sizes[b - 1] / bpm for b in range(1, n + 1)]
+        # transfer[j][b]: outgoing transfer (ms) of stage j when it ends right before unit index b.
+        self.transfer = [[0.0] + [sizes[b - 1] / bpm for b in range(1, n + 1)] for bpm in links]
         if self.s == 1 or not count_final_transfer:
-            self.transfer[n] = 0.0
+            self.transfer[-1][n] = 0.0
 
     def compute(self, a: int, b: int) -> float:
         return self.prefix[b] - self.prefix[a]
 
-    def stage(self, a: int, b: int) -> float:
-        return self.compute(a, b) + self.transfer[b]
+    def stage(self, j: int, a: int, b: int) -> float:
+        """Time of stage ``j`` (0-based) running units[a:b] plus its outgoing transfer."""
+        return self.compute(a, b) + self.transfer[j][b]
 
     def validate_cuts(self, cuts: Sequence[int]) -> list[int]:
         cuts = [int(c) for c in cuts]
@@ -141,7 +154,8 @@ class _Chain:
         best[0][0] = 0.0
         for j in range(1, s + 1):
             for i in range(j, n - (s - j) + 1):
-                best[j][i] = min(max(best[j - 1][a], self.stage(a, i)) for a in range(j - 1, i))
+                best[j][i] = min(max(best[j - 1][a], self.stage(j - 1, a, i))
+                                 for a in range(j - 1, i))
         limit = best[s][n]
         # Pass 2: least total transfer over partitions whose stages all fit in `limit`.
         cost = [[inf] * (n + 1) for _ in range(s + 1)]
@@ -150,8 +164,8 @@ class _Chain:
         for j in range(1, s + 1):
             for i in range(j, n - (s - j) + 1):
                 for a in range(j - 1, i):  # ascending + strict '<': ties keep the earliest a
-                    if cost[j - 1][a] < inf and self.stage(a, i) <= limit:
-                        c = cost[j - 1][a] + self.transfer[i]
+                    if cost[j - 1][a] < inf and self.stage(j - 1, a, i) <= limit:
+                        c = cost[j - 1][a] + self.transfer[j - 1][i]
                         if c < cost[j][i]:
                             cost[j][i], arg[j][i] = c, a
         cuts = [n]
@@ -164,8 +178,8 @@ class _Chain:
     def plan(self, cuts: Sequence[int]) -> PartitionPlan:
         cuts = self.validate_cuts(cuts)
         compute = tuple(self.compute(a, b) for a, b in zip(cuts, cuts[1:]))
-        transfer = tuple(self.transfer[b] for b in cuts[1:])
-        stage = tuple(self.stage(a, b) for a, b in zip(cuts, cuts[1:]))
+        transfer = tuple(self.transfer[j][b] for j, b in enumerate(cuts[1:]))
+        stage = tuple(self.stage(j, a, b) for j, (a, b) in enumerate(zip(cuts, cuts[1:])))
         bottleneck = max(stage)
         serial = self.prefix[-1]
         speedup = serial / bottleneck if bottleneck > 0 else math.inf
@@ -176,7 +190,7 @@ def partition(
     unit_costs_ms: Sequence[float],
     boundary_bytes: Sequence[int],
     num_stages: int,
-    bytes_per_ms: float,
+    bytes_per_ms: float | Sequence[float],
     *,
     count_final_transfer: bool = True,
 ) -> list[int]:
@@ -186,8 +200,8 @@ def partition(
         unit_costs_ms: compute time of each unit, ms (finite, >= 0).
         boundary_bytes: bytes of the state leaving each unit (integers >= 0), same length.
         num_stages: number of stages (devices), 1 <= num_stages <= len(unit_costs_ms).
-        bytes_per_ms: link bandwidth in bytes per ms (> 0; ``math.inf`` for a free link).
-            1 GB/s is 1e6 bytes/ms.
+        bytes_per_ms: link bandwidth in bytes per ms (> 0; ``math.inf`` for a free link), one
+            number or one per stage (see the module docstring). 1 GB/s is 1e6 bytes/ms.
         count_final_transfer: count the last stage's shipping of the prediction.
 
     Returns:
@@ -204,7 +218,7 @@ def stage_times_ms(
     unit_costs_ms: Sequence[float],
     boundary_bytes: Sequence[int],
     cuts: Sequence[int],
-    bytes_per_ms: float,
+    bytes_per_ms: float | Sequence[float],
     *,
     count_final_transfer: bool = True,
 ) -> list[float]:
@@ -217,7 +231,7 @@ def plan_partition(
     unit_costs_ms: Sequence[float],
     boundary_bytes: Sequence[int],
     num_stages: int,
-    bytes_per_ms: float,
+    bytes_per_ms: float | Sequence[float],
     *,
     count_final_transfer: bool = True,
     cuts: Sequence[int] | None = None,

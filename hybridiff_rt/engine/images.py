@@ -1,0 +1,46 @@
+"""Pure helpers that cut a branch batch into image shares and put gathered shares back together.
+
+A branch batch is the keyword inputs of one CFG branch with B images (leading dimension B on every
+batch-shaped argument, as :func:`~hybridiff_rt.engine.batch.split_cfg_batch` leaves them). A share
+is a contiguous row range ``[start, stop)`` of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def take_rows(value: Any, batch: int, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every batch-shaped tensor in ``value`` (leading size ``batch``);
+    other values (scalars, None, tensors of another leading size) are returned unchanged."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 1 and value.shape[0] == batch:
+            return value[start:stop]
+        return value
+    if isinstance(value, dict):
+        return {k: take_rows(v, batch, start, stop) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(take_rows(v, batch, start, stop) for v in value)
+    return value
+
+
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor`` ([r, ...], r <= ``rows``) followed by zero rows up to ``rows`` rows (contiguous;
+    the first r rows keep their values bit for bit)."""
+    missing = rows - tensor.shape[0]
+    if missing < 0:
+        raise ValueError(f"cannot pad {tensor.shape[0]} rows down to {rows}")
+    if missing == 0:
+        return tensor.contiguous()
+    zeros = torch.zeros((missing, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([tensor, zeros], dim=0)
+
+
+def assemble(parts: Sequence[torch.Tensor], shares: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The batch in image order from padded per-share tensors: ``parts[i][:stop_i - start_i]``
+    for each share i, concatenated (shares must be contiguous and in order)."""
+    pieces = [part[: stop - start] for part, (start, stop) in zip(parts, shares) if stop > start]
+    return torch.cat(pieces, dim=0)

@@ -1,0 +1,368 @@
+"""Runs on 2N > 2 ranks: image pairs or layer-wise stages (docs/scale-out.md).
+
+One :class:`ScaleOut` per run, owned by the HybridDenoiser, which still asks the schedule for
+each step's mode and keeps the report's per-step lists. This module only decides who computes
+what on 2N ranks:
+
+* CBP steps (both layouts): the B images of each branch are dealt to the N pairs
+  (:func:`~hybridiff_rt.engine.world.deal`); rank r runs its branch on its pair's share, the
+  shares (padded to the largest) are all-gathered over the world and put back in image order, so
+  every rank holds the whole ``(uncond, cond)`` prediction of a one-device run. A rank whose share
+  is empty (fewer images than pairs) idles and sends padding.
+* Pipelined steps, "pairs": pair p pipelines its share over its two ranks (rank p stage 0, rank
+  N+p stage 1) exactly like a two-rank run; the pairs' cond predictions are all-gathered.
+* Pipelined steps, "layers": rank j runs stage j of 2N stages on the whole batch.
+
+Every pipeline is planned from unit costs measured on the chain's first rank and link figures
+measured between each pair of consecutive ranks of the chain; the partitioner weighs each stage's
+boundary with the link it crosses, so a chain crossing a slow inter-node link is cut for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..comm import SubsetTransport, Transport, default_store, wait_for_keys
+from ..config import HybridConfig
+from ..errors import ConfigError
+from ..stages import StagedDenoiser, UnitProfile, profile_units
+from .images import assemble, pad_rows, take_rows
+from .report import RunReport
+from .scale_model import modelled_speedup
+from .stage_pipeline import StagePipeline
+from .world import RankLayout, choose_layout, deal
+
+Kwargs = dict[str, Any]
+#: The link probe: round trips per consecutive-rank link, and the largest message (bytes).
+LINK_PROBE_ROUNDS = 3
+LINK_PROBE_MAX_BYTES = 64 << 20
+#: (transport name, chain ranks, probe bytes) -> measured bytes/ms of each link of the chain
+_LINKS: dict[tuple[str, tuple[int, ...], int], list[float | None]] = {}
+
+
+def clear_scale_out_link_cache() -> None:
+    """Forget measured link figures (the next pipelined run on 2N ranks measures again)."""
+    _LINKS.clear()
+
+
+class _ChainPipeline:
+    """The pipelined steps of one rank: its chain's StagePipeline (None when its pair has no
+    image) plus, in "pairs" layout, the all-gather that gives every rank the whole batch."""
+
+    def __init__(self, owner: ScaleOut, inner: StagePipeline | None) -> None:
+        self._owner = owner
+        self._inner = inner
+
+    def step(self, cond_kw: Kwargs, step: int, *, first: bool, more_follow: bool) -> torch.Tensor:
+        owner = self._owner
+        try:
+            return self._step(cond_kw, step, first, more_follow)
+        finally:
+            owner.record_links()
+
+    def _step(self, cond_kw: Kwargs, step: int, first: bool, more_follow: bool) -> torch.Tensor:
+        owner = self._owner
+        if owner.layout_name == "layers":
+            return self._inner.step(cond_kw, step, first=first, more_follow=more_follow)
+        start, stop = owner.my_share
+        if self._inner is not None:
+            mine = self._inner.step(take_rows(cond_kw, owner.batch, start, stop), step,
+                                    first=first, more_follow=more_follow)
+        else:
+            mine = owner.empty_prediction()
+        parts = owner.world.all_gather(pad_rows(mine, owner.largest_share),
+                                       what=f"pipeline step {step} pair predictions")
+        return assemble(parts[: owner.layout.pairs], owner.shares)
+
+    def drain(self) -> None:
+        if self._inner is not None:
+            self._inner.drain()
+
+
+class ScaleOut:
+    """Who computes what on 2N > 2 ranks, for one run (see the module docstring).
+
+    Args:
+        layout: this rank's RankLayout.
+        transport: the job's transport (all ranks).
+        cfg: the run's HybridConfig.
+        staged: the staged denoiser (None when the run cannot pipeline).
+        report: the run's RunReport (layout, link bytes, modelled speed-up and notes go there).
+        run_model: ``kw -> prediction`` (the model's forward, first output).
+        key: a store key prefix unique to this run.
+        device: where the model's tensors live (buffers of idle ranks and link probes).
+    """
+
+    def __init__(self, *, layout: RankLayout, transport: Transport, cfg: HybridConfig,
+                 staged: StagedDenoiser | None, report: RunReport,
+                 run_model: Callable[[Kwargs], torch.Tensor], key: str,
+                 device: torch.device) -> None:
+        self.device = device
+        self.layout = layout
+        self.cfg = cfg
+        self.staged = staged
+        self.report = report
+        self.run_model = run_model
+        self.key = key
+        self.parent = transport
+        self.ledger: dict[int, int] = {}
+        self.world = SubsetTransport(transport, range(layout.world_size), ledger=self.ledger)
+        self.batch = 0
+        self.shares: list[tuple[int, int]] = []
+        self.layout_name = ""
+        self._spec: tuple[torch.dtype, tuple[int, ...], torch.device] | None = None
+
+    # ------------------------------------------------------------------------------ the run
+    def start(self, batch: int) -> str:
+        """Decide the layout for ``batch`` images per branch and describe it in the report.
+
+        Returns why this run cannot pipeline ("" when it can): a layer-wise chain needs at least
+        one unit of the staged denoiser per rank."""
+        pairs = self.layout.pairs
+        self.batch = int(batch)
+        self.shares = deal(self.batch, pairs)
+        self.layout_name = choose_layout(self.cfg.scale_out, self.batch, pairs)
+        stages = 2 if self.layout_name == "pairs" else self.layout.world_size
+        cuts = self.cfg.stage_cuts
+        if cuts is not None and self.cfg.k > 0 and len(cuts) - 1 != stages:
+            raise ConfigError(
+                f"stage_cuts {cuts} has {len(cuts) - 1} stages, but this run pipelines over "
+                f"{stages} ranks ({self.layout_name} layout on {self.layout.world_size} ranks); "
+                f"give {stages + 1} cut indices or leave stage_cuts=None")
+        described = self.layout.describe(self.layout_name, self.batch)
+        described["links"] = {f"{self.layout.rank}->{r}": self.parent.name
+                              for r in range(self.layout.world_size) if r != self.layout.rank}
+        self.report.layout = described
+        idle = described["idle_on_cbp_steps"]
+        if idle:
+            self.report.note(
+                f"{self.batch} image(s) per branch for {pairs} rank pairs: ranks {idle} had no "
+                "image to compute on condition-based steps and only took part in the exchange "
+                "(no exact split of one image's branch exists)")
+        if self.layout_name == "layers" and self.batch > 1:
+            self.report.note("layer-wise layout: condition-based steps split the images within "
+                             "each branch group; pipelined steps run the whole batch over "
+                             f"{self.layout.world_size} stages")
+        self.record_links()
+        units = len(self.staged.units) if self.staged is not None else 0
+        if self.staged is not None and self.layout_name == "layers" and units < stages:
+            return (f"the layer-wise layout needs one unit of the staged model per rank, and "
+                    f"this model has {units} units for {stages} ranks (use fewer ranks, or "
+                    f"scale_out='pairs' with at least {self.layout.pairs} images)")
+        return ""
+
+    @property
+    def my_share(self) -> tuple[int, int]:
+        return self.shares[self.layout.pair]
+
+    @property
+    def largest_share(self) -> int:
+        return max(stop - start for start, stop in self.shares)
+
+    def empty_prediction(self) -> torch.Tensor:
+        """A 0-row prediction of the right trailing shape and dtype (a rank without images)."""
+        dtype, tail, device = self._spec
+        return torch.empty((0, *tail), dtype=dtype, device=device)
+
+    def cbp(self, uncond_kw: Kwargs, cond_kw: Kwargs, step: int) -> tuple[torch.Tensor,
+                                                                           torch.Tensor]:
+        """One condition-based step on 2N ranks; returns (uncond, cond) predictions of every
+        image, shape ``[B, ...]``, identical on every rank."""
+        start, stop = self.my_share
+        mine_kw = uncond_kw if self.layout.branch == "uncond" else cond_kw
+        if stop > start:
+            started = time.perf_counter()
+            mine = self.run_model(take_rows(mine_kw, self.batch, start, stop))
+            if self._spec is None:  # the first step: time the call for the modelled speed-up
+                if mine.device.type == "cuda":
+                    torch.cuda.synchronize(mine.device)
+                model_ms = (time.perf_counter() - started) * 1e3
+                self._publish_spec(mine, model_ms / (stop - start))
+        else:
+            if self._spec is None:
+                self._learn_spec(step)
+            mine = self.empty_prediction()
+        parts = self.world.all_gather(pad_rows(mine, self.largest_share),
+                                      what=f"cbp step {step} (2N ranks)")
+        pairs = self.layout.pairs
+        uncond = assemble(parts[:pairs], self.shares)
+        cond = assemble(parts[pairs:], self.shares)
+        self.record_links()
+        return uncond, cond
+
+    def build_pipeline(self, cond_kw: Kwargs) -> _ChainPipeline:
+        """Set up this rank's part of the pipelined steps (collective over each chain)."""
+        started = time.perf_counter()
+        if self.layout_name == "layers":
+            chain = tuple(range(self.layout.world_size))
+            rows = (0, self.batch)
+        else:
+            chain = self.layout.pair_ranks()
+            rows = self.my_share
+        inner = None
+        if rows[1] > rows[0]:
+            sub = (self.world if self.layout_name == "layers"
+                   else SubsetTransport(self.parent, chain, ledger=self.ledger))
+            kw = take_rows(cond_kw, self.batch, *rows)
+            profile, plan, links = self._plan(sub, chain, kw)
+            inner = StagePipeline(self.staged, plan, profile.boundary_layouts, sub, sub.rank,
+                                  sub.world_size)
+            self._describe_pipeline(chain, rows, profile, plan, links, started)
+        self.record_links()
+        return _ChainPipeline(self, inner)
+
+    # ------------------------------------------------------------------------------ internals
+    def record_links(self) -> None:
+        """Copy the per-link byte counts into the report."""
+        self.report.link_bytes = {f"{self.layout.rank}->{dst}": n
+                                  for dst, n in sorted(self.ledger.items())}
+
+    def _publish_spec(self, prediction: torch.Tensor, image_ms: float) -> None:
+        self._spec = (prediction.dtype, tuple(prediction.shape[1:]), prediction.device)
+        self._model_cbp(image_ms, prediction[:1].numel() * prediction.element_size(),
+                        "this rank's")
+        if self.layout.rank == 0:
+            default_store().set(f"{self.key}/spec", json.dumps(
+                [str(prediction.dtype).removeprefix("torch."), list(prediction.shape[1:]),
+                 image_ms]))
+
+    def _learn_spec(self, step: int) -> None:
+        """A rank without images learns the prediction's dtype and shape (and the model's time
+        per image, for the modelled speed-up) from rank 0, once per run."""
+        store = default_store()
+        wait_for_keys(store, [f"{self.key}/spec"], self.cfg.timeout_s,
+                      f"rank {self.layout.rank}: step {step}, the prediction layout from rank 0")
+        dtype, tail, image_ms = json.loads(store.get(f"{self.key}/spec"))
+        self._spec = (getattr(torch, dtype), tuple(tail), self.device)
+        per_image = self.empty_prediction().element_size() * math.prod(tail)
+        self._model_cbp(image_ms, per_image, "rank 0's")
+
+    def _model_cbp(self, image_ms: float, prediction_bytes_per_image: int, whose: str) -> None:
+        """The modelled speed-up of a run without pipelined steps, from the measured whole-model
+        time per image at the first step (replaced by the unit-cost model when the run
+        pipelines)."""
+        steps = self.report.num_steps or 1
+        self.report.modelled_speedup = modelled_speedup(
+            images_per_branch=self.batch, pairs=self.layout.pairs, image_ms=image_ms,
+            prediction_bytes_per_image=prediction_bytes_per_image,
+            bytes_per_ms=self.parent.bytes_per_ms, cbp_steps=steps, pipelined_steps=0,
+            pipeline_bottleneck_ms=None, pipeline_gathers=False)
+        self.report.modelled_speedup["source"] = (
+            f"{whose} measured model call at the first step; nominal link figure")
+
+    def _plan(self, sub: Transport, chain: tuple[int, ...], kw: Kwargs):
+        """Profile (the chain's first rank, shared through the store), measure each link of the
+        chain, and plan ``len(chain)`` stages; identical on every rank of the chain."""
+        store = default_store()
+        key = f"{self.key}/chain{chain[0]}-{chain[-1]}"
+        if sub.rank == 0:
+            profile = profile_units(self.staged, kw)
+            store.set(f"{key}/profile", json.dumps(profile.to_dict()))
+        else:
+            wait_for_keys(store, [f"{key}/profile"], self.cfg.handshake_timeout_s,
+                          f"rank {self.layout.rank}: the stage profile from rank {chain[0]}",
+                          "The limit is HybridConfig(handshake_timeout_s=...).")
+            profile = UnitProfile.from_dict(json.loads(store.get(f"{key}/profile")))
+        probe = min(max(profile.boundary_bytes, default=0), LINK_PROBE_MAX_BYTES)
+        if sub.link_measured:
+            links = [sub.bytes_per_ms] * (len(chain) - 1)
+        else:
+            cache_key = (sub.name, chain, probe)
+            if cache_key not in _LINKS:
+                _LINKS[cache_key] = self._measure_links(sub, chain, probe, store, key)
+            links = _LINKS[cache_key]
+        measured = [v for v in links if v is not None]
+        bytes_per_ms = min(measured) if measured else sub.bytes_per_ms
+        # stage j's boundary crosses link j; the last stage's prediction goes to every rank of
+        # the chain, so it is weighed with the slowest link
+        per_stage = ([*links, bytes_per_ms] if len(measured) == len(links)
+                     else [bytes_per_ms] * len(chain))
+        plan = profile.plan(len(chain), per_stage, cuts=self.cfg.stage_cuts)
+        return profile, plan, {"per_link_bytes_per_ms": links, "bytes_per_ms": bytes_per_ms,
+                               "measured": bool(measured), "probe_bytes": probe}
+
+    def _measure_links(self, sub: Transport, chain: tuple[int, ...], nbytes: int, store: Any,
+                       key: str) -> list[float | None]:
+        """Bytes per ms of each link (chain[j] -> chain[j+1]): ``LINK_PROBE_ROUNDS`` round trips
+        of ``nbytes``, measured by the link's first rank, links one after another, shared through
+        the store. Probe traffic is not counted in the report's bytes."""
+        figures: list[float | None] = []
+        if nbytes <= 0:
+            return [None] * (len(chain) - 1)
+        device = self.device
+        buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        sent_before, ledger_before = self.parent.bytes_sent, dict(self.ledger)
+        me = sub.rank
+        for j in range(len(chain) - 1):
+            if me in (j, j + 1):
+                trips = []
+                for _ in range(LINK_PROBE_ROUNDS):
+                    started = time.perf_counter()
+                    if me == j:
+                        sub.isend([buffer], j + 1, what="link measurement").wait()
+                        sub.irecv([buffer], j + 1, what="link measurement").wait()
+                    else:
+                        sub.irecv([buffer], j, what="link measurement").wait()
+                        sub.isend([buffer], j, what="link measurement").wait()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    trips.append((time.perf_counter() - started) * 1e3)
+                if me == j:
+                    median = sorted(trips)[len(trips) // 2]
+                    store.set(f"{key}/link{j}", json.dumps(2 * nbytes / max(median, 1e-6)))
+        keys = [f"{key}/link{j}" for j in range(len(chain) - 1)]
+        wait_for_keys(store, keys, self.cfg.timeout_s,
+                      f"rank {self.layout.rank}: the link measurements of ranks {list(chain)}")
+        figures = [json.loads(store.get(k)) for k in keys]
+        self.parent.bytes_sent = sent_before
+        sub.bytes_sent = 0
+        self.ledger.clear()
+        self.ledger.update(ledger_before)
+        return figures
+
+    def _describe_pipeline(self, chain: tuple[int, ...], rows: tuple[int, int],
+                           profile: UnitProfile, plan: Any, links: dict[str, Any],
+                           started: float) -> None:
+        self.report.extra["pipeline"] = {
+            "plan": plan.to_dict(),
+            "chain": list(chain),
+            "rows": list(rows),
+            "stage_units": [list(profile.unit_names[a:b])
+                            for a, b in zip(plan.cuts[:-1], plan.cuts[1:])],
+            "unit_names": list(profile.unit_names),
+            "unit_ms": list(profile.unit_ms),
+            "boundary_bytes": list(profile.boundary_bytes),
+            "profile_device": profile.device,
+            "link_bytes_per_ms": links["bytes_per_ms"],
+            "per_link_bytes_per_ms": links["per_link_bytes_per_ms"],
+            "link_measured": links["measured"],
+            "link_source": "probe" if links["measured"] else "nominal",
+            "link_probe_bytes": links["probe_bytes"] if links["measured"] else 0,
+            "setup_ms": (time.perf_counter() - started) * 1e3,
+        }
+        figures = ", ".join(f"{v / 1e6:.3g}" if v else "?" for v in
+                            links["per_link_bytes_per_ms"])
+        self.report.note(
+            f"stage cut over ranks {list(chain)} planned with each link's measured figure "
+            f"({figures} GB/s between consecutive ranks, over {self.parent.name})")
+        images = rows[1] - rows[0]
+        whole_ms = sum(profile.unit_ms) + profile.prepare_ms + profile.finish_ms
+        per_image = profile.boundary_bytes[-1] // max(images, 1)
+        k = self.cfg.k
+        steps = self.report.num_steps or k
+        self.report.modelled_speedup = modelled_speedup(
+            images_per_branch=self.batch, pairs=self.layout.pairs,
+            image_ms=whole_ms / max(images, 1), prediction_bytes_per_image=per_image,
+            bytes_per_ms=links["bytes_per_ms"], cbp_steps=max(steps - k, 0),
+            pipelined_steps=k, pipeline_bottleneck_ms=plan.bottleneck_ms,
+            pipeline_gathers=self.layout_name == "pairs")
+        self.report.modelled_speedup["source"] = (
+            f"unit costs measured on rank {chain[0]} ({profile.device}) for {images} image(s); "
+            "measured link figure" if links["measured"] else "nominal link figure")
+
