@@ -14,10 +14,10 @@ temporarily replaced by stand-ins:
   every other argument (time embedding, rotary tables, masks, text context) is the step context
   handed to every block of that list. (With several lists, the stand-ins of the earlier lists
   pass their flow through unchanged so that the first call of the last list is reached.)
-* ``units``: ``blocks.I`` calls the real block I with the recorded context and the flowing state.
-* ``finish``: the model's forward runs again with stand-ins that return the final state, so the
-  epilogue runs exactly as in the model (the prologue is recomputed on the last stage; it is the
-  cheap part of the model).
+* ``units``: ``<list>.I`` calls the real block I with the recorded context and the flowing
+  state; the last unit, ``out``, runs the model's forward again with stand-ins that return the
+  final state, so the epilogue runs exactly as in the model (the prologue is recomputed there; it
+  is the cheap part of the model). ``finish`` returns its ``"sample"``.
 
 Running all units therefore equals the model's own forward bit for bit, for model classes whose
 forward hands every block of a list the same non-flow arguments and does nothing between blocks
@@ -25,7 +25,8 @@ forward hands every block of a list the same non-flow arguments and does nothing
 forward do something between blocks (ControlNet residuals) are refused per family.
 
 State names are the flow argument names of the blocks, e.g. ``"hidden_states"`` (B, N, D) with
-N tokens and D the inner dimension.
+N tokens and D the inner dimension; after ``out`` the state is ``{"sample": prediction}`` (the
+shape of the model's output).
 """
 
 from __future__ import annotations
@@ -119,6 +120,25 @@ class DiTBlock(Unit):
         return dict(zip(self.family.returns, values))
 
 
+class Epilogue(Unit):
+    """``out``: the model's own forward with its blocks returning the flowing state, so the
+    norm / projection / unpatchify after the blocks run as in the model -> ``{"sample": ...}``."""
+
+    def __init__(self, staged: StagedDiT) -> None:
+        self.name, self.staged = "out", staged
+
+    def __call__(self, state: State, ctx: DiTContext) -> State:
+        returns = self.staged.family.returns
+        if set(state) != set(returns):
+            raise ShapeError(f"the out unit expects the state after the last block "
+                             f"({sorted(returns)}), got keys {sorted(state)}")
+        values = tuple(state[k] for k in returns)
+        result = values[0] if len(values) == 1 else values
+        out = self.staged._run_forward({**ctx.forward_kwargs, "return_dict": False},
+                                       lambda li, i, a, k: result)
+        return {"sample": out[0]}
+
+
 class StagedDiT(StagedDenoiser):
     """A DiT described by a :class:`DiTFamily` as prepare / units / finish (module docstring).
 
@@ -141,6 +161,7 @@ class StagedDiT(StagedDenoiser):
         self.units: list[Unit] = [
             DiTBlock(block, li, f"{attr}.{i}", family)
             for li, (attr, blocks) in enumerate(self._lists) for i, block in enumerate(blocks)]
+        self.units.append(Epilogue(self))
 
     # ------------------------------------------------------------------------- forward runs
     def _run_forward(self, kwargs: dict[str, Any], action: Callable[[int, int, tuple, dict], Any]):
@@ -219,13 +240,8 @@ class StagedDiT(StagedDenoiser):
                           block_kwargs=block_kwargs, forward_kwargs=kwargs)
 
     def finish(self, state: State, ctx: DiTContext) -> torch.Tensor:
-        """The prediction: the model's forward with its blocks returning ``state`` (so its
-        epilogue runs as in the model)."""
-        if set(state) != set(self.family.returns):
-            raise ShapeError(f"finish expects the state after the last block "
-                             f"({sorted(self.family.returns)}), got keys {sorted(state)}")
-        values = tuple(state[k] for k in self.family.returns)
-        result = values[0] if len(values) == 1 else values
-        out = self._run_forward({**ctx.forward_kwargs, "return_dict": False},
-                                lambda li, i, a, k: result)
-        return out[0]
+        """The prediction, from the state after the ``out`` unit."""
+        if set(state) != {"sample"}:
+            raise ShapeError(f"finish expects the state after the last unit ('out'), got keys "
+                             f"{sorted(state)}")
+        return state["sample"]
