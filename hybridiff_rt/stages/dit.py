@@ -96,7 +96,8 @@ class DiTContext(StageContext):
     """Per-step context of a staged DiT.
 
     Attributes:
-        initial_state: the flow arguments of the first block (e.g. ``{"hidden_states": (B, N, D)}``).
+        initial_state: the flow arguments of the first block, e.g.
+            ``{"hidden_states": (B, N, D)}``.
         block_kwargs: per block list, the non-flow keyword arguments its blocks are called with.
         forward_kwargs: the model's forward arguments of this step (for the epilogue).
     """

@@ -1,11 +1,11 @@
-"""Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, Wan 2.1 / 2.2, Qwen-Image, Flux),
-built offline.
+"""Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, Wan 2.1 / 2.2 text-to-video, Wan
+image-to-video, Qwen-Image, Flux), built offline.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
-``tokenizer=None`` and ``vae=None`` and returns, with it, call arguments holding seeded random
-*precomputed* prompt embeddings (and masks / pooled embeddings where the pipeline needs them).
-Call the pipeline with ``output_type="latent"``; the pipelines derive their latent size from the
+``tokenizer=None`` and ``vae=None`` (a tiny VAE where the pipeline encodes an image) and returns,
+with it, call arguments holding seeded random *precomputed* prompt embeddings (and masks /
+pooled embeddings where the pipeline needs them). Call the pipeline with ``output_type="latent"``; the pipelines derive their latent size from the
 default VAE factor when ``vae`` is None.
 
 ``build_dit(name, seed)`` returns ``(pipe, call_kwargs)``; the same seed gives the same weights
@@ -58,9 +58,9 @@ def pixart_transformer(size: str = "tiny", **overrides: Any):
     from diffusers import PixArtTransformer2DModel
 
     layers, heads = {"tiny": (2, 2), "small": (8, 4)}[size]
-    kwargs = dict(num_attention_heads=heads, attention_head_dim=16, in_channels=4, out_channels=8,
-                  num_layers=layers, cross_attention_dim=16 * heads, sample_size=8, patch_size=2,
-                  caption_channels=32, norm_num_groups=2)
+    kwargs = {"num_attention_heads": heads, "attention_head_dim": 16, "in_channels": 4,
+              "out_channels": 8, "num_layers": layers, "cross_attention_dim": 16 * heads,
+              "sample_size": 8, "patch_size": 2, "caption_channels": 32, "norm_num_groups": 2}
     kwargs.update(overrides)
     return PixArtTransformer2DModel(**kwargs)
 
@@ -75,16 +75,21 @@ def pixart_sigma(seed: int = 0, size: str = "tiny"):
                                transformer=transformer, scheduler=DDIMScheduler())
     gen = torch.Generator().manual_seed(seed + 1)
     side = 64 if size == "tiny" else 256
-    kwargs = dict(prompt=None, negative_prompt=None, prompt_embeds=_embeds(gen, 1, 6, 32),
-                  negative_prompt_embeds=_embeds(gen, 1, 6, 32),
-                  prompt_attention_mask=torch.ones(1, 6), negative_prompt_attention_mask=torch.ones(1, 6),
-                  height=side, width=side, use_resolution_binning=False)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32),
+              "prompt_attention_mask": torch.ones(1, 6),
+              "negative_prompt_attention_mask": torch.ones(1, 6),
+              "height": side, "width": side, "use_resolution_binning": False}
     return _finish(pipe), kwargs
 
 
 def sana(seed: int = 0, size: str = "tiny"):
     """SanaPipeline (linear-attention DiT), 256 px -> 8 x 8 latents (vae=None: factor 32)."""
-    from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        SanaPipeline,
+        SanaTransformer2DModel,
+    )
 
     layers = {"tiny": 2, "small": 8}[size]
     with seeded(seed):
@@ -95,10 +100,11 @@ def sana(seed: int = 0, size: str = "tiny"):
     pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                         scheduler=DPMSolverMultistepScheduler())
     gen = torch.Generator().manual_seed(seed + 1)
-    kwargs = dict(prompt=None, negative_prompt=None, prompt_embeds=_embeds(gen, 1, 6, 32),
-                  negative_prompt_embeds=_embeds(gen, 1, 6, 32),
-                  prompt_attention_mask=torch.ones(1, 6), negative_prompt_attention_mask=torch.ones(1, 6),
-                  height=256, width=256, use_resolution_binning=False)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32),
+              "prompt_attention_mask": torch.ones(1, 6),
+              "negative_prompt_attention_mask": torch.ones(1, 6),
+              "height": 256, "width": 256, "use_resolution_binning": False}
     return _finish(pipe), kwargs
 
 
@@ -107,9 +113,9 @@ def wan_transformer(size: str = "tiny", **overrides: Any):
     from diffusers import WanTransformer3DModel
 
     layers, heads = {"tiny": (2, 2), "small": (6, 4)}[size]
-    kwargs = dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=16,
-                  in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32 * heads,
-                  num_layers=layers, rope_max_seq_len=32)
+    kwargs = {"patch_size": (1, 2, 2), "num_attention_heads": heads, "attention_head_dim": 16,
+              "in_channels": 4, "out_channels": 4, "text_dim": 16, "freq_dim": 16,
+              "ffn_dim": 32 * heads, "num_layers": layers, "rope_max_seq_len": 32}
     kwargs.update(overrides)
     return WanTransformer3DModel(**kwargs)
 
@@ -121,16 +127,16 @@ def _wan(seed: int, size: str, experts: int):
         transformer = wan_transformer(size)
         extra = {}
         if experts == 2:  # Wan 2.2 A14B: high-noise and low-noise experts, switched at a boundary
-            extra = dict(transformer_2=wan_transformer(size), boundary_ratio=0.5)
+            extra = {"transformer_2": wan_transformer(size), "boundary_ratio": 0.5}
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                        scheduler=scheduler, **extra)
     gen = torch.Generator().manual_seed(seed + 1)
     side = 64 if size == "tiny" else 128
-    kwargs = dict(prompt=None, negative_prompt=None, prompt_embeds=_embeds(gen, 1, 6, 16),
-                  negative_prompt_embeds=_embeds(gen, 1, 6, 16), height=side, width=side,
-                  num_frames=5)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 16), "height": side, "width": side,
+              "num_frames": 5}
     if experts == 2:
         kwargs["guidance_scale_2"] = 3.0
     return _finish(pipe), kwargs
@@ -147,6 +153,36 @@ def wan22(seed: int = 0, size: str = "tiny"):
     return _wan(seed, size, 2)
 
 
+def wan21_i2v(seed: int = 0, size: str = "tiny"):
+    """WanImageToVideoPipeline without an image encoder (the Wan 2.2 I2V layout: the image enters
+    only as conditioning latents concatenated to the noise), a tiny ``AutoencoderKLWan`` to
+    encode the first frame, 5 frames of 64 px -> 2 x 8 x 8 latents (4 + 8 input channels)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+    )
+    from PIL import Image
+
+    with seeded(seed):
+        autoencoder = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1],
+                                       num_res_blocks=1, temperal_downsample=[False, True, True],
+                                       latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        transformer = wan_transformer(size, in_channels=12)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=3.0)
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
+                                   transformer=transformer, scheduler=scheduler,
+                                   image_encoder=None, image_processor=None)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pixels = (torch.rand(64, 64, 3, generator=gen) * 255).round().to(torch.uint8).numpy()
+    kwargs = {"image": Image.fromarray(pixels, mode="RGB"), "prompt": None, "negative_prompt": None,
+              "prompt_embeds": _embeds(gen, 1, 6, 16),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 16), "height": 64, "width": 64,
+              "num_frames": 5}
+    return _finish(pipe), kwargs
+
+
 def qwen_image(seed: int = 0, size: str = "tiny"):
     """QwenImagePipeline (MMDiT), 64 px -> 8 x 8 latents packed to 16 tokens of 16 channels."""
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
@@ -159,11 +195,11 @@ def qwen_image(seed: int = 0, size: str = "tiny"):
     pipe = QwenImagePipeline(scheduler=flow_match_scheduler(), vae=None, text_encoder=None,
                              tokenizer=None, transformer=transformer)
     gen = torch.Generator().manual_seed(seed + 1)
-    kwargs = dict(prompt=None, negative_prompt=None, prompt_embeds=_embeds(gen, 1, 6, 16),
-                  prompt_embeds_mask=torch.ones(1, 6, dtype=torch.long),
-                  negative_prompt_embeds=_embeds(gen, 1, 5, 16),
-                  negative_prompt_embeds_mask=torch.ones(1, 5, dtype=torch.long),
-                  height=64, width=64)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
+              "prompt_embeds_mask": torch.ones(1, 6, dtype=torch.long),
+              "negative_prompt_embeds": _embeds(gen, 1, 5, 16),
+              "negative_prompt_embeds_mask": torch.ones(1, 5, dtype=torch.long),
+              "height": 64, "width": 64}
     return _finish(pipe), kwargs
 
 
@@ -182,11 +218,11 @@ def flux(seed: int = 0, size: str = "tiny"):
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                         transformer=transformer)
     gen = torch.Generator().manual_seed(seed + 1)
-    kwargs = dict(prompt=None, negative_prompt=None, prompt_embeds=_embeds(gen, 1, 6, 32),
-                  pooled_prompt_embeds=torch.randn(1, 32, generator=gen),
-                  negative_prompt_embeds=_embeds(gen, 1, 6, 32),
-                  negative_pooled_prompt_embeds=torch.randn(1, 32, generator=gen),
-                  height=64, width=64)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "pooled_prompt_embeds": torch.randn(1, 32, generator=gen),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_pooled_prompt_embeds": torch.randn(1, 32, generator=gen),
+              "height": 64, "width": 64}
     return _finish(pipe), kwargs
 
 
@@ -196,6 +232,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("sana", sana),
     ("wan2.1", wan21),
     ("wan2.2", wan22),
+    ("wan2.1-i2v", wan21_i2v),
     ("qwen-image", qwen_image),
     ("flux-true-cfg", flux),
 ])
@@ -206,6 +243,7 @@ DIT_INFO: dict[str, DiTInfo] = {
     "wan2.1": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 5.0}),
     "wan2.2": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 4.0},
                       experts=("transformer", "transformer_2")),
+    "wan2.1-i2v": DiTInfo("WanImageToVideoPipeline", "two-call", {"guidance_scale": 5.0}),
     "qwen-image": DiTInfo("QwenImagePipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
 }
