@@ -5,8 +5,9 @@ These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL) have no cheap 
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
 ``tokenizer=None`` and ``vae=None`` (a tiny VAE where the pipeline encodes an image) and returns,
 with it, call arguments holding seeded random *precomputed* prompt embeddings (and masks /
-pooled embeddings where the pipeline needs them). Call the pipeline with ``output_type="latent"``; the pipelines derive their latent size from the
-default VAE factor when ``vae`` is None.
+pooled embeddings where the pipeline needs them). Call the pipeline with
+``output_type="latent"``; without a VAE the pipelines derive their latent size from their
+default VAE factor.
 
 ``build_dit(name, seed)`` returns ``(pipe, call_kwargs)``; the same seed gives the same weights
 and embeddings in every process. :data:`DIT_INFO` records, per name, the pipeline class, how it
