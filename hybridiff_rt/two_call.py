@@ -17,9 +17,12 @@ returns. That cannot be checked at run time in general, so it is a property of e
 class's loop, verified by a test that compares the two-rank output with the plain pipeline bit
 for bit (tests/test_two_call.py): only the classes in :data:`TWO_CALL_PIPELINES` are accepted,
 and the other pipelines known to call their denoiser per branch are refused by name
-(:data:`UNVERIFIED_TWO_CALL`). A read of the deferred buffer between the calls would see an empty
-tensor and fail loudly, not silently; a first call whose second call never comes is an error at
-the end of the pipeline call.
+(:data:`UNVERIFIED_TWO_CALL`), as are subclasses of either. As run-time guards, the second call
+must have the first call's expert, sample and timestep (else an error); a first call whose second
+call never comes is an error at the end of the pipeline call; and arithmetic on the deferred
+buffer before it is filled meets an empty tensor, which fails with a shape error in any
+broadcasting operation (a reduction such as ``sum()`` would not fail: the verification is what
+makes the protocol safe, not these guards).
 
 The output shape is never guessed: the buffer takes the shape, strides and storage of the real
 prediction when it is filled. Its dtype must be fixed when it is returned, so the prediction must
@@ -119,6 +122,10 @@ def two_call_layout(pipe: Any) -> TwoCallLayout | None:
     if name in TWO_CALL_PIPELINES:
         return TWO_CALL_PIPELINES[name]
     why = UNVERIFIED_TWO_CALL.get(name)
+    base = next((c.__name__ for c in type(pipe).__mro__[1:]
+                 if c.__name__ in TWO_CALL_PIPELINES or c.__name__ in UNVERIFIED_TWO_CALL), None)
+    if why is None and base is not None:
+        why = f"it subclasses {base}, and a subclass's loop is not the verified one"
     if why is None and "true_cfg_scale" in _call_parameters(pipe):
         why = "it takes true_cfg_scale (one denoiser call per guidance branch)"
     if why is not None:
@@ -218,14 +225,12 @@ class TwoCallSteps:
         engine = self.adapter.engine
         first_expert, first_kw, buffer = self.pending
         self.pending = None
-        key = engine.sample_key
-        same = first_kw[key] is kw[key] or (first_kw[key].shape == kw[key].shape
-                                             and torch.equal(first_kw[key], kw[key]))
+        same = all(_same(first_kw.get(key), kw.get(key)) for key in (engine.sample_key, "timestep"))
         if expert != first_expert or not same:
             raise HybridError(
                 f"step {step}: the second guided denoiser call of "
                 f"{type(self.adapter.pipe).__name__} is not the partner of the first (another "
-                "expert or another sample); the two-call protocol does not hold")
+                "expert, sample or timestep); the two-call protocol does not hold")
         cond_kw, uncond_kw = ((first_kw, kw) if self.layout.first_branch == "cond"
                               else (kw, first_kw))
         scale = self.call_args.get(self.layout.scale_argument)
@@ -241,3 +246,10 @@ class TwoCallSteps:
                 "parameters' dtype); cast the denoiser and its inputs to one dtype")
         buffer.set_(first)
         return self._wrap(second, return_dict)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two call arguments are the same value (tensors: identical or equal)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
+    return a == b
