@@ -134,17 +134,18 @@ def _wan(seed: int, size: str, experts: int):
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                        scheduler=scheduler, **extra)
     gen = torch.Generator().manual_seed(seed + 1)
-    side = 64 if size == "tiny" else 128
+    side, frames = (64, 5) if size == "tiny" else (256, 9)
     kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
               "negative_prompt_embeds": _embeds(gen, 1, 6, 16), "height": side, "width": side,
-              "num_frames": 5}
+              "num_frames": frames}
     if experts == 2:
         kwargs["guidance_scale_2"] = 3.0
     return _finish(pipe), kwargs
 
 
 def wan21(seed: int = 0, size: str = "tiny"):
-    """WanPipeline (Wan 2.1 text-to-video), 5 frames of 64 px -> 2 x 8 x 8 latents, UniPC."""
+    """WanPipeline (Wan 2.1 text-to-video), 5 frames of 64 px -> 2 x 8 x 8 latents, UniPC
+    (``size="small"``: 9 frames of 256 px -> 3 x 32 x 32 latents)."""
     return _wan(seed, size, 1)
 
 
