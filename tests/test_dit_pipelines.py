@@ -2,19 +2,20 @@
 the generic DiT stage adapter.
 
 One spawn of two ranks runs, for every tiny pipeline of hybridiff_rt.testing.dit_pipelines
-(PixArt-Sigma and Sana: batched [uncond; cond]; Wan 2.1, Wan 2.2 with two experts, Wan
-image-to-video, Qwen-Image, Flux true CFG: two calls per step):
+(PixArt-Sigma, Sana, AuraFlow, HunyuanDiT: batched [uncond; cond]; Wan 2.1, Wan 2.2 with
+two experts, Wan image-to-video, Qwen-Image, Flux true CFG: two calls per step):
 
 * k=0: both ranks identical; every step a CBP step; equal bit for bit to the exact serial
   reference: for batched pipelines the plain pipeline with its denoiser called once per branch,
   for two-call pipelines the plain pipeline itself (it already calls once per branch, so the
   two-call protocol must change nothing at all); batched pipelines also within BATCH_TOLERANCE
   (relative to the largest magnitude) of the ordinary batch-2 pipeline;
-* k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, Wan 2.1 T2V and I2V): the
-  modes follow the schedule and the output equals, bit for bit, a one-process emulation of the
-  same schedule (per-branch calls on CBP steps, the staged model on the stale boundary on
-  pipelined steps);
-* k>0 for the others: CBP throughout with a note saying why (no adapter / two experts);
+* k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, Wan 2.1 T2V and I2V,
+  Qwen-Image, Flux): the modes follow the schedule and the output equals, bit for bit, a
+  one-process emulation of the same schedule (per-branch calls on CBP steps, the staged model on
+  the stale boundary on pipelined steps);
+* k>0 for the others (AuraFlow, HunyuanDiT: no adapter; Wan 2.2: two experts): CBP throughout
+  with a note saying why;
 * Flux without true CFG: one call per step, run whole on every rank, equal to the plain pipeline.
 """
 
@@ -33,13 +34,15 @@ STEPS_K0 = 3
 STEPS_PIPELINED = 6
 #: slope_eps 0 never fires: tau1 = tau_cap = 2, pipelined steps 3 and 4, CBP again at step 5
 PIPELINED = {"window": 1, "slope_eps": 0.0, "k": 2, "tau_cap": 2}
-WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "wan2.1": "reuse", "wan2.1-i2v": "off"}
-CBP_ONLY_NOTES = {"wan2.2": "2 expert denoisers", "qwen-image": "has no stage adapter",
-                  "flux-true-cfg": "has no stage adapter"}
+WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "wan2.1": "reuse", "wan2.1-i2v": "off",
+                "qwen-image": "reuse", "flux-true-cfg": "off"}
+CBP_ONLY_NOTES = {"wan2.2": "2 expert denoisers", "auraflow": "has no stage adapter",
+                  "hunyuan-dit": "has no stage adapter"}
 #: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
 #: difference relative to the largest magnitude of the plain result (random models drive the
-#: latents to magnitudes of hundreds; measured differences are about 3e-7 of that)
-BATCH_TOLERANCE = 1e-5
+#: latents to magnitudes of hundreds; measured: 3e-7 of that for Sana, 1.2e-5 for HunyuanDiT,
+#: whose DDPM scheduler clips the sample to [-1, 1])
+BATCH_TOLERANCE = 1e-4
 
 
 def _latents(out):

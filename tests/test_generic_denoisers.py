@@ -53,7 +53,16 @@ def _dit_cases(seed):
                                   caption_channels=32, sample_size=8, patch_size=1)
     wan = dit_pipelines.wan_transformer(num_layers=3)
     wan_i2v = dit_pipelines.wan_transformer(in_channels=12)
-    return {
+    cases = {}
+    for name in ("qwen-image", "flux-true-cfg"):  # dual-stream: inputs as their pipelines make them
+        pipe, kwargs = build_dit(name, seed=seed)
+        seen = []
+        handle = pipe.transformer.register_forward_pre_hook(
+            lambda module, args, kw, seen=seen: seen.append(kw), with_kwargs=True)
+        pipe(num_inference_steps=1, output_type="latent", true_cfg_scale=4.0, **kwargs)
+        handle.remove()
+        cases[name] = (pipe.transformer, {k: v for k, v in seen[0].items() if k != "return_dict"})
+    return cases | {
         "pixart": (pixart, {"hidden_states": _randn(gen, batch, 4, 8, 8),
                             "encoder_hidden_states": _randn(gen, batch, 6, 32),
                             "timestep": torch.randint(0, 1000, (batch,), generator=gen),
@@ -76,8 +85,9 @@ def _dit_cases(seed):
 def test_staged_dit_equals_the_models_forward_bit_for_bit(seed):
     for name, (model, kw) in _dit_cases(seed).items():
         staged = hr.stage_denoiser(model)
-        blocks = getattr(model, staged.family.blocks[0])
-        assert staged.unit_names == [f"{staged.family.blocks[0]}.{i}"
+        lists = [getattr(model, attr) for attr in staged.family.blocks]
+        assert staged.unit_names == [f"{attr}.{i}" for attr, blocks in
+                                     zip(staged.family.blocks, lists)
                                      for i in range(len(blocks))] + ["out"], name
         with torch.no_grad():
             expected = model(**kw, return_dict=False)[0]
@@ -86,8 +96,9 @@ def test_staged_dit_equals_the_models_forward_bit_for_bit(seed):
             boundary = staged.run(ctx.initial_state, ctx, 0, cut)
             got = staged.finish(staged.run(boundary, staged.prepare(**kw), cut, None), ctx)
         assert torch.equal(got, expected), f"{name} (seed {seed}, cut {cut})"
-        assert set(boundary) == {"hidden_states"}  # cut before the out unit
-        assert getattr(model, staged.family.blocks[0]) is blocks  # the real blocks are back
+        assert set(boundary) == set(staged.family.returns)  # a cut before the out unit
+        for attr, blocks in zip(staged.family.blocks, lists):
+            assert getattr(model, attr) is blocks  # the real blocks are back
 
 
 def test_a_failed_forward_puts_the_real_blocks_back(seed):
@@ -114,7 +125,7 @@ def test_which_denoisers_have_a_stage_adapter(seed):
     cases = _dit_cases(seed)
     assert all(has_stage_adapter(model) for model, _ in cases.values())
     assert has_stage_adapter(sd_pipeline(seed=seed).unet)
-    for name in ("qwen-image", "flux-true-cfg"):
+    for name in ("auraflow", "hunyuan-dit"):
         model = build_dit(name, seed=seed)[0].transformer
         assert not has_stage_adapter(model)
         with pytest.raises(hr.UnsupportedModelError, match="cannot stage"):

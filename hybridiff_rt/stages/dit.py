@@ -67,6 +67,15 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     "SanaTransformer2DModel": DiTFamily(blocks=("transformer_blocks",),
                                         refused=("controlnet_block_samples",)),
     "WanTransformer3DModel": DiTFamily(blocks=("blocks",)),
+    # dual-stream (MMDiT) blocks carry the text tokens too and return (encoder, hidden)
+    "QwenImageTransformer2DModel": DiTFamily(
+        blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
+        returns=("encoder_hidden_states", "hidden_states"), refused=("controlnet_block_samples",)),
+    "FluxTransformer2DModel": DiTFamily(
+        blocks=("transformer_blocks", "single_transformer_blocks"),
+        flow=("hidden_states", "encoder_hidden_states"),
+        returns=("encoder_hidden_states", "hidden_states"),
+        refused=("controlnet_block_samples", "controlnet_single_block_samples")),
 }
 
 

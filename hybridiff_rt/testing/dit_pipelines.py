@@ -1,5 +1,5 @@
-"""Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, Wan 2.1 / 2.2 text-to-video, Wan
-image-to-video, Qwen-Image, Flux), built offline.
+"""Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT, Wan 2.1 /
+2.2 text-to-video, Wan image-to-video, Qwen-Image, Flux), built offline.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -106,6 +106,58 @@ def sana(seed: int = 0, size: str = "tiny"):
               "prompt_attention_mask": torch.ones(1, 6),
               "negative_prompt_attention_mask": torch.ones(1, 6),
               "height": 256, "width": 256, "use_resolution_binning": False}
+    return _finish(pipe), kwargs
+
+
+def auraflow(seed: int = 0, size: str = "tiny"):
+    """AuraFlowPipeline (MMDiT + single DiT blocks, flow matching), 64 px -> 8 x 8 latents."""
+    from diffusers import (
+        AuraFlowPipeline,
+        AuraFlowTransformer2DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
+
+    with seeded(seed):
+        transformer = AuraFlowTransformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+            num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=32, caption_projection_dim=16, out_channels=4,
+            pos_embed_max_size=64)
+    pipe = AuraFlowPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                            scheduler=FlowMatchEulerDiscreteScheduler())
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "prompt_attention_mask": torch.ones(1, 6),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_attention_mask": torch.ones(1, 6), "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
+def hunyuan_dit(seed: int = 0, size: str = "tiny"):
+    """HunyuanDiTPipeline (DiT with long skip connections, CLIP + T5 text, learned sigma, rotary
+    table passed to the denoiser), 64 px -> 8 x 8 latents."""
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    with seeded(seed):
+        transformer = HunyuanDiT2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, cross_attention_dim=32, cross_attention_dim_t5=32,
+            pooled_projection_dim=16, hidden_size=16, text_len=6, text_len_t5=6,
+            learn_sigma=True)
+    pipe = HunyuanDiTPipeline(tokenizer=None, text_encoder=None, tokenizer_2=None,
+                              text_encoder_2=None, vae=None, transformer=transformer,
+                              scheduler=DDPMScheduler(), safety_checker=None,
+                              feature_extractor=None, requires_safety_checker=False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "prompt_attention_mask": torch.ones(1, 6),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_attention_mask": torch.ones(1, 6),
+              "prompt_embeds_2": _embeds(gen, 1, 6, 32),
+              "prompt_attention_mask_2": torch.ones(1, 6),
+              "negative_prompt_embeds_2": _embeds(gen, 1, 6, 32),
+              "negative_prompt_attention_mask_2": torch.ones(1, 6), "height": 64, "width": 64,
+              "use_resolution_binning": False}
     return _finish(pipe), kwargs
 
 
@@ -232,6 +284,8 @@ def flux(seed: int = 0, size: str = "tiny"):
 DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = OrderedDict([
     ("pixart-sigma", pixart_sigma),
     ("sana", sana),
+    ("auraflow", auraflow),
+    ("hunyuan-dit", hunyuan_dit),
     ("wan2.1", wan21),
     ("wan2.2", wan22),
     ("wan2.1-i2v", wan21_i2v),
@@ -242,6 +296,8 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
 DIT_INFO: dict[str, DiTInfo] = {
     "pixart-sigma": DiTInfo("PixArtSigmaPipeline", "batched", {"guidance_scale": 4.5}),
     "sana": DiTInfo("SanaPipeline", "batched", {"guidance_scale": 4.5}),
+    "auraflow": DiTInfo("AuraFlowPipeline", "batched", {"guidance_scale": 3.5}),
+    "hunyuan-dit": DiTInfo("HunyuanDiTPipeline", "batched", {"guidance_scale": 5.0}),
     "wan2.1": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 5.0}),
     "wan2.2": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 4.0},
                       experts=("transformer", "transformer_2")),
