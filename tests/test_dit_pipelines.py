@@ -131,7 +131,14 @@ def _rank_dit(rank, seed):
         pipe, kwargs = build_dit(name, seed=seed)
         cell = {}
         runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
+        called = []
+        hooks = [getattr(pipe, attr).register_forward_pre_hook(
+            lambda module, args, kw, attr=attr: called.append(attr), with_kwargs=True)
+            for attr in info.experts]
         cell["k0"] = _call(runner, name, kwargs, STEPS_K0, seed)
+        cell["experts_called"] = called
+        for hook in hooks:
+            hook.remove()
         cell["k0_report"] = hr.last_report(runner).to_dict()
         pipe = runner.restore()
         if rank == 0:
@@ -181,6 +188,9 @@ def test_k0_equals_the_exact_serial_reference_on_both_ranks(ranks, name):
         assert report["modes"] == ["cbp"] * STEPS_K0 and report["num_steps"] == STEPS_K0
         assert all(m is not None and m > 0 for m in report["rel_mae"])
     assert a["k0_report"]["rel_mae"] == b["k0_report"]["rel_mae"]
+    calls = 2 if DIT_INFO[name].guidance == "two-call" else 1
+    assert len(a["experts_called"]) == calls * STEPS_K0
+    assert set(a["experts_called"]) == set(DIT_INFO[name].experts)  # Wan 2.2: both experts ran
     if DIT_INFO[name].guidance == "two-call":
         np.testing.assert_array_equal(a["k0"], a["plain"], err_msg=f"{name} seed {seed}")
     else:

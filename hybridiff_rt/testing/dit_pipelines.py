@@ -180,7 +180,9 @@ def _wan(seed: int, size: str, experts: int):
         transformer = wan_transformer(size)
         extra = {}
         if experts == 2:  # Wan 2.2 A14B: high-noise and low-noise experts, switched at a boundary
-            extra = {"transformer_2": wan_transformer(size), "boundary_ratio": 0.5}
+            # at t = 875: with 3 steps (timesteps 999, 857, 600) step 0 runs on transformer and
+            # steps 1-2 on transformer_2
+            extra = {"transformer_2": wan_transformer(size), "boundary_ratio": 0.875}
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
@@ -202,7 +204,7 @@ def wan21(seed: int = 0, size: str = "tiny"):
 
 
 def wan22(seed: int = 0, size: str = "tiny"):
-    """WanPipeline with two experts (Wan 2.2 A14B layout: ``transformer`` for t >= 500,
+    """WanPipeline with two experts (Wan 2.2 A14B layout: ``transformer`` for t >= 875,
     ``transformer_2`` below, ``guidance_scale_2`` 3.0 for the low-noise expert)."""
     return _wan(seed, size, 2)
 
