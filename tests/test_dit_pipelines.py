@@ -133,7 +133,8 @@ def _rank_dit(rank, seed):
         runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
         called = []
         hooks = [getattr(pipe, attr).register_forward_pre_hook(
-            lambda module, args, kw, attr=attr: called.append(attr), with_kwargs=True)
+            lambda module, args, kw, attr=attr, called=called: called.append(attr),
+            with_kwargs=True)
             for attr in info.experts]
         cell["k0"] = _call(runner, name, kwargs, STEPS_K0, seed)
         cell["experts_called"] = called
