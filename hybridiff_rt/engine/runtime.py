@@ -74,9 +74,13 @@ class HybridDenoiser:
     """Classifier-free-guided denoiser spread over the ranks of the default process group.
 
     Args:
-        model: a UNet2DConditionModel or SD3Transformer2DModel, the same weights on every rank.
+        model: a diffusers-style denoiser (sample first, ``return_dict``; see branch_layout),
+            the same weights on every rank. Pipelining (``k > 0``) needs a stage adapter
+            (``stages.has_stage_adapter``); without one the run is CBP only, with a note.
         cfg: HybridConfig (default: HybridConfig()).
         transport: a Transport to use instead of the one ``cfg.transport`` selects.
+        no_stages_reason: run CBP only (no stage pipeline) for this reason, noted in the report
+            when ``k > 0`` (e.g. a pipeline that switches between expert denoisers).
 
     Call once per step, on every rank, with identical arguments::
 
