@@ -66,14 +66,16 @@ def stage_denoiser(model: torch.nn.Module) -> StagedDenoiser:
         from .mmdit import StagedSD3Transformer
 
         return StagedSD3Transformer(model)
-    from .dit import StagedDiT, dit_family
+    from .dit import DIT_FAMILIES, StagedDiT, dit_family
 
     family = dit_family(model)
     if family is not None:
         return StagedDiT(model, family)
     raise UnsupportedModelError(
         f"cannot stage a {type(model).__module__}.{type(model).__qualname__}; supported denoisers are "
-        f"diffusers {' and '.join(SUPPORTED_MODELS)} (unwrap torch.compile / DDP wrappers first)"
+        f"diffusers {', '.join(SUPPORTED_MODELS)} and the DiTs described in stages.dit.DIT_FAMILIES "
+        f"({', '.join(sorted(DIT_FAMILIES))}); describe a new DiT there, or unwrap torch.compile / "
+        "DDP wrappers first"
     )
 
 
