@@ -16,7 +16,8 @@ two experts, Wan image-to-video, Qwen-Image, Flux true CFG: two calls per step):
   the stale boundary on pipelined steps);
 * k>0 for the others (AuraFlow, HunyuanDiT: no adapter; Wan 2.2: two experts): CBP throughout
   with a note saying why;
-* Flux without true CFG: one call per step, run whole on every rank, equal to the plain pipeline.
+* Flux without true CFG: one call per step, run whole on every rank, equal to the plain pipeline;
+* a denoiser that returns a second output is refused at step 0 on both ranks.
 """
 
 from __future__ import annotations
@@ -170,7 +171,29 @@ def _rank_dit(rank, seed):
                 cell["unguided_plain"] = _call(pipe, name, kwargs, STEPS_K0, seed,
                                                true_cfg_scale=1.0)
         results[name] = cell
+    # a denoiser with a second output cannot be split: refused at step 0 on every rank
+    torch.manual_seed(seed)
+    den = hr.HybridDenoiser(TwoOutputs(), hr.HybridConfig(k=0))
+    x = torch.randn(1, 4, generator=torch.Generator().manual_seed(seed))
+    try:
+        den(x, None, cond={}, uncond={}, guidance_scale=3.0, step=0, num_steps=2)
+        results["refusal"] = None
+    except hr.UnsupportedModelError as exc:
+        results["refusal"] = (str(exc), list(den.report.modes))
+    den.close()
     return results
+
+
+class TwoOutputs(torch.nn.Module):
+    """A diffusers-style denoiser that also returns an auxiliary tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, hidden_states, timestep=None, return_dict=True):
+        out = self.proj(hidden_states)
+        return out, out.mean(dim=-1)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +255,11 @@ def test_flux_without_true_cfg_runs_whole_on_every_rank(ranks):
     np.testing.assert_array_equal(a["unguided"], a["unguided_plain"])
     assert a["unguided_report"]["modes"] == ["serial"] * STEPS_K0
     assert not np.array_equal(a["unguided"], a["k0"])  # true CFG changed the result
+
+
+def test_a_denoiser_with_a_second_output_is_refused_at_step_0_on_both_ranks(ranks):
+    _, results = ranks
+    for rank, r in enumerate(results):
+        assert r["refusal"] is not None, f"rank {rank} was not refused"
+        message, modes = r["refusal"]
+        assert "returned 2 outputs" in message and modes == []
