@@ -245,6 +245,10 @@ class TwoCallSteps:
                 f"deferred buffer of the first call was {buffer.dtype} on {buffer.device} (the "
                 "parameters' dtype); cast the denoiser and its inputs to one dtype")
         buffer.set_(first)
+        engine.report.note(
+            f"two-call CFG: {type(self.adapter.pipe).__name__} calls its denoiser once per branch "
+            f"({self.layout.first_branch} first); each step's first call returned a deferred "
+            "buffer, filled in place when the second call ran the step")
         return self._wrap(second, return_dict)
 
 

@@ -217,6 +217,8 @@ def test_k0_equals_the_exact_serial_reference_on_both_ranks(ranks, name):
     assert set(a["experts_called"]) == set(DIT_INFO[name].experts)  # Wan 2.2: both experts ran
     if DIT_INFO[name].guidance == "two-call":
         np.testing.assert_array_equal(a["k0"], a["plain"], err_msg=f"{name} seed {seed}")
+        assert any(n.startswith("two-call CFG: " + DIT_INFO[name].pipeline_class)
+                   for n in a["k0_report"]["notes"]), a["k0_report"]["notes"]
     else:
         np.testing.assert_array_equal(a["k0"], a["reference"], err_msg=f"{name} seed {seed}")
         scale = float(np.abs(a["plain"]).max())
