@@ -58,6 +58,12 @@ def _pipeline_flag(pipe: Any, args: dict[str, Any]) -> bool:
     return bool(pipe.do_classifier_free_guidance)
 
 
+def _lumina2_untruncated(args: dict[str, Any], step: int) -> bool:
+    """Lumina2's CFG truncation: step i makes its uncond call only while
+    ``(i + 1) / num_inference_steps <= cfg_trunc_ratio``."""
+    return (step + 1) / int(args["num_inference_steps"]) <= float(args["cfg_trunc_ratio"])
+
+
 @dataclasses.dataclass(frozen=True)
 class TwoCallLayout:
     """How one verified pipeline class makes its two calls per step.
@@ -68,12 +74,16 @@ class TwoCallLayout:
             (evaluated at its first denoiser call, when the pipeline has set its own state).
         scale_argument: the call argument holding the guidance scale (for the agreement check).
         experts: pipeline attributes of the denoisers the loop may call (all are proxied).
+        step_guided: ``step_guided(call_args, step)``: whether step ``step`` of a guided call
+            makes both calls (None: every step does); a step that does not makes one cond call,
+            run whole on every rank.
     """
 
     first_branch: str
     guided: Callable[[Any, dict[str, Any]], bool]
     scale_argument: str = "guidance_scale"
     experts: tuple[str, ...] = ("transformer",)
+    step_guided: Callable[[dict[str, Any], int], bool] | None = None
 
 
 _WAN = TwoCallLayout("cond", _pipeline_flag, experts=("transformer", "transformer_2"))
@@ -87,6 +97,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
                                        scale_argument="true_cfg_scale"),
     "FluxPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
                                   scale_argument="true_cfg_scale"),
+    "Lumina2Pipeline": TwoCallLayout("cond", _pipeline_flag, step_guided=_lumina2_untruncated),
 }
 
 #: Pipelines of diffusers 0.42 whose loops call the denoiser once per guidance branch (found by
@@ -106,8 +117,6 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
         "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "WanAnimatePipeline",
         "WanVACEPipeline", "WanVideoToVideoPipeline")
 }
-UNVERIFIED_TWO_CALL["Lumina2Pipeline"] = ("it drops the uncond call after a truncation step, "
-                                          "so its steps do not always make two calls")
 
 
 def two_call_layout(pipe: Any) -> TwoCallLayout | None:
@@ -194,12 +203,16 @@ class TwoCallSteps:
         if self.guided is None:
             self.guided = bool(self.layout.guided(self.adapter.pipe, self.call_args))
         step = engine._next_step
-        if not self.guided:
+        truncated = (self.guided and self.pending is None and self.layout.step_guided is not None
+                     and not self.layout.step_guided(self.call_args, step))
+        if not self.guided or truncated:
             return engine.serial_step(
                 kw, step=step, num_steps=self.adapter._planned_calls() if step == 0 else None,
                 forward=self.forwards[expert],
                 reason="no classifier-free guidance in this call: one denoiser call per step, "
-                       "run whole on every rank")
+                       "run whole on every rank" if not self.guided else
+                       "classifier-free guidance truncated: the steps with one (cond) denoiser "
+                       "call ran whole on every rank")
         return_dict = kw.pop("return_dict", True)
         if self.pending is None:
             return self._defer(expert, kw, return_dict)

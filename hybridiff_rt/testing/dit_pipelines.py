@@ -1,5 +1,5 @@
 """Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT, Wan 2.1 /
-2.2 text-to-video, Wan image-to-video, Qwen-Image, Flux), built offline.
+2.2 text-to-video, Wan image-to-video, Lumina2, Qwen-Image, Flux), built offline.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -239,6 +239,32 @@ def wan21_i2v(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def lumina2(seed: int = 0, size: str = "tiny"):
+    """Lumina2Pipeline (Lumina-Image 2.0: two calls per step, CFG renormalised, and truncated to
+    cond-only calls after ``cfg_trunc_ratio`` of the steps), 64 px -> 8 x 8 latents."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        Lumina2Pipeline,
+        Lumina2Transformer2DModel,
+    )
+
+    with seeded(seed):
+        transformer = Lumina2Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2,
+            num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+            ffn_dim_multiplier=None, norm_eps=1e-5, scaling_factor=1.0, axes_dim_rope=[4, 2, 2],
+            cap_feat_dim=16)
+    pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                           vae=None, text_encoder=None, tokenizer=None)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
+              "prompt_attention_mask": torch.ones(1, 6, dtype=torch.long),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 16),
+              "negative_prompt_attention_mask": torch.ones(1, 6, dtype=torch.long),
+              "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
 def qwen_image(seed: int = 0, size: str = "tiny"):
     """QwenImagePipeline (MMDiT), 64 px -> 8 x 8 latents packed to 16 tokens of 16 channels."""
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
@@ -291,6 +317,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("wan2.1", wan21),
     ("wan2.2", wan22),
     ("wan2.1-i2v", wan21_i2v),
+    ("lumina2", lumina2),
     ("qwen-image", qwen_image),
     ("flux-true-cfg", flux),
 ])
@@ -304,6 +331,9 @@ DIT_INFO: dict[str, DiTInfo] = {
     "wan2.2": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 4.0},
                       experts=("transformer", "transformer_2")),
     "wan2.1-i2v": DiTInfo("WanImageToVideoPipeline", "two-call", {"guidance_scale": 5.0}),
+    # with 3 steps, steps 0 and 1 make two calls, step 2 one: (2 + 1) / 3 > 0.7
+    "lumina2": DiTInfo("Lumina2Pipeline", "two-call", {"guidance_scale": 4.0,
+                                                       "cfg_trunc_ratio": 0.7}),
     "qwen-image": DiTInfo("QwenImagePipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
 }
