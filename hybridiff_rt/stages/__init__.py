@@ -73,7 +73,7 @@ def stage_denoiser(model: torch.nn.Module) -> StagedDenoiser:
         return StagedDiT(model, family)
     raise UnsupportedModelError(
         f"cannot stage a {type(model).__module__}.{type(model).__qualname__}; supported denoisers are "
-        f"diffusers {', '.join(SUPPORTED_MODELS)} and the DiTs described in stages.dit.DIT_FAMILIES "
+        f"diffusers {' and '.join(SUPPORTED_MODELS)}, and the DiTs described in stages.dit.DIT_FAMILIES "
         f"({', '.join(sorted(DIT_FAMILIES))}); describe a new DiT there, or unwrap torch.compile / "
         "DDP wrappers first"
     )
