@@ -15,6 +15,7 @@
 The runtime core never imports this package.
 """
 
+from .dit_pipelines import DIT_BUILDERS, DIT_INFO, DiTInfo, build_dit
 from .pipelines import (
     BUILDERS,
     DEFAULT_IMAGE_SIZE,
@@ -33,7 +34,6 @@ from .pipelines import (
     seeded,
     vae,
 )
-from .dit_pipelines import DIT_BUILDERS, DIT_INFO, DiTInfo, build_dit
 from .ranks import Outcome, all_ok, free_port, run_ranks
 from .reference import hidden_imports_env, per_branch_forward
 from .variants import (
