@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import pytest
@@ -111,6 +112,32 @@ def test_a_failed_forward_puts_the_real_blocks_back(seed):
     assert model.transformer_blocks is blocks
     with torch.no_grad():
         assert torch.equal(staged.forward(**kw), model(**kw, return_dict=False)[0])
+
+
+def test_a_description_that_does_not_fit_is_refused_at_first_use(seed, monkeypatch):
+    from diffusers import HunyuanDiT2DModel
+
+    from hybridiff_rt.stages import dit
+
+    pipe, kwargs = build_dit("hunyuan-dit", seed=seed)
+    # 4 blocks: block 3 takes block 0's output as a skip tensor (2 blocks have no skips)
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    model = pipe.transformer = HunyuanDiT2DModel(**{**config, "num_layers": 4})
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args, kw: seen.append((args, kw)),
+                                             with_kwargs=True)
+    pipe(num_inference_steps=1, output_type="latent", guidance_scale=5.0, **kwargs)
+    handle.remove()
+    args, kw = seen[0]  # HunyuanDiT's pipeline passes the sample and timestep positionally
+    kw = dict(inspect.signature(model.forward).bind(*args, **kw).arguments)
+    kw.pop("return_dict", None)
+    # HunyuanDiT's later blocks take skip tensors from earlier blocks: not a plain block chain
+    monkeypatch.setitem(dit.DIT_FAMILIES, "HunyuanDiT2DModel", dit.DiTFamily(blocks=("blocks",)))
+    staged = hr.stage_denoiser(model)
+    with pytest.raises(hr.UnsupportedModelError, match="description does not fit"), \
+            torch.no_grad():
+        staged.prepare(**kw)
+    assert model.blocks is staged._lists[0][1]  # the real blocks are back
 
 
 def test_sana_controlnet_residuals_are_refused_by_the_description(seed):

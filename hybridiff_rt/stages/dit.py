@@ -21,8 +21,12 @@ temporarily replaced by stand-ins:
 
 Running all units therefore equals the model's own forward bit for bit, for model classes whose
 forward hands every block of a list the same non-flow arguments and does nothing between blocks
-(checked for each family by tests/test_dit_stages.py). Forward arguments that would make the
-forward do something between blocks (ControlNet residuals) are refused per family.
+(checked for each family by tests/test_generic_denoisers.py). Forward arguments that would make
+the forward do something between blocks (ControlNet residuals) are refused per family. As a
+guard against a description that does not fit (another diffusers version of the class), the
+first ``prepare`` for each input layout runs the units once and compares them with the model's
+own forward bit for bit; a mismatch raises UnsupportedModelError, which the runtime turns into a
+CBP-only run with a note.
 
 State names are the flow argument names of the blocks, e.g. ``"hidden_states"`` (B, N, D) with
 N tokens and D the inner dimension; after ``out`` the state is ``{"sample": prediction}`` (the
@@ -61,7 +65,7 @@ class DiTFamily:
 
 
 #: class name -> description. A new DiT family is one entry here plus a test that its staged
-#: forward equals its own forward (tests/test_dit_stages.py).
+#: forward equals its own forward (tests/test_generic_denoisers.py).
 DIT_FAMILIES: dict[str, DiTFamily] = {
     "PixArtTransformer2DModel": DiTFamily(blocks=("transformer_blocks",)),
     "SanaTransformer2DModel": DiTFamily(blocks=("transformer_blocks",),
@@ -77,6 +81,17 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
         returns=("encoder_hidden_states", "hidden_states"),
         refused=("controlnet_block_samples", "controlnet_single_block_samples")),
 }
+
+
+def _layout(value: Any) -> tuple:
+    """Shapes and dtypes of the tensors in a nested argument (the key of the first-use check)."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), str(value.dtype), str(value.device))
+    if isinstance(value, dict):
+        return tuple((k, _layout(value[k])) for k in sorted(value, key=str))
+    if isinstance(value, (list, tuple)):
+        return tuple(_layout(v) for v in value)
+    return (type(value).__name__,)
 
 
 def dit_family(model: torch.nn.Module) -> DiTFamily | None:
@@ -172,6 +187,7 @@ class StagedDiT(StagedDenoiser):
             DiTBlock(block, li, f"{attr}.{i}", family)
             for li, (attr, blocks) in enumerate(self._lists) for i, block in enumerate(blocks)]
         self.units.append(Epilogue(self))
+        self._checked: set[tuple] = set()  # input layouts already checked against the forward
 
     # ------------------------------------------------------------------------- forward runs
     def _run_forward(self, kwargs: dict[str, Any], action: Callable[[int, int, tuple, dict], Any]):
@@ -246,8 +262,29 @@ class StagedDiT(StagedDenoiser):
         first = recorded[0]
         block_kwargs = [{k: v for k, v in r.items() if k not in self.family.flow}
                         for r in recorded]
-        return DiTContext(initial_state={k: first[k] for k in self.family.flow},
-                          block_kwargs=block_kwargs, forward_kwargs=kwargs)
+        ctx = DiTContext(initial_state={k: first[k] for k in self.family.flow},
+                         block_kwargs=block_kwargs, forward_kwargs=kwargs)
+        layout = _layout(kwargs)
+        if layout not in self._checked:
+            self._check_against_forward(ctx)
+            self._checked.add(layout)
+        return ctx
+
+    def _check_against_forward(self, ctx: DiTContext) -> None:
+        """Run the units once and compare with the model's own forward on the same inputs (bit
+        for bit): a description that does not fit this model (another version of the class, a
+        forward that acts between blocks) is refused at its first use, not run inexactly."""
+        expected = self._forward(self.model, **ctx.forward_kwargs, return_dict=False)[0]
+        try:
+            got = self.finish(self.run(ctx.initial_state, ctx), ctx)
+            problem = "" if torch.equal(got, expected) else "a different prediction"
+        except Exception as exc:  # noqa: BLE001 - any failure means the description does not fit
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            raise UnsupportedModelError(
+                f"the staged {type(self.model).__name__} (stages.dit.DIT_FAMILIES) gave {problem} "
+                "where the model's own forward ran: the description does not fit this model or "
+                "these inputs; run it with k=0, or correct its DiTFamily")
 
     def finish(self, state: State, ctx: DiTContext) -> torch.Tensor:
         """The prediction, from the state after the ``out`` unit."""
