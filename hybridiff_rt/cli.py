@@ -1,6 +1,6 @@
 """The ``hybridiff-rt`` command: ``info`` (what this machine and build can do), ``env`` (the
-environment variables it reads) and ``demo`` (the bundled end-to-end run: serial vs two devices on
-tiny trained models)."""
+environment variables it reads), ``demo`` (the bundled end-to-end run: serial vs two devices on
+tiny trained models) and ``curve`` (a pipeline's measured discrepancy curve and switch point)."""
 
 from __future__ import annotations
 
@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     from .demo.command import add_arguments
 
     add_arguments(demo_parser)
+    curve_parser = sub.add_parser("curve", help="a pipeline's measured discrepancy curve M_i and "
+                                                "where the switching rule fires on it")
+    from .demo.curve import add_arguments as add_curve_arguments
+
+    add_curve_arguments(curve_parser)
     args = parser.parse_args(argv)
     if args.command == "info":
         info = collect_info()
@@ -198,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(markdown_table())
         return 0
+    if args.command == "curve":
+        from .demo.curve import run_curve
+
+        return run_curve(args)
     from .demo.command import run_demo
     from .demo.extras import MissingDependencyError
 

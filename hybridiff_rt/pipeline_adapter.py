@@ -4,7 +4,9 @@ The returned ParallelPipeline is called exactly like the pipeline. Underneath, t
 denoiser (``pipe.unet`` or ``pipe.transformer``) gets a forward proxy that splits the CFG-doubled
 batch ``[uncond; cond]`` into its branches, hands them to one HybridDenoiser (the same engine a
 custom sampling loop uses) and returns the doubled prediction, so the pipeline combines the
-branches and steps its scheduler itself, identically on every rank.
+branches and steps its scheduler itself, identically on every rank. Pipelines that call their
+denoiser once per branch (Wan, Qwen-Image, Flux true CFG) go through the two-call protocol of
+:mod:`hybridiff_rt.two_call` instead.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any
 
 from .config import HybridConfig
 from .engine import HybridDenoiser, RunReport
-from .engine.batch import join_cfg_batch, split_cfg_batch
+from .engine.batch import join_cfg_batch
+from .engine.branch_layout import split_branch_kwargs
 from .errors import HybridError, UnsupportedModelError
+from .two_call import TwoCallSteps, experts_of, two_call_layout
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 _PROXY_MARK = "_hybridiff_rt_pipeline"
@@ -33,20 +37,37 @@ class ParallelPipeline:
         if name is None:
             raise UnsupportedModelError(
                 f"{type(pipe).__name__} has no .unet or .transformer denoiser; hybridiff_rt "
-                "supports pipelines built on UNet2DConditionModel (StableDiffusionPipeline, "
-                "StableDiffusionXLPipeline, ...) or SD3Transformer2DModel "
-                "(StableDiffusion3Pipeline)")
-        model = getattr(pipe, name)
-        if getattr(model, _PROXY_MARK, None) is not None:
+                "supports diffusers pipelines whose denoiser is pipe.unet or pipe.transformer "
+                "(StableDiffusionXLPipeline, StableDiffusion3Pipeline, PixArtSigmaPipeline, "
+                "WanPipeline, ...)")
+        layout = two_call_layout(pipe)
+        experts = experts_of(pipe, layout) if layout is not None else [(name, getattr(pipe, name))]
+        model = experts[0][1]
+        if any(getattr(m, _PROXY_MARK, None) is not None for _, m in experts):
             raise HybridError("this pipeline's denoiser is already parallelized; call the object "
                               "hr.parallelize returned the first time")
+        no_stages = None
+        if len(experts) > 1:
+            no_stages = (f"{type(pipe).__name__} switches between {len(experts)} expert denoisers "
+                         f"({', '.join(a for a, _ in experts)}), and stale activations cannot "
+                         "cross experts")
         object.__setattr__(self, "pipe", pipe)
-        object.__setattr__(self, "engine", HybridDenoiser(model, cfg))
+        object.__setattr__(self, "engine", HybridDenoiser(model, cfg, no_stages_reason=no_stages))
         object.__setattr__(self, "_in_call", False)
         object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_experts", [m for _, m in experts])
+        object.__setattr__(self, "_call_args", {})
         object.__setattr__(self, "_signature", inspect.signature(model.forward))
-        model.forward = self._proxy_forward
-        setattr(model, _PROXY_MARK, self)
+        two_call = None
+        if layout is not None:
+            two_call = TwoCallSteps(self, layout, [m.forward for _, m in experts])
+            for index, (_, expert) in enumerate(experts):
+                expert.forward = self._expert_proxy(index)
+                setattr(expert, _PROXY_MARK, self)
+        else:
+            model.forward = self._proxy_forward
+            setattr(model, _PROXY_MARK, self)
+        object.__setattr__(self, "_two_call", two_call)
 
     @property
     def report(self) -> RunReport:
@@ -56,21 +77,62 @@ class ParallelPipeline:
         self.engine.reset(context=self._call_context(args, kwargs))
         if hasattr(self.pipe, "_num_timesteps"):
             self.pipe._num_timesteps = None  # the pipeline sets it again before its loop
+        object.__setattr__(self, "_call_args", self._bound_call(args, kwargs))
+        if self._two_call is not None:
+            self._two_call.begin(self._call_args)
         object.__setattr__(self, "_in_call", True)
         try:
             out = self.pipe(*args, **kwargs)
         finally:
             object.__setattr__(self, "_in_call", False)
+        if self._two_call is not None:
+            self._two_call.end()
         self.engine.end_run()
         return out
+
+    def _bound_call(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """This call's arguments by name, defaults applied ({} if they do not bind)."""
+        try:
+            bound = inspect.signature(self.pipe.__call__).bind(*args, **kwargs)
+        except TypeError:
+            return {}
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def _expert_proxy(self, index: int):
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self._check_in_call()
+            return self._two_call.forward(index, args, kwargs)
+        return forward
+
+    def _check_in_call(self) -> None:
+        if not self._in_call:
+            raise HybridError("the denoiser of a parallelized pipeline was called outside a call "
+                              "of the pipeline hr.parallelize returned; call that object (every "
+                              "rank must take part in each step)")
+
+    def _guided(self) -> bool:
+        """Whether this call stacks [uncond; cond]: the pipeline's own do_classifier_free_guidance
+        where it has one, else its guidance_scale argument > 1 (as PixArt's loop decides)."""
+        flag = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if flag is not None:
+            return bool(flag)
+        scale = self._call_args.get("guidance_scale")
+        return scale is None or float(scale) > 1
+
+    def _guidance_scale(self) -> float:
+        scale = getattr(self.pipe, "guidance_scale", None)
+        if scale is None:
+            scale = self._call_args.get("guidance_scale")
+        return float(scale if scale is not None else 1.0)
 
     def restore(self) -> Any:
         """Remove the forward proxy, release the runtime's transport and process group, and
         return the plain pipeline. This object is unusable afterwards."""
-        model = self._model
-        if getattr(model, _PROXY_MARK, None) is self:
-            del model.forward
-            delattr(model, _PROXY_MARK)
+        for model in self._experts:
+            if getattr(model, _PROXY_MARK, None) is self:
+                del model.forward
+                delattr(model, _PROXY_MARK)
         self.engine.close()
         return self.pipe
 
@@ -120,10 +182,7 @@ class ParallelPipeline:
                f"{self.engine.world_size})"
 
     def _proxy_forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._in_call:
-            raise HybridError("the denoiser of a parallelized pipeline was called outside a call "
-                              "of the pipeline hr.parallelize returned; call that object (every "
-                              "rank must take part in each step)")
+        self._check_in_call()
         kw = dict(self._signature.bind(*args, **kwargs).arguments)
         engine = self.engine
         step = engine._next_step
@@ -133,7 +192,7 @@ class ParallelPipeline:
             # every rank computes it itself, the step does not advance
             return engine.side_call(kw, "skip-layer guidance: its extra denoiser calls "
                                         "(skip_layers=...) ran whole on every rank")
-        if not getattr(self.pipe, "do_classifier_free_guidance", True):
+        if not self._guided():
             return engine.serial_step(kw, step=step, num_steps=num_steps, reason=(
                 "no classifier-free guidance in this call (guidance_scale <= 1): no partitioning; "
                 "every rank ran the whole batch"))
@@ -142,16 +201,11 @@ class ParallelPipeline:
         if problem:
             engine.refuse(problem, step=step, num_steps=num_steps)
         return_dict = kw.pop("return_dict", True)
-        pairs = {k: split_cfg_batch(v, sample.shape[0]) for k, v in kw.items()}
-        uncond_kw = {k: p[0] for k, p in pairs.items()}
-        cond_kw = {k: p[1] for k, p in pairs.items()}
+        uncond_kw, cond_kw = split_branch_kwargs(kw, sample.shape[0])
         uncond_pred, cond_pred = engine.predict_branches(
-            uncond_kw, cond_kw, guidance_scale=float(self.pipe.guidance_scale), step=step,
+            uncond_kw, cond_kw, guidance_scale=self._guidance_scale(), step=step,
             num_steps=num_steps, joint_kw=kw)
-        doubled = join_cfg_batch(uncond_pred, cond_pred)
-        if not return_dict:
-            return (doubled,)
-        return _output_class(engine.family)(sample=doubled)
+        return engine.output_kind.wrap(join_cfg_batch(uncond_pred, cond_pred), return_dict)
 
     def _layout_problem(self, batch: int) -> str:
         """Why this denoiser batch is not the ``[uncond; cond]`` pair CBP splits ("" when it is).
@@ -174,8 +228,9 @@ def parallelize(pipe: Any, cfg: HybridConfig | None = None) -> ParallelPipeline:
     """Wrap a diffusers pipeline so its CFG branches run on the ranks of the process group.
 
     Args:
-        pipe: a pipeline whose denoiser is a UNet2DConditionModel (``pipe.unet``) or an
-            SD3Transformer2DModel (``pipe.transformer``), the same on every rank.
+        pipe: a diffusers pipeline whose denoiser (``pipe.unet`` or ``pipe.transformer``) it calls
+            on the stacked batch ``[uncond; cond]``, or a verified two-call pipeline
+            (:data:`hybridiff_rt.two_call.TWO_CALL_PIPELINES`); the same on every rank.
         cfg: HybridConfig; default HybridConfig().
 
     Returns:
@@ -192,12 +247,3 @@ def last_report(pipe: Any) -> RunReport:
     raise TypeError(f"last_report needs the object hr.parallelize returned or a HybridDenoiser, "
                     f"got {type(pipe).__name__}")
 
-
-def _output_class(family: str):
-    if family == "unet":
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput

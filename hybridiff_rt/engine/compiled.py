@@ -178,11 +178,16 @@ class Accelerator:
         """``forward`` (the model's own) accelerated: same keyword arguments, same outputs
         (tuples, or diffusers' output classes), one compiled / captured callable per denoiser
         whatever the arguments' layout."""
-        if "model" not in self._calls:
+        # one callable per forward (bound methods compare equal per model): a pipeline with two
+        # experts (Wan 2.2) gets one per expert, never the other's compiled code or graphs
+        key = ("model", forward)
+        if key not in self._calls:
             def denoiser(kw):
                 return forward(**kw)
-            self._calls["model"] = self._wrap(denoiser, "denoiser")
-        call = self._calls["model"]
+            earlier = sum(1 for k in self._calls if k[0] == "model")
+            self._calls[key] = self._wrap(denoiser, "denoiser" if not earlier
+                                          else f"denoiser {earlier + 1}")
+        call = self._calls[key]
 
         def accelerated(**kw):
             return call(kw)

@@ -27,9 +27,10 @@ from ..errors import (HybridError, NonFinitePredictionError, ShapeError,
                       UnsupportedModelError)
 from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
-from ..stages import UnitProfile, model_device, profile_units, stage_denoiser
+from ..stages import UnitProfile, has_stage_adapter, model_device, profile_units, stage_denoiser
 from .agreement import check_agreement
 from .batch import describe_shapes
+from .branch_layout import OutputKind, denoiser_sample_key, first_output
 from .stage_pipeline import StagePipeline
 from .report import RunReport
 from .compiled import Accelerator
@@ -61,25 +62,30 @@ def _close_quietly(transport: Transport) -> None:
 
 
 def model_family(model: torch.nn.Module) -> str:
-    """"unet" for UNet2DConditionModel, "mmdit" for SD3Transformer2DModel; else a clear error."""
+    """"unet" for UNet2DConditionModel, "mmdit" for SD3Transformer2DModel, "generic" for any
+    other denoiser whose forward follows the diffusers convention (see branch_layout); else a
+    clear UnsupportedModelError."""
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
     if isinstance(model, UNet2DConditionModel):
         return "unet"
     if isinstance(model, SD3Transformer2DModel):
         return "mmdit"
-    raise UnsupportedModelError(
-        f"hybridiff_rt cannot partition a {type(model).__name__}; supported denoisers are "
-        "diffusers UNet2DConditionModel (SD1.5/SD2.1/SDXL) and SD3Transformer2DModel (SD3/SD3.5)")
+    denoiser_sample_key(model)  # raises for anything that is not a diffusers-style denoiser
+    return "generic"
 
 
 class HybridDenoiser:
     """Classifier-free-guided denoiser spread over the ranks of the default process group.
 
     Args:
-        model: a UNet2DConditionModel or SD3Transformer2DModel, the same weights on every rank.
+        model: a diffusers-style denoiser (sample first, ``return_dict``; see branch_layout),
+            the same weights on every rank. Pipelining (``k > 0``) needs a stage adapter
+            (``stages.has_stage_adapter``); without one the run is CBP only, with a note.
         cfg: HybridConfig (default: HybridConfig()).
         transport: a Transport to use instead of the one ``cfg.transport`` selects.
+        no_stages_reason: run CBP only (no stage pipeline) for this reason, noted in the report
+            when ``k > 0`` (e.g. a pipeline that switches between expert denoisers).
 
     Call once per step, on every rank, with identical arguments::
 
@@ -92,7 +98,7 @@ class HybridDenoiser:
     """
 
     def __init__(self, model: torch.nn.Module, cfg: HybridConfig | None = None, *,
-                 transport: Transport | None = None) -> None:
+                 transport: Transport | None = None, no_stages_reason: str | None = None) -> None:
         self.family = model_family(model)
         self.model = model
         self.cfg = require_config(cfg)
@@ -100,9 +106,17 @@ class HybridDenoiser:
         self.dist = init_distributed(timeout_s=self.cfg.handshake_timeout_s)
         self._pairs = check_world_size(self.dist.world_size)  # WorldSizeError when odd
         self._scale: ScaleOut | None = None  # runs on 2N > 2 ranks (engine/scale_out.py)
-        self.sample_key = "sample" if self.family == "unet" else "hidden_states"
-        # staged before anyone (parallelize) wraps model.forward: units call the submodules
-        self._staged = stage_denoiser(model) if self.world_size > 1 and self.cfg.k > 0 else None
+        self.sample_key = denoiser_sample_key(model)
+        #: how the model returns its prediction (learned from its first return; None until then)
+        self.output_kind: OutputKind | None = None
+        # staged before anyone (parallelize) wraps model.forward: units call the submodules.
+        # A denoiser without a stage adapter (or a caller's reason) runs CBP only, with a note.
+        self._no_stages_reason = no_stages_reason
+        if no_stages_reason is None and not has_stage_adapter(model):
+            self._no_stages_reason = (f"{type(model).__name__} has no stage adapter "
+                                      "(hybridiff_rt.stages)")
+        wants_stages = self.world_size > 1 and self.cfg.k > 0 and self._no_stages_reason is None
+        self._staged = stage_denoiser(model) if wants_stages else None
         self._pipeline: StagePipeline | None = None
         # compiled / graph-replayed calls (engine/compiled.py) and per-step timings (timing.py)
         device = model_device(model, self.dist.device)
@@ -110,6 +124,9 @@ class HybridDenoiser:
         self._timer = StepTimer(device)
         forward = self._accel.forward(model.forward) if self._accel.enabled else model.forward
         self._model_forward: Callable[..., Any] = self._timer.timed(forward)
+        self._raw_forward = model.forward
+        #: other forwards a caller passes per step (another expert), accelerated and timed alike
+        self._other_forwards: dict[Callable[..., Any], Callable[..., Any]] = {}
         self._transport = transport
         self._owns_transport = transport is None
         self._instance = next(_INSTANCES)
@@ -212,7 +229,9 @@ class HybridDenoiser:
 
     def predict_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs, *, guidance_scale: float,
                          step: int | None = None, num_steps: int | None = None,
-                         joint_kw: Kwargs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         joint_kw: Kwargs | None = None,
+                         forward: Callable[..., Any] | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one step and return ``(uncond_pred, cond_pred)``, identical on every rank.
 
         Args:
@@ -222,6 +241,8 @@ class HybridDenoiser:
             num_steps: steps planned for the run (required at step 0).
             joint_kw: the CFG-doubled inputs, if the caller has them; a world of one then runs
                 the ordinary batch-2 call (the serial baseline) instead of two branch calls.
+            forward: the forward to run on CBP and serial steps instead of the model's own
+                (another expert of the same shape, e.g. Wan 2.2's low-noise transformer).
 
         During pipelined steps ``uncond_pred`` is synthesised so that the usual combination
         ``u + w (c - u)`` gives the configured policy: ``c`` for "off", ``c + (w-1) d`` for
@@ -242,9 +263,10 @@ class HybridDenoiser:
                 else:
                     if mode == "serial":
                         uncond_pred, cond_pred = self._serial_branches(uncond_kw, cond_kw,
-                                                                       joint_kw)
+                                                                       joint_kw, forward)
                     else:
-                        uncond_pred, cond_pred = self._cbp_branches(uncond_kw, cond_kw, step)
+                        uncond_pred, cond_pred = self._cbp_branches(uncond_kw, cond_kw, step,
+                                                                    forward)
                     measured = self._observe(step, uncond_pred, cond_pred)
         except BaseException:
             self._discard_pipeline()  # a failed run leaves nothing the next run would wait on
@@ -253,7 +275,7 @@ class HybridDenoiser:
         return uncond_pred, cond_pred
 
     def serial_step(self, kw: Kwargs, *, step: int | None = None, num_steps: int | None = None,
-                    reason: str) -> Any:
+                    reason: str, forward: Callable[..., Any] | None = None) -> Any:
         """Run the model on ``kw`` unchanged on this rank (a call without CFG); returns the
         model's own output. Recorded as a "serial" step with ``reason`` in the report notes."""
         step = self._begin_step(step, num_steps)
@@ -263,7 +285,7 @@ class HybridDenoiser:
             self._check_agreement({"guidance": "off", **self._run_fields(),
                                    "shapes": describe_shapes(kw), "inputs": kw})
         with torch.no_grad():
-            out = self._model_forward(**kw)
+            out = self._resolve_forward(forward)(**kw)
         self._report.note(reason)
         self._finish_step(step, "serial", math.nan, started, self._bytes_sent())
         return out
@@ -351,6 +373,10 @@ class HybridDenoiser:
                        if k not in (self.sample_key, "timestep")},
         })
         schedule_cfg = self.cfg
+        if self.cfg.k > 0 and self._no_stages_reason is not None:
+            schedule_cfg = self.cfg.replace(k=0)
+            self._report.note(f"no pipelined steps in this run (k=0 instead of {self.cfg.k}): "
+                              f"{self._no_stages_reason}; condition-based partitioning only")
         if self._staged is not None:
             problem = self._staging_problem(cond_kw)
             if problem:  # identical inputs on every rank (just checked): the same decision
@@ -403,17 +429,34 @@ class HybridDenoiser:
     def _bytes_sent(self) -> int:
         return self._transport.bytes_sent if self._transport is not None else 0
 
-    def _run_model(self, kw: Kwargs) -> torch.Tensor:
-        kw = dict(kw)
-        kw["return_dict"] = False
-        return self._model_forward(**kw)[0]
+    def _resolve_forward(self, forward: Callable[..., Any] | None) -> Callable[..., Any]:
+        """The callable that runs ``forward`` (None: the model's own): compiled / graph-replayed
+        and timed like the model's forward, built once per forward (another expert of the
+        pipeline, e.g. Wan 2.2's low-noise transformer)."""
+        if forward is None or forward == self._raw_forward:
+            return self._model_forward
+        if forward not in self._other_forwards:
+            wrapped = self._accel.forward(forward) if self._accel.enabled else forward
+            self._other_forwards[forward] = self._timer.timed(wrapped)
+        return self._other_forwards[forward]
 
-    def _serial_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs,
-                         joint_kw: Kwargs | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_model(self, kw: Kwargs, forward: Callable[..., Any] | None = None) -> torch.Tensor:
+        """The prediction of one model call; the first call of the model also learns how the
+        model returns it (``output_kind``) and refuses a model with more than one output."""
+        kw = dict(kw)
+        kw["return_dict"] = self.output_kind is None or self.output_kind.cls is not None
+        prediction, kind = first_output(self._resolve_forward(forward)(**kw),
+                                        type(self.model).__name__)
+        self.output_kind = self.output_kind or kind
+        return prediction
+
+    def _serial_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs, joint_kw: Kwargs | None,
+                         forward: Callable[..., Any] | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         if joint_kw is not None:
-            uncond_pred, cond_pred = self._run_model(joint_kw).chunk(2)
+            uncond_pred, cond_pred = self._run_model(joint_kw, forward).chunk(2)
             return uncond_pred, cond_pred
-        return self._run_model(uncond_kw), self._run_model(cond_kw)
+        return self._run_model(uncond_kw, forward), self._run_model(cond_kw, forward)
 
     def _start_layout(self, transport: Transport, batch: int) -> None:
         """Describe the rank layout in the report; on 2N > 2 ranks hand the run to ScaleOut."""
@@ -432,11 +475,13 @@ class HybridDenoiser:
             self._report.note(f"no pipelined steps in this run (k=0 instead of {self.cfg.k}): "
                               f"{problem}")
 
-    def _cbp_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs,
-                      step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cbp_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs, step: int,
+                      forward: Callable[..., Any] | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._scale is not None:
-            return self._scale.cbp(uncond_kw, cond_kw, step)
-        mine = self._run_model(uncond_kw if self.rank == 0 else cond_kw)
+            return self._scale.cbp(uncond_kw, cond_kw, step,
+                                   run_model=lambda kw: self._run_model(kw, forward))
+        mine = self._run_model(uncond_kw if self.rank == 0 else cond_kw, forward)
         with self._timer.section("transfer"):
             uncond_pred, cond_pred = self._transport.all_gather(mine, what=f"cbp step {step}")
         return uncond_pred, cond_pred

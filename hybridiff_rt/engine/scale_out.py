@@ -170,15 +170,17 @@ class ScaleOut:
         dtype, tail, device = self._spec
         return torch.empty((0, *tail), dtype=dtype, device=device)
 
-    def cbp(self, uncond_kw: Kwargs, cond_kw: Kwargs, step: int) -> tuple[torch.Tensor,
-                                                                           torch.Tensor]:
+    def cbp(self, uncond_kw: Kwargs, cond_kw: Kwargs, step: int,
+            run_model: Callable[[Kwargs], torch.Tensor] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         """One condition-based step on 2N ranks; returns (uncond, cond) predictions of every
-        image, shape ``[B, ...]``, identical on every rank."""
+        image, shape ``[B, ...]``, identical on every rank. ``run_model``: this step's model call
+        when it is not the default one (another expert of the pipeline, e.g. Wan 2.2's)."""
         start, stop = self.my_share
         mine_kw = uncond_kw if self.layout.branch == "uncond" else cond_kw
         if stop > start:
             started = time.perf_counter()
-            mine = self.run_model(take_rows(mine_kw, self.batch, start, stop))
+            mine = (run_model or self.run_model)(take_rows(mine_kw, self.batch, start, stop))
             if self._spec is None:  # the first step: time the call for the modelled speed-up
                 if mine.device.type == "cuda":
                     torch.cuda.synchronize(mine.device)

@@ -4,6 +4,8 @@
 
 * ``UNet2DConditionModel`` -> :class:`~hybridiff_rt.stages.unet.StagedUNet`
 * ``SD3Transformer2DModel`` -> :class:`~hybridiff_rt.stages.mmdit.StagedSD3Transformer`
+* the DiT families described in :data:`~hybridiff_rt.stages.dit.DIT_FAMILIES` (PixArt-Sigma,
+  Sana, Wan, Qwen-Image, Flux) -> :class:`~hybridiff_rt.stages.dit.StagedDiT`
 
 See :mod:`hybridiff_rt.stages.base` for the prepare / units / finish contract and the state format,
 :mod:`hybridiff_rt.stages.partition` for the cut search and :mod:`hybridiff_rt.stages.costs` for
@@ -34,6 +36,18 @@ from .partition import PartitionPlan, partition, plan_partition, stage_times_ms
 SUPPORTED_MODELS = ("UNet2DConditionModel", "SD3Transformer2DModel")
 
 
+def has_stage_adapter(model: torch.nn.Module) -> bool:
+    """Whether :func:`stage_denoiser` has an adapter for ``model``'s class (it may still refuse a
+    particular instance, e.g. one with hooks, with UnsupportedModelError)."""
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    from .dit import dit_family
+
+    return (isinstance(model, (UNet2DConditionModel, SD3Transformer2DModel))
+            or dit_family(model) is not None)
+
+
 def stage_denoiser(model: torch.nn.Module) -> StagedDenoiser:
     """Wrap a supported denoiser as a :class:`StagedDenoiser` (shares the model's weights).
 
@@ -52,9 +66,16 @@ def stage_denoiser(model: torch.nn.Module) -> StagedDenoiser:
         from .mmdit import StagedSD3Transformer
 
         return StagedSD3Transformer(model)
+    from .dit import DIT_FAMILIES, StagedDiT, dit_family
+
+    family = dit_family(model)
+    if family is not None:
+        return StagedDiT(model, family)
     raise UnsupportedModelError(
         f"cannot stage a {type(model).__module__}.{type(model).__qualname__}; supported denoisers are "
-        f"diffusers {' and '.join(SUPPORTED_MODELS)} (unwrap torch.compile / DDP wrappers first)"
+        f"diffusers {' and '.join(SUPPORTED_MODELS)}, and the DiTs described in stages.dit.DIT_FAMILIES "
+        f"({', '.join(sorted(DIT_FAMILIES))}); describe a new DiT there, or unwrap torch.compile / "
+        "DDP wrappers first"
     )
 
 
@@ -70,6 +91,7 @@ __all__ = [
     "clear_profile_cache",
     "empty_state_like",
     "flatten_state",
+    "has_stage_adapter",
     "model_device",
     "partition",
     "plan_partition",

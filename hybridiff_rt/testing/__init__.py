@@ -7,12 +7,15 @@
   (img2img, inpaint, ControlNet, T2I-Adapter, PAG, Heun, skip-layer guidance, ...) from the same
   tiny components, with the inputs each needs; :data:`INFO` and :func:`count_denoiser_calls` say
   how often, and on what batch, each one calls its denoiser.
+* :data:`DIT_BUILDERS` / :func:`build_dit`: tiny PixArt-Sigma, Sana, Wan 2.1 / 2.2, Qwen-Image
+  and Flux pipelines with precomputed prompt embeddings (:mod:`.dit_pipelines`).
 * :func:`run_ranks`: run a function on N local processes with torchrun's environment, one CPU
   thread each, so two processes are two devices on a machine without GPUs.
 
 The runtime core never imports this package.
 """
 
+from .dit_pipelines import DIT_BUILDERS, DIT_INFO, DiTInfo, build_dit
 from .pipelines import (
     BUILDERS,
     DEFAULT_IMAGE_SIZE,
@@ -43,7 +46,7 @@ from .variants import (
     denoiser,
 )
 
-__all__ = ["hidden_imports_env", "per_branch_forward", "BUILDERS", "DEFAULT_IMAGE_SIZE", "INFO", "VARIANTS", "DenoiserCalls", "Outcome",
+__all__ = ["DIT_BUILDERS", "DIT_INFO", "DiTInfo", "build_dit", "hidden_imports_env", "per_branch_forward", "BUILDERS", "DEFAULT_IMAGE_SIZE", "INFO", "VARIANTS", "DenoiserCalls", "Outcome",
            "VariantInfo", "all_ok", "build", "build_variant", "byte_level_vocab",
            "clip_text_config", "clip_text_encoder", "clip_tokenizer", "count_denoiser_calls",
            "denoiser", "euler_scheduler", "flow_match_scheduler", "free_port", "run_ranks",

@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..engine.batch import join_cfg_batch, split_cfg_batch
+from ..engine.batch import join_cfg_batch
+from ..engine.branch_layout import denoiser_sample_key, split_branch_kwargs
 
 
 def per_branch_forward(model: torch.nn.Module) -> Callable[[], None]:
@@ -26,16 +27,16 @@ def per_branch_forward(model: torch.nn.Module) -> Callable[[], None]:
     with ``skip_layers=...``) run as given. Returns a function that removes the patch."""
     original = model.forward
     signature = inspect.signature(original)
+    key = denoiser_sample_key(model)
 
     def forward(*args, **kwargs):
         kw = dict(signature.bind(*args, **kwargs).arguments)
-        full = kw["sample" if "sample" in kw else "hidden_states"].shape[0]
+        full = kw[key].shape[0]
         if kw.get("skip_layers") is not None or full % 2:
             return original(**kw)
         return_dict = kw.pop("return_dict", True)
-        pairs = {k: split_cfg_batch(v, full) for k, v in kw.items()}
-        outs = [original(**{k: p[i] for k, p in pairs.items()}, return_dict=False)[0]
-                for i in (0, 1)]
+        branches = split_branch_kwargs(kw, full)
+        outs = [original(**branch, return_dict=False)[0] for branch in branches]
         joined = join_cfg_batch(*outs)
         return (joined,) if not return_dict else type(original(**kw))(sample=joined)
 

@@ -1,0 +1,108 @@
+"""What the runtime reads from a denoiser itself instead of a list of model classes.
+
+Any ``torch.nn.Module`` whose forward follows the diffusers convention can be partitioned by
+guidance branch:
+
+* its first parameter (after ``self``) is the noisy sample (``sample`` for U-Nets,
+  ``hidden_states`` for transformers): the *sample key*, whose leading dimension is the batch;
+* it takes ``return_dict`` and returns either a tuple whose first entry is the prediction or a
+  diffusers ``BaseOutput`` whose first field is the prediction (the *output kind*, learned from
+  the model's own first return and used to hand the pipeline the same kind back).
+
+Every batch-shaped argument (leading dimension equal to the call's batch) is split by
+:func:`split_branch_kwargs`, except the per-token tables listed in :data:`SHARED_ARGUMENTS`
+(rotary tables, position ids), which carry no batch dimension even when their length happens to
+equal the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedModelError
+from .batch import split_cfg_batch
+
+#: Arguments that are per-token tables shared by every row of the batch (shape (N, ...) with N
+#: tokens, never (batch, ...)); they go to both branches unchanged whatever their length.
+SHARED_ARGUMENTS = frozenset({
+    "image_rotary_emb", "rotary_emb", "freqs_cis", "img_ids", "txt_ids", "img_shapes",
+    "txt_seq_lens",
+})
+
+
+def denoiser_sample_key(model: Any) -> str:
+    """The name of the sample argument of ``model``'s forward (its first parameter).
+
+    Raises:
+        UnsupportedModelError: ``model`` is not a torch module, or its forward does not follow the
+            diffusers convention (a named first parameter and a ``return_dict`` parameter).
+    """
+    name = type(model).__name__
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(f"hybridiff_rt needs a torch.nn.Module denoiser, got {name}")
+    params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not named or "return_dict" not in {p.name for p in params}:
+        raise UnsupportedModelError(
+            f"hybridiff_rt cannot partition a {name}: a denoiser's forward must take the noisy "
+            "sample as its first argument and a return_dict argument, as diffusers denoisers do "
+            "(e.g. UNet2DConditionModel, SD3Transformer2DModel, PixArtTransformer2DModel, "
+            "WanTransformer3DModel)")
+    return named[0].name
+
+
+def split_branch_kwargs(kw: dict[str, Any], batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(uncond_kw, cond_kw)`` of a call on the stacked batch ``[uncond; cond]`` of ``batch``
+    rows: batch-shaped arguments split at the middle, :data:`SHARED_ARGUMENTS` and everything
+    else passed to both unchanged (see :func:`~hybridiff_rt.engine.batch.split_cfg_batch`)."""
+    pairs = {k: (v, v) if k in SHARED_ARGUMENTS else split_cfg_batch(v, batch)
+             for k, v in kw.items()}
+    return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    """How a denoiser returned its prediction: ``cls`` None for a tuple, else the BaseOutput
+    class and the name of the field that holds the prediction."""
+
+    cls: type | None
+    field: str | None = None
+
+    def wrap(self, prediction: torch.Tensor, return_dict: bool) -> Any:
+        """The prediction in the form the caller asked for (``return_dict``), as the model would
+        return it: a 1-tuple, or the model's own output class."""
+        if not return_dict or self.cls is None:
+            return (prediction,)
+        return self.cls(**{self.field: prediction})
+
+
+def first_output(out: Any, model_name: str) -> tuple[torch.Tensor, OutputKind]:
+    """The prediction in a model's return value, and the kind of that return value.
+
+    Raises:
+        UnsupportedModelError: the model returned more than one output (CBP would drop the rest)
+            or no tensor first.
+    """
+    if isinstance(out, torch.Tensor):
+        return out, OutputKind(None)
+    if isinstance(out, tuple) and not hasattr(out, "keys"):
+        values, kind = list(out), OutputKind(None)
+    elif hasattr(out, "keys") and hasattr(out, "to_tuple"):  # a diffusers BaseOutput
+        keys = list(out.keys())
+        values, kind = [out[k] for k in keys], OutputKind(type(out), keys[0] if keys else None)
+    else:
+        raise UnsupportedModelError(f"{model_name} returned a {type(out).__name__}; hybridiff_rt "
+                                    "needs a tuple or a diffusers BaseOutput from a denoiser")
+    if not values or not isinstance(values[0], torch.Tensor):
+        raise UnsupportedModelError(f"{model_name} returned no prediction tensor first")
+    extra = [v for v in values[1:] if v is not None]
+    if extra:
+        raise UnsupportedModelError(
+            f"{model_name} returned {1 + len(extra)} outputs; hybridiff_rt exchanges only the "
+            "prediction between ranks and cannot return the others (call it without the option "
+            "that produces them)")
+    return values[0], kind

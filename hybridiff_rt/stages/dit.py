@@ -1,0 +1,294 @@
+"""A generic staged adapter for diffusion transformers, configured by a declarative description.
+
+A DiT's forward is a *prologue* (patch and position embedding, timestep and text conditioning),
+one or more ordered lists of blocks that carry a few activations from block to block (the *flow*:
+``hidden_states``, and ``encoder_hidden_states`` for dual-stream models), and an *epilogue* (final
+norm, projection, unpatchify). :class:`DiTFamily` says, for one model class, where the block lists
+are and which block arguments flow; no model-specific code is written.
+
+The adapter runs the model's own forward for the prologue and the epilogue, with each block list
+temporarily replaced by stand-ins:
+
+* ``prepare``: the model's forward runs until its first block would be called; the stand-in
+  records that call's arguments and stops the forward. The flow arguments are the initial state;
+  every other argument (time embedding, rotary tables, masks, text context) is the step context
+  handed to every block of that list. (With several lists, the stand-ins of the earlier lists
+  pass their flow through unchanged so that the first call of the last list is reached.)
+* ``units``: ``<list>.I`` calls the real block I with the recorded context and the flowing
+  state; the last unit, ``out``, runs the model's forward again with stand-ins that return the
+  final state, so the epilogue runs exactly as in the model (the prologue is recomputed there; it
+  is the cheap part of the model). ``finish`` returns its ``"sample"``.
+
+Running all units therefore equals the model's own forward bit for bit, for model classes whose
+forward hands every block of a list the same non-flow arguments and does nothing between blocks
+(checked for each family by tests/test_generic_denoisers.py). Forward arguments that would make
+the forward do something between blocks (ControlNet residuals) are refused per family. As a
+guard against a description that does not fit (another diffusers version of the class), the
+first ``prepare`` for each input layout runs the units once and compares them with the model's
+own forward bit for bit; a mismatch raises UnsupportedModelError, which the runtime turns into a
+CBP-only run with a note.
+
+State names are the flow argument names of the blocks, e.g. ``"hidden_states"`` (B, N, D) with
+N tokens and D the inner dimension; after ``out`` the state is ``{"sample": prediction}`` (the
+shape of the model's output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import ShapeError, UnsupportedModelError
+from .base import StageContext, StagedDenoiser, State, Unit, require_plain_forward
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTFamily:
+    """Declarative description of one DiT class for :class:`StagedDiT`.
+
+    Attributes:
+        blocks: attribute names of the block ``ModuleList``s, in the order the forward runs them.
+        flow: block arguments carried from one block to the next (the state), by parameter name.
+        returns: what a block returns, in order, as names in ``flow`` (one name: a tensor).
+        refused: forward arguments the units do not reproduce (the forward would apply them
+            between blocks); a call that passes one of them (not None) is refused.
+    """
+
+    blocks: tuple[str, ...]
+    flow: tuple[str, ...] = ("hidden_states",)
+    returns: tuple[str, ...] = ("hidden_states",)
+    refused: tuple[str, ...] = ()
+
+
+#: class name -> description. A new DiT family is one entry here plus a test that its staged
+#: forward equals its own forward (tests/test_generic_denoisers.py).
+DIT_FAMILIES: dict[str, DiTFamily] = {
+    "PixArtTransformer2DModel": DiTFamily(blocks=("transformer_blocks",)),
+    "SanaTransformer2DModel": DiTFamily(blocks=("transformer_blocks",),
+                                        refused=("controlnet_block_samples",)),
+    "WanTransformer3DModel": DiTFamily(blocks=("blocks",)),
+    # dual-stream (MMDiT) blocks carry the text tokens too and return (encoder, hidden)
+    "QwenImageTransformer2DModel": DiTFamily(
+        blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
+        returns=("encoder_hidden_states", "hidden_states"), refused=("controlnet_block_samples",)),
+    "FluxTransformer2DModel": DiTFamily(
+        blocks=("transformer_blocks", "single_transformer_blocks"),
+        flow=("hidden_states", "encoder_hidden_states"),
+        returns=("encoder_hidden_states", "hidden_states"),
+        refused=("controlnet_block_samples", "controlnet_single_block_samples")),
+}
+
+
+def _layout(value: Any) -> tuple:
+    """Shapes and dtypes of the tensors in a nested argument (the key of the first-use check)."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), str(value.dtype), str(value.device))
+    if isinstance(value, dict):
+        return tuple((k, _layout(value[k])) for k in sorted(value, key=str))
+    if isinstance(value, (list, tuple)):
+        return tuple(_layout(v) for v in value)
+    return (type(value).__name__,)
+
+
+def dit_family(model: torch.nn.Module) -> DiTFamily | None:
+    """The description of ``model``'s class (exact class name match), or None."""
+    return DIT_FAMILIES.get(type(model).__name__)
+
+
+class _Stop(Exception):
+    """Raised by a stand-in block to end the forward once the prologue is done."""
+
+
+class _StandIn(torch.nn.Module):
+    """Takes a block's place in its ModuleList for one forward; calls ``action(index, args,
+    kwargs)`` and returns what it returns."""
+
+    def __init__(self, index: int, action: Callable[[int, tuple, dict], Any]) -> None:
+        super().__init__()
+        self.index, self.action = index, action
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.action(self.index, args, kwargs)
+
+
+@dataclasses.dataclass
+class DiTContext(StageContext):
+    """Per-step context of a staged DiT.
+
+    Attributes:
+        initial_state: the flow arguments of the first block, e.g.
+            ``{"hidden_states": (B, N, D)}``.
+        block_kwargs: per block list, the non-flow keyword arguments its blocks are called with.
+        forward_kwargs: the model's forward arguments of this step (for the epilogue).
+    """
+
+    block_kwargs: list[dict[str, Any]]
+    forward_kwargs: dict[str, Any]
+
+
+class DiTBlock(Unit):
+    """``<list>[index]`` called with its list's context and the flowing state."""
+
+    def __init__(self, block: torch.nn.Module, list_index: int, name: str,
+                 family: DiTFamily) -> None:
+        self.name, self.block, self.list_index, self.family = name, block, list_index, family
+
+    def __call__(self, state: State, ctx: DiTContext) -> State:
+        kwargs = dict(ctx.block_kwargs[self.list_index])
+        kwargs.update({k: state[k] for k in self.family.flow})
+        out = self.block(**kwargs)
+        values = (out,) if len(self.family.returns) == 1 else tuple(out)
+        return dict(zip(self.family.returns, values))
+
+
+class Epilogue(Unit):
+    """``out``: the model's own forward with its blocks returning the flowing state, so the
+    norm / projection / unpatchify after the blocks run as in the model -> ``{"sample": ...}``."""
+
+    def __init__(self, staged: StagedDiT) -> None:
+        self.name, self.staged = "out", staged
+
+    def __call__(self, state: State, ctx: DiTContext) -> State:
+        returns = self.staged.family.returns
+        if set(state) != set(returns):
+            raise ShapeError(f"the out unit expects the state after the last block "
+                             f"({sorted(returns)}), got keys {sorted(state)}")
+        values = tuple(state[k] for k in returns)
+        result = values[0] if len(values) == 1 else values
+        out = self.staged._run_forward({**ctx.forward_kwargs, "return_dict": False},
+                                       lambda li, i, a, k: result)
+        return {"sample": out[0]}
+
+
+class StagedDiT(StagedDenoiser):
+    """A DiT described by a :class:`DiTFamily` as prepare / units / finish (module docstring).
+
+    ``prepare`` takes exactly the keyword arguments of the model's forward; ``finish`` returns
+    what ``model(**kw, return_dict=False)[0]`` returns.
+    """
+
+    def __init__(self, model: torch.nn.Module, family: DiTFamily) -> None:
+        require_plain_forward(model, type(model))
+        self.model, self.family = model, family
+        self._forward = type(model).forward
+        self._signature = inspect.signature(self._forward)
+        self._lists = []
+        for attr in family.blocks:
+            blocks = getattr(model, attr, None)
+            if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
+                raise UnsupportedModelError(f"{type(model).__name__}.{attr} is not a non-empty "
+                                            "ModuleList of blocks; the DiT description is wrong")
+            self._lists.append((attr, blocks))
+        self.units: list[Unit] = [
+            DiTBlock(block, li, f"{attr}.{i}", family)
+            for li, (attr, blocks) in enumerate(self._lists) for i, block in enumerate(blocks)]
+        self.units.append(Epilogue(self))
+        self._checked: set[tuple] = set()  # input layouts already checked against the forward
+
+    # ------------------------------------------------------------------------- forward runs
+    def _run_forward(self, kwargs: dict[str, Any], action: Callable[[int, int, tuple, dict], Any]):
+        """The model's own forward on ``kwargs`` with every block replaced by a stand-in that
+        calls ``action(list_index, block_index, args, kwargs)``; the real blocks are put back
+        afterwards whatever happens."""
+        model = self.model
+        for li, (attr, blocks) in enumerate(self._lists):
+            stand_ins = [_StandIn(i, lambda i, a, k, li=li: action(li, i, a, k))
+                         for i in range(len(blocks))]
+            model._modules[attr] = torch.nn.ModuleList(stand_ins)
+        try:
+            return self._forward(model, **kwargs)
+        finally:
+            for attr, blocks in self._lists:
+                model._modules[attr] = blocks
+
+    def _bind_block_call(self, li: int, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """A block call's arguments by parameter name (``**kwargs`` of the block expanded)."""
+        block = self._lists[li][1][0]
+        bound = inspect.signature(type(block).forward).bind(block, *args, **kwargs).arguments
+        bound.pop("self", None)
+        params = inspect.signature(type(block).forward).parameters
+        named: dict[str, Any] = {}
+        for name, value in bound.items():
+            kind = params[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                raise UnsupportedModelError(f"{type(block).__name__} takes *args; the DiT adapter "
+                                            "needs blocks called with named arguments")
+            else:
+                named[name] = value
+        missing = [k for k in self.family.flow if k not in named]
+        if missing:
+            raise UnsupportedModelError(f"{type(block).__name__} was called without the flow "
+                                        f"arguments {missing}; the DiT description is wrong")
+        return named
+
+    # ----------------------------------------------------------------------------- contract
+    def prepare(self, **denoiser_kwargs: Any) -> DiTContext:
+        """Run the prologue of the model's forward on these arguments (its own code) and record
+        what its blocks are called with. Arguments as in the model's forward; ``return_dict``
+        is ignored."""
+        kwargs = dict(self._signature.bind(self.model, **denoiser_kwargs).arguments)
+        kwargs.pop("self", None)
+        kwargs.pop("return_dict", None)
+        for name in self.family.refused:
+            if kwargs.get(name) is not None:
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__} with {name}=...: the forward applies it between "
+                    "blocks, which the staged DiT does not reproduce; run without it or with k=0")
+        recorded: list[dict[str, Any] | None] = [None] * len(self._lists)
+        last = len(self._lists) - 1
+
+        def record(li: int, index: int, args: tuple, kw: dict) -> Any:
+            if index == 0:
+                recorded[li] = self._bind_block_call(li, args, kw)
+            if li == last:
+                raise _Stop
+            named = self._bind_block_call(li, args, kw)  # earlier lists: pass the flow through
+            values = tuple(named[k] for k in self.family.returns)
+            return values[0] if len(values) == 1 else values
+
+        try:
+            self._run_forward({**kwargs, "return_dict": False}, record)
+        except _Stop:
+            pass
+        else:
+            raise ShapeError(f"{type(self.model).__name__}'s forward returned without calling its "
+                             "blocks; the DiT description is wrong")
+        first = recorded[0]
+        block_kwargs = [{k: v for k, v in r.items() if k not in self.family.flow}
+                        for r in recorded]
+        ctx = DiTContext(initial_state={k: first[k] for k in self.family.flow},
+                         block_kwargs=block_kwargs, forward_kwargs=kwargs)
+        layout = _layout(kwargs)
+        if layout not in self._checked:
+            self._check_against_forward(ctx)
+            self._checked.add(layout)
+        return ctx
+
+    def _check_against_forward(self, ctx: DiTContext) -> None:
+        """Run the units once and compare with the model's own forward on the same inputs (bit
+        for bit): a description that does not fit this model (another version of the class, a
+        forward that acts between blocks) is refused at its first use, not run inexactly."""
+        expected = self._forward(self.model, **ctx.forward_kwargs, return_dict=False)[0]
+        try:
+            got = self.finish(self.run(ctx.initial_state, ctx), ctx)
+            problem = "" if torch.equal(got, expected) else "a different prediction"
+        except Exception as exc:  # noqa: BLE001 - any failure means the description does not fit
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            raise UnsupportedModelError(
+                f"the staged {type(self.model).__name__} (stages.dit.DIT_FAMILIES) gave {problem} "
+                "where the model's own forward ran: the description does not fit this model or "
+                "these inputs; run it with k=0, or correct its DiTFamily")
+
+    def finish(self, state: State, ctx: DiTContext) -> torch.Tensor:
+        """The prediction, from the state after the ``out`` unit."""
+        if set(state) != {"sample"}:
+            raise ShapeError(f"finish expects the state after the last unit ('out'), got keys "
+                             f"{sorted(state)}")
+        return state["sample"]

@@ -1,0 +1,346 @@
+"""Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT, Wan 2.1 /
+2.2 text-to-video, Wan image-to-video, Lumina2, Qwen-Image, Flux), built offline.
+
+These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL) have no cheap in-memory
+stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
+``tokenizer=None`` and ``vae=None`` (a tiny VAE where the pipeline encodes an image) and returns,
+with it, call arguments holding seeded random *precomputed* prompt embeddings (and masks /
+pooled embeddings where the pipeline needs them). Call the pipeline with
+``output_type="latent"``; without a VAE the pipelines derive their latent size from their
+default VAE factor.
+
+``build_dit(name, seed)`` returns ``(pipe, call_kwargs)``; the same seed gives the same weights
+and embeddings in every process. :data:`DIT_INFO` records, per name, the pipeline class, how it
+applies guidance ("batched" [uncond; cond] or "two-call") and the call arguments that switch
+guidance on. Sizes are chosen for unit tests: a denoiser call takes milliseconds on one thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .pipelines import flow_match_scheduler, seeded
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTInfo:
+    """Facts about one tiny pipeline.
+
+    Attributes:
+        pipeline_class: the diffusers pipeline class name.
+        guidance: "batched" (one call on [uncond; cond]) or "two-call" (cond, then uncond).
+        guidance_kwargs: the call arguments that switch classifier-free guidance on.
+        experts: the pipeline attributes holding denoisers.
+    """
+
+    pipeline_class: str
+    guidance: str
+    guidance_kwargs: dict[str, Any]
+    experts: tuple[str, ...] = ("transformer",)
+
+
+def _embeds(gen: torch.Generator, batch: int, tokens: int, width: int) -> torch.Tensor:
+    return torch.randn(batch, tokens, width, generator=gen)
+
+
+def _finish(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixart_transformer(size: str = "tiny", **overrides: Any):
+    """A ``PixArtTransformer2DModel`` (AdaLN-single DiT with cross-attention), learned sigma
+    (8 output channels for 4 latent channels), caption width 32."""
+    from diffusers import PixArtTransformer2DModel
+
+    layers, heads = {"tiny": (2, 2), "small": (8, 4)}[size]
+    kwargs = {"num_attention_heads": heads, "attention_head_dim": 16, "in_channels": 4,
+              "out_channels": 8, "num_layers": layers, "cross_attention_dim": 16 * heads,
+              "sample_size": 8, "patch_size": 2, "caption_channels": 32, "norm_num_groups": 2}
+    kwargs.update(overrides)
+    return PixArtTransformer2DModel(**kwargs)
+
+
+def pixart_sigma(seed: int = 0, size: str = "tiny"):
+    """PixArtSigmaPipeline, 64 px -> 8 x 8 latents (vae=None: factor 8), DDIM."""
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline
+
+    with seeded(seed):
+        transformer = pixart_transformer(size)
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None,
+                               transformer=transformer, scheduler=DDIMScheduler())
+    gen = torch.Generator().manual_seed(seed + 1)
+    side = 64 if size == "tiny" else 256
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32),
+              "prompt_attention_mask": torch.ones(1, 6),
+              "negative_prompt_attention_mask": torch.ones(1, 6),
+              "height": side, "width": side, "use_resolution_binning": False}
+    return _finish(pipe), kwargs
+
+
+def sana(seed: int = 0, size: str = "tiny"):
+    """SanaPipeline (linear-attention DiT), 256 px -> 8 x 8 latents (vae=None: factor 32)."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        SanaPipeline,
+        SanaTransformer2DModel,
+    )
+
+    layers = {"tiny": 2, "small": 8}[size]
+    with seeded(seed):
+        transformer = SanaTransformer2DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+            num_layers=layers, num_cross_attention_heads=2, cross_attention_head_dim=16,
+            cross_attention_dim=32, caption_channels=32, sample_size=8, patch_size=1)
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                        scheduler=DPMSolverMultistepScheduler())
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32),
+              "prompt_attention_mask": torch.ones(1, 6),
+              "negative_prompt_attention_mask": torch.ones(1, 6),
+              "height": 256, "width": 256, "use_resolution_binning": False}
+    return _finish(pipe), kwargs
+
+
+def auraflow(seed: int = 0, size: str = "tiny"):
+    """AuraFlowPipeline (MMDiT + single DiT blocks, flow matching), 64 px -> 8 x 8 latents."""
+    from diffusers import (
+        AuraFlowPipeline,
+        AuraFlowTransformer2DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
+
+    with seeded(seed):
+        transformer = AuraFlowTransformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+            num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=32, caption_projection_dim=16, out_channels=4,
+            pos_embed_max_size=64)
+    pipe = AuraFlowPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                            scheduler=FlowMatchEulerDiscreteScheduler())
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "prompt_attention_mask": torch.ones(1, 6),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_attention_mask": torch.ones(1, 6), "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
+def hunyuan_dit(seed: int = 0, size: str = "tiny"):
+    """HunyuanDiTPipeline (DiT with long skip connections, CLIP + T5 text, learned sigma, rotary
+    table passed to the denoiser), 64 px -> 8 x 8 latents."""
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    with seeded(seed):
+        transformer = HunyuanDiT2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, cross_attention_dim=32, cross_attention_dim_t5=32,
+            pooled_projection_dim=16, hidden_size=16, text_len=6, text_len_t5=6,
+            learn_sigma=True)
+    pipe = HunyuanDiTPipeline(tokenizer=None, text_encoder=None, tokenizer_2=None,
+                              text_encoder_2=None, vae=None, transformer=transformer,
+                              scheduler=DDPMScheduler(), safety_checker=None,
+                              feature_extractor=None, requires_safety_checker=False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "prompt_attention_mask": torch.ones(1, 6),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_attention_mask": torch.ones(1, 6),
+              "prompt_embeds_2": _embeds(gen, 1, 6, 32),
+              "prompt_attention_mask_2": torch.ones(1, 6),
+              "negative_prompt_embeds_2": _embeds(gen, 1, 6, 32),
+              "negative_prompt_attention_mask_2": torch.ones(1, 6), "height": 64, "width": 64,
+              "use_resolution_binning": False}
+    return _finish(pipe), kwargs
+
+
+def wan_transformer(size: str = "tiny", **overrides: Any):
+    """A ``WanTransformer3DModel`` on 4-channel latents, patch (1, 2, 2), text width 16."""
+    from diffusers import WanTransformer3DModel
+
+    layers, heads = {"tiny": (2, 2), "small": (6, 4)}[size]
+    kwargs = {"patch_size": (1, 2, 2), "num_attention_heads": heads, "attention_head_dim": 16,
+              "in_channels": 4, "out_channels": 4, "text_dim": 16, "freq_dim": 16,
+              "ffn_dim": 32 * heads, "num_layers": layers, "rope_max_seq_len": 32}
+    kwargs.update(overrides)
+    return WanTransformer3DModel(**kwargs)
+
+
+def _wan(seed: int, size: str, experts: int):
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    with seeded(seed):
+        transformer = wan_transformer(size)
+        extra = {}
+        if experts == 2:  # Wan 2.2 A14B: high-noise and low-noise experts, switched at a boundary
+            # at t = 875: with 3 steps (timesteps 999, 857, 600) step 0 runs on transformer and
+            # steps 1-2 on transformer_2
+            extra = {"transformer_2": wan_transformer(size), "boundary_ratio": 0.875}
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                       scheduler=scheduler, **extra)
+    gen = torch.Generator().manual_seed(seed + 1)
+    side, frames = (64, 5) if size == "tiny" else (256, 9)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 16), "height": side, "width": side,
+              "num_frames": frames}
+    if experts == 2:
+        kwargs["guidance_scale_2"] = 3.0
+    return _finish(pipe), kwargs
+
+
+def wan21(seed: int = 0, size: str = "tiny"):
+    """WanPipeline (Wan 2.1 text-to-video), 5 frames of 64 px -> 2 x 8 x 8 latents, UniPC
+    (``size="small"``: 9 frames of 256 px -> 3 x 32 x 32 latents)."""
+    return _wan(seed, size, 1)
+
+
+def wan22(seed: int = 0, size: str = "tiny"):
+    """WanPipeline with two experts (Wan 2.2 A14B layout: ``transformer`` for t >= 875,
+    ``transformer_2`` below, ``guidance_scale_2`` 3.0 for the low-noise expert)."""
+    return _wan(seed, size, 2)
+
+
+def wan21_i2v(seed: int = 0, size: str = "tiny"):
+    """WanImageToVideoPipeline without an image encoder (the Wan 2.2 I2V layout: the image enters
+    only as conditioning latents concatenated to the noise), a tiny ``AutoencoderKLWan`` to
+    encode the first frame, 5 frames of 64 px -> 2 x 8 x 8 latents (4 + 8 input channels)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+    )
+    from PIL import Image
+
+    with seeded(seed):
+        autoencoder = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1],
+                                       num_res_blocks=1, temperal_downsample=[False, True, True],
+                                       latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        transformer = wan_transformer(size, in_channels=12)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=3.0)
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
+                                   transformer=transformer, scheduler=scheduler,
+                                   image_encoder=None, image_processor=None)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pixels = (torch.rand(64, 64, 3, generator=gen) * 255).round().to(torch.uint8).numpy()
+    kwargs = {"image": Image.fromarray(pixels, mode="RGB"), "prompt": None, "negative_prompt": None,
+              "prompt_embeds": _embeds(gen, 1, 6, 16),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 16), "height": 64, "width": 64,
+              "num_frames": 5}
+    return _finish(pipe), kwargs
+
+
+def lumina2(seed: int = 0, size: str = "tiny"):
+    """Lumina2Pipeline (Lumina-Image 2.0: two calls per step, CFG renormalised, and truncated to
+    cond-only calls after ``cfg_trunc_ratio`` of the steps), 64 px -> 8 x 8 latents."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        Lumina2Pipeline,
+        Lumina2Transformer2DModel,
+    )
+
+    with seeded(seed):
+        transformer = Lumina2Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2,
+            num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+            ffn_dim_multiplier=None, norm_eps=1e-5, scaling_factor=1.0, axes_dim_rope=[4, 2, 2],
+            cap_feat_dim=16)
+    pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                           vae=None, text_encoder=None, tokenizer=None)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
+              "prompt_attention_mask": torch.ones(1, 6, dtype=torch.long),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 16),
+              "negative_prompt_attention_mask": torch.ones(1, 6, dtype=torch.long),
+              "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
+def qwen_image(seed: int = 0, size: str = "tiny"):
+    """QwenImagePipeline (MMDiT), 64 px -> 8 x 8 latents packed to 16 tokens of 16 channels."""
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    layers = {"tiny": 2, "small": 6}[size]
+    with seeded(seed):
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+    pipe = QwenImagePipeline(scheduler=flow_match_scheduler(), vae=None, text_encoder=None,
+                             tokenizer=None, transformer=transformer)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
+              "prompt_embeds_mask": torch.ones(1, 6, dtype=torch.long),
+              "negative_prompt_embeds": _embeds(gen, 1, 5, 16),
+              "negative_prompt_embeds_mask": torch.ones(1, 5, dtype=torch.long),
+              "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
+def flux(seed: int = 0, size: str = "tiny"):
+    """FluxPipeline (dual- and single-stream blocks), 64 px -> 16 tokens; call with
+    ``true_cfg_scale > 1`` and the negative embeddings for true CFG."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    layers = {"tiny": 1, "small": 3}[size]
+    with seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+            pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    pipe = FluxPipeline(scheduler=flow_match_scheduler(), vae=None, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        transformer=transformer)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "pooled_prompt_embeds": torch.randn(1, 32, generator=gen),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_pooled_prompt_embeds": torch.randn(1, 32, generator=gen),
+              "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
+#: name -> builder ``fn(seed=0, size="tiny") -> (pipe, call_kwargs)``
+DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = OrderedDict([
+    ("pixart-sigma", pixart_sigma),
+    ("sana", sana),
+    ("auraflow", auraflow),
+    ("hunyuan-dit", hunyuan_dit),
+    ("wan2.1", wan21),
+    ("wan2.2", wan22),
+    ("wan2.1-i2v", wan21_i2v),
+    ("lumina2", lumina2),
+    ("qwen-image", qwen_image),
+    ("flux-true-cfg", flux),
+])
+
+DIT_INFO: dict[str, DiTInfo] = {
+    "pixart-sigma": DiTInfo("PixArtSigmaPipeline", "batched", {"guidance_scale": 4.5}),
+    "sana": DiTInfo("SanaPipeline", "batched", {"guidance_scale": 4.5}),
+    "auraflow": DiTInfo("AuraFlowPipeline", "batched", {"guidance_scale": 3.5}),
+    "hunyuan-dit": DiTInfo("HunyuanDiTPipeline", "batched", {"guidance_scale": 5.0}),
+    "wan2.1": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 5.0}),
+    "wan2.2": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 4.0},
+                      experts=("transformer", "transformer_2")),
+    "wan2.1-i2v": DiTInfo("WanImageToVideoPipeline", "two-call", {"guidance_scale": 5.0}),
+    # with 3 steps, steps 0 and 1 make two calls, step 2 one: (2 + 1) / 3 > 0.7
+    "lumina2": DiTInfo("Lumina2Pipeline", "two-call", {"guidance_scale": 4.0,
+                                                       "cfg_trunc_ratio": 0.7}),
+    "qwen-image": DiTInfo("QwenImagePipeline", "two-call", {"true_cfg_scale": 4.0}),
+    "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
+}
+
+
+def build_dit(name: str, seed: int = 0, size: str = "tiny"):
+    """Build tiny pipeline ``name`` (see :data:`DIT_BUILDERS`): ``(pipe, call_kwargs)``."""
+    if name not in DIT_BUILDERS:
+        raise ValueError(f"unknown pipeline {name!r}; known: {', '.join(DIT_BUILDERS)}")
+    return DIT_BUILDERS[name](seed=seed, size=size)

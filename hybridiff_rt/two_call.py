@@ -1,0 +1,272 @@
+"""Two-call CFG: pipelines that call their denoiser once per guidance branch in each step.
+
+Wan, Qwen-Image and Flux with ``true_cfg_scale > 1`` do not stack ``[uncond; cond]`` into one
+batch; each step calls the denoiser with the cond inputs and then again with the uncond inputs,
+and only after the second call combines the two predictions. The protocol that lets rank 1
+compute the cond call while rank 0 computes the uncond call, with the pipeline unchanged:
+
+1. First call of a step: nothing runs. The inputs are kept and the call returns a *deferred
+   buffer*: an empty tensor (0 elements) of the denoiser's parameter dtype.
+2. Second call of the same step (same expert, same sample): the HybridDenoiser runs the step on
+   both branches (CBP: one branch per rank, exchanged; or a pipelined step), the buffer returned
+   by the first call is re-pointed in place (``Tensor.set_``) at the first call's prediction, and
+   the second call returns its own prediction.
+
+This is exact only if the pipeline does not read the first call's result before the second call
+returns. That cannot be checked at run time in general, so it is a property of each pipeline
+class's loop, verified by a test that compares the two-rank output with the plain pipeline bit
+for bit (tests/test_two_call.py): only the classes in :data:`TWO_CALL_PIPELINES` are accepted,
+and the other pipelines known to call their denoiser per branch are refused by name
+(:data:`UNVERIFIED_TWO_CALL`), as are subclasses of either. As run-time guards, the second call
+must have the first call's expert, sample and timestep (else an error); a first call whose second
+call never comes is an error at the end of the pipeline call; and arithmetic on the deferred
+buffer before it is filled meets an empty tensor, which fails with a shape error in any
+broadcasting operation (a reduction such as ``sum()`` would not fail: the verification is what
+makes the protocol safe, not these guards).
+
+The output shape is never guessed: the buffer takes the shape, strides and storage of the real
+prediction when it is filled. Its dtype must be fixed when it is returned, so the prediction must
+come back in the denoiser's parameter dtype (true of every verified class; a mismatch is an
+error at the first step, on every rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .engine.branch_layout import OutputKind
+from .errors import HybridError, UnsupportedModelError
+
+
+def _true_cfg(negative_pooled: str) -> Callable[[Any, dict[str, Any]], bool]:
+    """Flux / Qwen-Image rule: true CFG when ``true_cfg_scale > 1`` and a negative prompt is
+    given (as text, or as embeddings together with ``negative_pooled``)."""
+    def guided(pipe: Any, args: dict[str, Any]) -> bool:
+        has_negative = args.get("negative_prompt") is not None or (
+            args.get("negative_prompt_embeds") is not None
+            and args.get(negative_pooled) is not None)
+        return float(args.get("true_cfg_scale", 1.0)) > 1 and has_negative
+    return guided
+
+
+def _pipeline_flag(pipe: Any, args: dict[str, Any]) -> bool:
+    return bool(pipe.do_classifier_free_guidance)
+
+
+def _lumina2_untruncated(args: dict[str, Any], step: int) -> bool:
+    """Lumina2's CFG truncation: step i makes its uncond call only while
+    ``(i + 1) / num_inference_steps <= cfg_trunc_ratio``."""
+    return (step + 1) / int(args["num_inference_steps"]) <= float(args["cfg_trunc_ratio"])
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoCallLayout:
+    """How one verified pipeline class makes its two calls per step.
+
+    Attributes:
+        first_branch: which branch the first call of a step carries ("cond" or "uncond").
+        guided: ``guided(pipe, call_args)``: whether this pipeline call makes two calls per step
+            (evaluated at its first denoiser call, when the pipeline has set its own state).
+        scale_argument: the call argument holding the guidance scale (for the agreement check).
+        experts: pipeline attributes of the denoisers the loop may call (all are proxied).
+        step_guided: ``step_guided(call_args, step)``: whether step ``step`` of a guided call
+            makes both calls (None: every step does); a step that does not makes one cond call,
+            run whole on every rank.
+    """
+
+    first_branch: str
+    guided: Callable[[Any, dict[str, Any]], bool]
+    scale_argument: str = "guidance_scale"
+    experts: tuple[str, ...] = ("transformer",)
+    step_guided: Callable[[dict[str, Any], int], bool] | None = None
+
+
+_WAN = TwoCallLayout("cond", _pipeline_flag, experts=("transformer", "transformer_2"))
+
+#: Pipeline classes whose loops were verified (test_two_call.py): the first call's result is not
+#: read before the second call returns.
+TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
+    "WanPipeline": _WAN,
+    "WanImageToVideoPipeline": _WAN,
+    "QwenImagePipeline": TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
+                                       scale_argument="true_cfg_scale"),
+    "FluxPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
+                                  scale_argument="true_cfg_scale"),
+    "Lumina2Pipeline": TwoCallLayout("cond", _pipeline_flag, step_guided=_lumina2_untruncated),
+}
+
+#: Pipelines of diffusers 0.42 whose loops call the denoiser once per guidance branch (found by
+#: reading their source) but are not verified by a test, and why they are refused. Any other
+#: pipeline taking ``true_cfg_scale`` is refused likewise.
+UNVERIFIED_TWO_CALL: dict[str, str] = {
+    name: "its two-call loop is not verified by a test" for name in (
+        "BriaFibo2Pipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline",
+        "ChronoEditPipeline", "CogView4ControlPipeline", "CogView4Pipeline",
+        "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosTextToWorldPipeline",
+        "CosmosVideoToWorldPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinPipeline",
+        "GlmImagePipeline", "HeliosPipeline", "HeliosPyramidPipeline", "JoyImageEditPipeline",
+        "Kandinsky6TI2VAPipeline", "Krea2Pipeline", "LongCatImageEditPipeline",
+        "LongCatImagePipeline", "LucyEditPipeline", "NucleusMoEImagePipeline",
+        "OvisImagePipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+        "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
+        "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "WanAnimatePipeline",
+        "WanVACEPipeline", "WanVideoToVideoPipeline")
+}
+
+
+def two_call_layout(pipe: Any) -> TwoCallLayout | None:
+    """The layout of ``pipe``'s class if it is a verified two-call pipeline, None if it is not a
+    two-call pipeline.
+
+    Raises:
+        UnsupportedModelError: a pipeline known (or, from a ``true_cfg_scale`` argument, seen) to
+            call its denoiser once per branch whose loop is not verified.
+    """
+    name = type(pipe).__name__
+    if name in TWO_CALL_PIPELINES:
+        return TWO_CALL_PIPELINES[name]
+    why = UNVERIFIED_TWO_CALL.get(name)
+    base = next((c.__name__ for c in type(pipe).__mro__[1:]
+                 if c.__name__ in TWO_CALL_PIPELINES or c.__name__ in UNVERIFIED_TWO_CALL), None)
+    if why is None and base is not None:
+        why = f"it subclasses {base}, and a subclass's loop is not the verified one"
+    if why is None and "true_cfg_scale" in _call_parameters(pipe):
+        why = "it takes true_cfg_scale (one denoiser call per guidance branch)"
+    if why is not None:
+        raise UnsupportedModelError(
+            f"{name} calls its denoiser once per guidance branch and {why}; hybridiff_rt splits "
+            f"such pipelines only where their loop is verified ({', '.join(TWO_CALL_PIPELINES)}). "
+            "Run it without hybridiff_rt, or without guidance")
+    return None
+
+
+def _call_parameters(pipe: Any) -> set[str]:
+    try:
+        return set(inspect.signature(type(pipe).__call__).parameters)
+    except (TypeError, ValueError, AttributeError):
+        return set()
+
+
+def experts_of(pipe: Any, layout: TwoCallLayout) -> list[tuple[str, torch.nn.Module]]:
+    """``(attribute, model)`` of every expert the pipeline holds (at least the first)."""
+    found = [(a, getattr(pipe, a, None)) for a in layout.experts]
+    found = [(a, m) for a, m in found if m is not None]
+    if not found or found[0][0] != layout.experts[0]:
+        raise UnsupportedModelError(f"{type(pipe).__name__} has no .{layout.experts[0]} denoiser")
+    first = type(found[0][1])
+    for attr, model in found[1:]:
+        if type(model) is not first:
+            raise UnsupportedModelError(f"{type(pipe).__name__}.{attr} is a {type(model).__name__}"
+                                        f", not a {first.__name__} like the first expert")
+    return found
+
+
+class TwoCallSteps:
+    """Per pipeline call state of the protocol (module docstring) for one ParallelPipeline.
+
+    Args:
+        adapter: the ParallelPipeline (its ``engine``, ``pipe``, ``_planned_calls``).
+        layout: the pipeline class's TwoCallLayout.
+        forwards: the original forward of each expert, in ``layout.experts`` order.
+    """
+
+    def __init__(self, adapter: Any, layout: TwoCallLayout,
+                 forwards: list[Callable[..., Any]]) -> None:
+        self.adapter, self.layout, self.forwards = adapter, layout, forwards
+        self.signature = inspect.signature(forwards[0])
+        self.begin({})
+
+    def begin(self, call_args: dict[str, Any]) -> None:
+        """A new pipeline call with these arguments (defaults applied)."""
+        self.call_args = call_args
+        self.guided: bool | None = None
+        self.pending: tuple[int, dict[str, Any], torch.Tensor] | None = None
+
+    def end(self) -> None:
+        """The pipeline call returned: a first call without its second is an error."""
+        if self.pending is not None:
+            self.pending = None
+            raise HybridError(
+                f"{type(self.adapter.pipe).__name__} made a guided denoiser call without its "
+                "partner call in the same step, so the deferred prediction was never filled: the "
+                "two-call protocol does not hold for this call of the pipeline")
+
+    def forward(self, expert: int, args: tuple, kwargs: dict) -> Any:
+        """One denoiser call of expert ``expert`` (index into ``layout.experts``)."""
+        engine = self.adapter.engine
+        kw = dict(self.signature.bind(*args, **kwargs).arguments)
+        if self.guided is None:
+            self.guided = bool(self.layout.guided(self.adapter.pipe, self.call_args))
+        step = engine._next_step
+        truncated = (self.guided and self.pending is None and self.layout.step_guided is not None
+                     and not self.layout.step_guided(self.call_args, step))
+        if not self.guided or truncated:
+            return engine.serial_step(
+                kw, step=step, num_steps=self.adapter._planned_calls() if step == 0 else None,
+                forward=self.forwards[expert],
+                reason="no classifier-free guidance in this call: one denoiser call per step, "
+                       "run whole on every rank" if not self.guided else
+                       "classifier-free guidance truncated: the steps with one (cond) denoiser "
+                       "call ran whole on every rank")
+        return_dict = kw.pop("return_dict", True)
+        if self.pending is None:
+            return self._defer(expert, kw, return_dict)
+        return self._complete(expert, kw, return_dict, step)
+
+    def _wrap(self, prediction: torch.Tensor, return_dict: bool) -> Any:
+        kind = self.adapter.engine.output_kind or OutputKind(None)
+        if return_dict and kind.cls is None:
+            raise HybridError(f"{type(self.adapter.pipe).__name__} asked its denoiser for "
+                              "return_dict=True before any step ran; the two-call protocol needs "
+                              "return_dict=False (as the verified pipelines call it)")
+        return kind.wrap(prediction, return_dict)
+
+    def _defer(self, expert: int, kw: dict[str, Any], return_dict: bool) -> Any:
+        sample = kw[self.adapter.engine.sample_key]
+        param = next(self.adapter.engine.model.parameters(), None)
+        dtype = param.dtype if param is not None else sample.dtype
+        buffer = torch.empty(0, dtype=dtype, device=sample.device)
+        self.pending = (expert, kw, buffer)
+        return self._wrap(buffer, return_dict)
+
+    def _complete(self, expert: int, kw: dict[str, Any], return_dict: bool, step: int) -> Any:
+        engine = self.adapter.engine
+        first_expert, first_kw, buffer = self.pending
+        self.pending = None
+        same = all(_same(first_kw.get(key), kw.get(key)) for key in (engine.sample_key, "timestep"))
+        if expert != first_expert or not same:
+            raise HybridError(
+                f"step {step}: the second guided denoiser call of "
+                f"{type(self.adapter.pipe).__name__} is not the partner of the first (another "
+                "expert, sample or timestep); the two-call protocol does not hold")
+        cond_kw, uncond_kw = ((first_kw, kw) if self.layout.first_branch == "cond"
+                              else (kw, first_kw))
+        scale = self.call_args.get(self.layout.scale_argument)
+        uncond, cond = engine.predict_branches(
+            uncond_kw, cond_kw, guidance_scale=float(scale if scale is not None else 1.0),
+            step=step, num_steps=self.adapter._planned_calls() if step == 0 else None,
+            forward=self.forwards[expert])
+        first, second = (cond, uncond) if self.layout.first_branch == "cond" else (uncond, cond)
+        if first.dtype != buffer.dtype or first.device != buffer.device:
+            raise HybridError(
+                f"{type(engine.model).__name__} returned {first.dtype} on {first.device}, but the "
+                f"deferred buffer of the first call was {buffer.dtype} on {buffer.device} (the "
+                "parameters' dtype); cast the denoiser and its inputs to one dtype")
+        buffer.set_(first)
+        engine.report.note(
+            f"two-call CFG: {type(self.adapter.pipe).__name__} calls its denoiser once per branch "
+            f"({self.layout.first_branch} first); each step's first call returned a deferred "
+            "buffer, filled in place when the second call ran the step")
+        return self._wrap(second, return_dict)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two call arguments are the same value (tensors: identical or equal)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
+    return a == b

@@ -1,0 +1,279 @@
+"""DiT and video pipelines on two CPU ranks: batched CFG without a class list, two-call CFG, and
+the generic DiT stage adapter.
+
+One spawn of two ranks runs, for every tiny pipeline of hybridiff_rt.testing.dit_pipelines
+(PixArt-Sigma, Sana, AuraFlow, HunyuanDiT: batched [uncond; cond]; Wan 2.1, Wan 2.2 with
+two experts, Wan image-to-video, Lumina2 (with CFG truncation), Qwen-Image, Flux true CFG: two
+calls per step):
+
+* k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
+  call, whole on every rank); equal bit for bit to the exact serial
+  reference: for batched pipelines the plain pipeline with its denoiser called once per branch,
+  for two-call pipelines the plain pipeline itself (it already calls once per branch, so the
+  two-call protocol must change nothing at all); batched pipelines also within BATCH_TOLERANCE
+  (relative to the largest magnitude) of the ordinary batch-2 pipeline;
+* k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, Wan 2.1 T2V and I2V,
+  Qwen-Image, Flux): the modes follow the schedule and the output equals, bit for bit, a
+  one-process emulation of the same schedule (per-branch calls on CBP steps, the staged model on
+  the stale boundary on pipelined steps);
+* k>0 for the others (AuraFlow, HunyuanDiT: no adapter; Wan 2.2: two experts): CBP throughout
+  with a note saying why;
+* Flux without true CFG: one call per step, run whole on every rank, equal to the plain pipeline;
+* a denoiser that returns a second output is refused at step 0 on both ranks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from hybridiff_rt.testing import DIT_BUILDERS, DIT_INFO, all_ok, run_ranks
+
+STEPS_K0 = 3
+STEPS_PIPELINED = 6
+#: slope_eps 0 never fires: tau1 = tau_cap = 2, pipelined steps 3 and 4, CBP again at step 5
+PIPELINED = {"window": 1, "slope_eps": 0.0, "k": 2, "tau_cap": 2}
+WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "wan2.1": "reuse", "wan2.1-i2v": "off",
+                "qwen-image": "reuse", "flux-true-cfg": "off"}
+CBP_ONLY_NOTES = {"wan2.2": "2 expert denoisers", "auraflow": "has no stage adapter",
+                  "hunyuan-dit": "has no stage adapter"}
+#: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
+#: difference relative to the largest magnitude of the plain result (random models drive the
+#: latents to magnitudes of hundreds; measured: 3e-7 of that for Sana, 1.2e-5 for HunyuanDiT,
+#: whose DDPM scheduler clips the sample to [-1, 1])
+BATCH_TOLERANCE = 1e-4
+
+
+def _latents(out):
+    x = out.frames if hasattr(out, "frames") else out.images
+    return x.detach().float().numpy().copy()
+
+
+def _call(pipe, name, kwargs, steps, seed, **extra):
+    call = dict(kwargs, num_inference_steps=steps, output_type="latent",
+                **DIT_INFO[name].guidance_kwargs)
+    call.update(extra)
+    return _latents(pipe(generator=torch.Generator().manual_seed(seed), **call))
+
+
+def emulate(pipe, name, kwargs, tau1, tau2, cut, policy, seed):
+    """One process: the same schedule as a two-rank hybrid run (CBP = per-branch calls; steps
+    tau1+1..tau2 = the staged cond model, fill step fresh, later steps on the stale boundary)."""
+    import hybridiff_rt as hr
+    from hybridiff_rt.engine.batch import join_cfg_batch
+    from hybridiff_rt.engine.branch_layout import split_branch_kwargs
+
+    model = pipe.transformer
+    staged = hr.stage_denoiser(model)
+    original = model.forward
+    signature = inspect.signature(original)
+    memory = {"step": 0, "stale": None, "difference": None, "cond": None}
+
+    def pipelined_cond(cond_kw, step):
+        ctx = staged.prepare(**cond_kw)
+        boundary = staged.run(ctx.initial_state, ctx, 0, cut)
+        source = boundary if step == tau1 + 1 else memory["stale"]
+        memory["stale"] = boundary
+        return staged.finish(staged.run(source, ctx, cut, None), ctx)
+
+    def synth_uncond(cond):
+        return cond - memory["difference"] if policy == "reuse" else cond
+
+    def batched(*args, **kw_in):
+        kw = dict(signature.bind(*args, **kw_in).arguments)
+        kw.pop("return_dict", None)
+        step = memory["step"]
+        memory["step"] += 1
+        uncond_kw, cond_kw = split_branch_kwargs(kw, kw["hidden_states"].shape[0])
+        if tau1 < step <= tau2:
+            cond = pipelined_cond(cond_kw, step)
+            uncond = synth_uncond(cond)
+        else:
+            uncond = original(**uncond_kw, return_dict=False)[0]
+            cond = original(**cond_kw, return_dict=False)[0]
+            memory["difference"] = cond - uncond
+        return (join_cfg_batch(uncond, cond),)
+
+    def two_call(*args, **kw_in):  # cond call first, then the uncond call of the same step
+        kw = dict(signature.bind(*args, **kw_in).arguments)
+        kw.pop("return_dict", None)
+        step = memory["step"]
+        if memory["cond"] is None:  # the cond call
+            if tau1 < step <= tau2:
+                memory["cond"] = pipelined_cond(kw, step)
+            else:
+                memory["cond"] = original(**kw, return_dict=False)[0]
+            return (memory["cond"],)
+        cond, memory["cond"] = memory["cond"], None
+        memory["step"] += 1
+        if tau1 < step <= tau2:
+            return (synth_uncond(cond),)
+        uncond = original(**kw, return_dict=False)[0]
+        memory["difference"] = cond - uncond
+        return (uncond,)
+
+    model.forward = batched if DIT_INFO[name].guidance == "batched" else two_call
+    try:
+        return _call(pipe, name, kwargs, STEPS_PIPELINED, seed)
+    finally:
+        del model.forward
+
+
+def _rank_dit(rank, seed):
+    import hybridiff_rt as hr
+    from hybridiff_rt.testing import build_dit, per_branch_forward
+
+    hr.init_distributed()
+    results = {}
+    for name in DIT_BUILDERS:
+        info = DIT_INFO[name]
+        pipe, kwargs = build_dit(name, seed=seed)
+        cell = {}
+        runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
+        called = []
+        hooks = [getattr(pipe, attr).register_forward_pre_hook(
+            lambda module, args, kw, attr=attr, called=called: called.append(attr),
+            with_kwargs=True)
+            for attr in info.experts]
+        cell["k0"] = _call(runner, name, kwargs, STEPS_K0, seed)
+        cell["experts_called"] = called
+        for hook in hooks:
+            hook.remove()
+        cell["k0_report"] = hr.last_report(runner).to_dict()
+        pipe = runner.restore()
+        if rank == 0:
+            cell["plain"] = _call(pipe, name, kwargs, STEPS_K0, seed)
+            if info.guidance == "batched":
+                undo = per_branch_forward(pipe.transformer)
+                try:
+                    cell["reference"] = _call(pipe, name, kwargs, STEPS_K0, seed)
+                finally:
+                    undo()
+        if name in WITH_ADAPTER or name in CBP_ONLY_NOTES:
+            policy = WITH_ADAPTER.get(name, "off")
+            runner = hr.parallelize(pipe, hr.HybridConfig(**PIPELINED, pipeline_guidance=policy))
+            cell["k2"] = _call(runner, name, kwargs, STEPS_PIPELINED, seed)
+            report = hr.last_report(runner).to_dict()
+            cell["k2_report"] = report
+            pipe = runner.restore()
+            if rank == 0 and name in WITH_ADAPTER:
+                cut = report["extra"]["pipeline"]["plan"]["cuts"][1]
+                cell["emulated"] = emulate(pipe, name, kwargs, report["tau1"], report["tau2"],
+                                           cut, policy, seed)
+        if name == "flux-true-cfg":  # no true CFG: one call per step, whole on every rank
+            runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
+            cell["unguided"] = _call(runner, name, kwargs, STEPS_K0, seed, true_cfg_scale=1.0)
+            cell["unguided_report"] = hr.last_report(runner).to_dict()
+            pipe = runner.restore()
+            if rank == 0:
+                cell["unguided_plain"] = _call(pipe, name, kwargs, STEPS_K0, seed,
+                                               true_cfg_scale=1.0)
+        results[name] = cell
+    # a denoiser with a second output cannot be split: refused at step 0 on every rank
+    torch.manual_seed(seed)
+    den = hr.HybridDenoiser(TwoOutputs(), hr.HybridConfig(k=0))
+    x = torch.randn(1, 4, generator=torch.Generator().manual_seed(seed))
+    try:
+        den(x, None, cond={}, uncond={}, guidance_scale=3.0, step=0, num_steps=2)
+        results["refusal"] = None
+    except hr.UnsupportedModelError as exc:
+        results["refusal"] = (str(exc), list(den.report.modes))
+    den.close()
+    return results
+
+
+class TwoOutputs(torch.nn.Module):
+    """A diffusers-style denoiser that also returns an auxiliary tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, hidden_states, timestep=None, return_dict=True):
+        out = self.proj(hidden_states)
+        return out, out.mean(dim=-1)
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    seed = random.randrange(1 << 16)
+    return seed, all_ok(run_ranks(_rank_dit, seed, timeout_s=600))
+
+
+def expected_k0_modes(name):
+    """CBP on every guided step; Lumina2's truncated steps ((i + 1) / T > cfg_trunc_ratio) make
+    one cond call, run whole on every rank ("serial")."""
+    ratio = DIT_INFO[name].guidance_kwargs.get("cfg_trunc_ratio")
+    return ["serial" if ratio is not None and (i + 1) / STEPS_K0 > ratio else "cbp"
+            for i in range(STEPS_K0)]
+
+
+@pytest.mark.parametrize("name", list(DIT_BUILDERS))
+def test_k0_equals_the_exact_serial_reference_on_both_ranks(ranks, name):
+    seed, (r0, r1) = ranks
+    a, b = r0[name], r1[name]
+    assert np.array_equal(a["k0"], b["k0"]), f"{name}: the ranks differ (seed {seed})"
+    assert np.isfinite(a["k0"]).all()
+    modes = expected_k0_modes(name)
+    for report in (a["k0_report"], b["k0_report"]):
+        assert report["modes"] == modes and report["num_steps"] == STEPS_K0
+        assert all(m is not None and m > 0
+                   for m, mode in zip(report["rel_mae"], modes) if mode == "cbp")
+    assert a["k0_report"]["rel_mae"] == b["k0_report"]["rel_mae"]
+    two_call = DIT_INFO[name].guidance == "two-call"
+    assert len(a["experts_called"]) == sum(2 if two_call and m == "cbp" else 1 for m in modes)
+    assert set(a["experts_called"]) == set(DIT_INFO[name].experts)  # Wan 2.2: both experts ran
+    if DIT_INFO[name].guidance == "two-call":
+        np.testing.assert_array_equal(a["k0"], a["plain"], err_msg=f"{name} seed {seed}")
+        assert any(n.startswith("two-call CFG: " + DIT_INFO[name].pipeline_class)
+                   for n in a["k0_report"]["notes"]), a["k0_report"]["notes"]
+    else:
+        np.testing.assert_array_equal(a["k0"], a["reference"], err_msg=f"{name} seed {seed}")
+        scale = float(np.abs(a["plain"]).max())
+        assert float(np.abs(a["k0"] - a["plain"]).max()) <= BATCH_TOLERANCE * scale
+
+
+@pytest.mark.parametrize("name", list(WITH_ADAPTER))
+def test_pipelined_steps_match_a_one_process_emulation(ranks, name):
+    seed, (r0, r1) = ranks
+    a, b = r0[name], r1[name]
+    assert np.array_equal(a["k2"], b["k2"]), f"{name}: the ranks differ"
+    report = a["k2_report"]
+    tau1 = PIPELINED["tau_cap"]
+    assert (report["tau1"], report["tau2"]) == (tau1, tau1 + PIPELINED["k"])
+    assert report["modes"] == ["pipeline" if tau1 < i <= tau1 + PIPELINED["k"] else "cbp"
+                               for i in range(STEPS_PIPELINED)]
+    assert report["extra"]["pipeline"]["unit_names"][0].endswith(".0")
+    np.testing.assert_array_equal(a["k2"], a["emulated"], err_msg=f"{name} seed {seed}")
+
+
+@pytest.mark.parametrize("name", list(CBP_ONLY_NOTES))
+def test_k_above_zero_without_an_adapter_runs_cbp_with_a_note(ranks, name):
+    _, (r0, r1) = ranks
+    for cell in (r0[name], r1[name]):
+        report = cell["k2_report"]
+        assert report["modes"] == ["cbp"] * STEPS_PIPELINED
+        assert any("no pipelined steps in this run" in n and CBP_ONLY_NOTES[name] in n
+                   for n in report["notes"]), report["notes"]
+    assert np.array_equal(r0[name]["k2"], r1[name]["k2"])
+
+
+def test_flux_without_true_cfg_runs_whole_on_every_rank(ranks):
+    _, (r0, r1) = ranks
+    a, b = r0["flux-true-cfg"], r1["flux-true-cfg"]
+    assert np.array_equal(a["unguided"], b["unguided"])
+    np.testing.assert_array_equal(a["unguided"], a["unguided_plain"])
+    assert a["unguided_report"]["modes"] == ["serial"] * STEPS_K0
+    assert not np.array_equal(a["unguided"], a["k0"])  # true CFG changed the result
+
+
+def test_a_denoiser_with_a_second_output_is_refused_at_step_0_on_both_ranks(ranks):
+    _, results = ranks
+    for rank, r in enumerate(results):
+        assert r["refusal"] is not None, f"rank {rank} was not refused"
+        message, modes = r["refusal"]
+        assert "returned 2 outputs" in message and modes == []

@@ -1,0 +1,311 @@
+"""Denoisers beyond the U-Net and SD3 families, in one process (no ranks).
+
+* What the runtime reads from the model instead of a class list (engine/branch_layout.py): the
+  sample argument, the output kind, the split of a stacked [uncond; cond] call with the shared
+  per-token tables left whole, and the refusals (no diffusers convention, several outputs).
+* The generic DiT stage adapter (stages/dit.py): running its units equals the model's own
+  forward bit for bit for every described family, on fresh random inputs; the real blocks are
+  back in place after a failed forward; refused inputs are refused.
+* The two-call protocol's guards (two_call.py): unverified two-call pipelines and subclasses of
+  verified ones are refused at parallelize; a denoiser call the pipeline loop did not make (one
+  that breaks the cond/uncond pairing) is an error, not a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+
+import pytest
+import torch
+
+import hybridiff_rt as hr
+from hybridiff_rt.engine import model_family
+from hybridiff_rt.engine.branch_layout import (
+    SHARED_ARGUMENTS,
+    denoiser_sample_key,
+    first_output,
+    split_branch_kwargs,
+)
+from hybridiff_rt.stages import has_stage_adapter
+from hybridiff_rt.testing import build_dit, dit_pipelines, sd_pipeline
+
+
+@pytest.fixture
+def seed():
+    return random.randrange(1 << 16)
+
+
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen)
+
+
+def _dit_cases(seed):
+    """(model, forward kwargs) per described DiT family, random weights and inputs."""
+    from diffusers import SanaTransformer2DModel
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    batch = random.Random(seed).choice([1, 2])
+    pixart = dit_pipelines.pixart_transformer(num_layers=3)
+    sana = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                  attention_head_dim=8, num_layers=2, num_cross_attention_heads=2,
+                                  cross_attention_head_dim=8, cross_attention_dim=16,
+                                  caption_channels=32, sample_size=8, patch_size=1)
+    wan = dit_pipelines.wan_transformer(num_layers=3)
+    wan_i2v = dit_pipelines.wan_transformer(in_channels=12)
+    cases = {}
+    for name in ("qwen-image", "flux-true-cfg"):  # dual-stream: inputs as their pipelines make them
+        pipe, kwargs = build_dit(name, seed=seed)
+        seen = []
+        handle = pipe.transformer.register_forward_pre_hook(
+            lambda module, args, kw, seen=seen: seen.append(kw), with_kwargs=True)
+        pipe(num_inference_steps=1, output_type="latent", true_cfg_scale=4.0, **kwargs)
+        handle.remove()
+        cases[name] = (pipe.transformer, {k: v for k, v in seen[0].items() if k != "return_dict"})
+    return cases | {
+        "pixart": (pixart, {"hidden_states": _randn(gen, batch, 4, 8, 8),
+                            "encoder_hidden_states": _randn(gen, batch, 6, 32),
+                            "timestep": torch.randint(0, 1000, (batch,), generator=gen),
+                            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+                            "encoder_attention_mask": torch.ones(batch, 6)}),
+        "sana": (sana, {"hidden_states": _randn(gen, batch, 4, 8, 8),
+                        "encoder_hidden_states": _randn(gen, batch, 6, 32),
+                        "timestep": torch.randint(0, 1000, (batch,), generator=gen),
+                        "encoder_attention_mask": torch.ones(batch, 6)}),
+        "wan": (wan, {"hidden_states": _randn(gen, batch, 4, 3, 8, 8),
+                      "timestep": torch.randint(0, 1000, (batch,), generator=gen),
+                      "encoder_hidden_states": _randn(gen, batch, 6, 16)}),
+        "wan-i2v": (wan_i2v, {"hidden_states": _randn(gen, batch, 12, 2, 8, 8),
+                              "timestep": torch.randint(0, 1000, (batch,), generator=gen),
+                              "encoder_hidden_states": _randn(gen, batch, 6, 16)}),
+    }
+
+
+# ------------------------------------------------------------------------- DiT stage adapter
+def test_staged_dit_equals_the_models_forward_bit_for_bit(seed):
+    for name, (model, kw) in _dit_cases(seed).items():
+        staged = hr.stage_denoiser(model)
+        lists = [getattr(model, attr) for attr in staged.family.blocks]
+        assert staged.unit_names == [f"{attr}.{i}" for attr, blocks in
+                                     zip(staged.family.blocks, lists)
+                                     for i in range(len(blocks))] + ["out"], name
+        with torch.no_grad():
+            expected = model(**kw, return_dict=False)[0]
+            ctx = staged.prepare(**kw)
+            cut = random.Random(seed).randrange(1, len(staged.units))
+            boundary = staged.run(ctx.initial_state, ctx, 0, cut)
+            got = staged.finish(staged.run(boundary, staged.prepare(**kw), cut, None), ctx)
+        assert torch.equal(got, expected), f"{name} (seed {seed}, cut {cut})"
+        assert set(boundary) == set(staged.family.returns)  # a cut before the out unit
+        for attr, blocks in zip(staged.family.blocks, lists):
+            assert getattr(model, attr) is blocks  # the real blocks are back
+
+
+def test_a_failed_forward_puts_the_real_blocks_back(seed):
+    model, kw = _dit_cases(seed)["pixart"]
+    staged = hr.stage_denoiser(model)
+    blocks = model.transformer_blocks
+    bad = dict(kw, encoder_hidden_states=kw["encoder_hidden_states"][..., :5])  # wrong width
+    with pytest.raises(RuntimeError), torch.no_grad():
+        staged.prepare(**bad)
+    assert model.transformer_blocks is blocks
+    with torch.no_grad():
+        assert torch.equal(staged.forward(**kw), model(**kw, return_dict=False)[0])
+
+
+def test_a_description_that_does_not_fit_is_refused_at_first_use(seed, monkeypatch):
+    from diffusers import HunyuanDiT2DModel
+
+    from hybridiff_rt.stages import dit
+
+    pipe, kwargs = build_dit("hunyuan-dit", seed=seed)
+    # 4 blocks: block 3 takes block 0's output as a skip tensor (2 blocks have no skips)
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    model = pipe.transformer = HunyuanDiT2DModel(**{**config, "num_layers": 4})
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args, kw: seen.append((args, kw)),
+                                             with_kwargs=True)
+    pipe(num_inference_steps=1, output_type="latent", guidance_scale=5.0, **kwargs)
+    handle.remove()
+    args, kw = seen[0]  # HunyuanDiT's pipeline passes the sample and timestep positionally
+    kw = dict(inspect.signature(model.forward).bind(*args, **kw).arguments)
+    kw.pop("return_dict", None)
+    # HunyuanDiT's later blocks take skip tensors from earlier blocks: not a plain block chain
+    monkeypatch.setitem(dit.DIT_FAMILIES, "HunyuanDiT2DModel", dit.DiTFamily(blocks=("blocks",)))
+    staged = hr.stage_denoiser(model)
+    with pytest.raises(hr.UnsupportedModelError, match="description does not fit"), \
+            torch.no_grad():
+        staged.prepare(**kw)
+    assert model.blocks is staged._lists[0][1]  # the real blocks are back
+
+
+def test_sana_controlnet_residuals_are_refused_by_the_description(seed):
+    model, kw = _dit_cases(seed)["sana"]
+    staged = hr.stage_denoiser(model)
+    residuals = (torch.zeros_like(kw["hidden_states"]),)
+    with pytest.raises(hr.UnsupportedModelError, match="controlnet_block_samples"):
+        staged.prepare(**kw, controlnet_block_samples=residuals)
+
+
+def test_which_denoisers_have_a_stage_adapter(seed):
+    cases = _dit_cases(seed)
+    assert all(has_stage_adapter(model) for model, _ in cases.values())
+    assert has_stage_adapter(sd_pipeline(seed=seed).unet)
+    for name in ("auraflow", "hunyuan-dit"):
+        model = build_dit(name, seed=seed)[0].transformer
+        assert not has_stage_adapter(model)
+        with pytest.raises(hr.UnsupportedModelError, match="cannot stage"):
+            hr.stage_denoiser(model)
+
+
+# ------------------------------------------------------------------ what is read from the model
+def test_sample_key_and_family_come_from_the_forward_signature(seed):
+    unet = sd_pipeline(seed=seed).unet
+    assert denoiser_sample_key(unet) == "sample" and model_family(unet) == "unet"
+    for model, _ in _dit_cases(seed).values():
+        assert denoiser_sample_key(model) == "hidden_states"
+        assert model_family(model) == "generic"
+    for bad in (torch.nn.Linear(4, 4), "not a module"):
+        with pytest.raises(hr.UnsupportedModelError, match="return_dict"
+                           if isinstance(bad, torch.nn.Module) else "torch.nn.Module"):
+            denoiser_sample_key(bad)
+
+
+def test_first_output_reads_tuples_and_base_outputs_and_refuses_extra_outputs():
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    x = torch.randn(2, 3)
+    assert first_output((x,), "m")[0] is x and first_output((x,), "m")[1].cls is None
+    assert first_output((x, None), "m")[0] is x
+    pred, kind = first_output(Transformer2DModelOutput(sample=x), "m")
+    assert pred is x and kind.cls is Transformer2DModelOutput and kind.field == "sample"
+    wrapped = kind.wrap(x, return_dict=True)
+    assert type(wrapped) is Transformer2DModelOutput and wrapped.sample is x
+    assert kind.wrap(x, return_dict=False) == (x,)
+    with pytest.raises(hr.UnsupportedModelError, match="returned 2 outputs"):
+        first_output((x, torch.ones(1)), "m")
+    with pytest.raises(hr.UnsupportedModelError, match="no prediction tensor"):
+        first_output((None,), "m")
+
+
+def test_split_leaves_shared_per_token_tables_whole(seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch = 4  # two rows per branch; the rotary table has 4 tokens: the same leading size
+    kw = {"hidden_states": _randn(gen, batch, 3), "timestep": torch.tensor(7.0),
+          "image_rotary_emb": (_randn(gen, batch, 8), _randn(gen, batch, 8)),
+          "added": {"style": torch.arange(batch)}}
+    uncond, cond = split_branch_kwargs(kw, batch)
+    assert "image_rotary_emb" in SHARED_ARGUMENTS
+    assert uncond["image_rotary_emb"] is kw["image_rotary_emb"] is cond["image_rotary_emb"]
+    assert torch.equal(uncond["hidden_states"], kw["hidden_states"][:2])
+    assert torch.equal(cond["hidden_states"], kw["hidden_states"][2:])
+    assert torch.equal(cond["added"]["style"], torch.tensor([2, 3]))
+    assert uncond["timestep"] is kw["timestep"]
+
+
+class _TwoOutputs(torch.nn.Module):
+    """A diffusers-style denoiser that also returns an auxiliary tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, hidden_states, timestep=None, return_dict=True):
+        out = self.proj(hidden_states)
+        return out, out.mean(dim=-1)
+
+
+def test_a_denoiser_with_several_outputs_is_refused_at_its_first_call(seed):
+    den = hr.HybridDenoiser(_TwoOutputs(), hr.HybridConfig(k=0))
+    x = torch.randn(1, 4)
+    with pytest.raises(hr.UnsupportedModelError, match="returned 2 outputs"):
+        den(x, None, cond={}, uncond={}, guidance_scale=3.0, step=0, num_steps=2)
+
+
+def test_world_of_one_returns_the_models_own_output_class(seed):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    model = build_dit("pixart-sigma", seed=seed)[0].transformer
+    gen = torch.Generator().manual_seed(seed)
+    kw = {"hidden_states": _randn(gen, 2, 4, 8, 8), "encoder_hidden_states": _randn(gen, 2, 6, 32),
+          "timestep": torch.tensor([400, 400]),
+          "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    with torch.no_grad():
+        expected = model(**kw).sample
+
+    class Minimal:  # what parallelize needs of a batched pipeline
+        transformer = model
+        scheduler = type("S", (), {"timesteps": [0, 1]})()
+        do_classifier_free_guidance = True
+        guidance_scale = 4.0
+
+        def __call__(self):
+            return [self.transformer(**kw), self.transformer(**kw, return_dict=False)]
+
+    parallel = hr.parallelize(Minimal(), hr.HybridConfig(k=0))
+    with torch.no_grad():
+        as_dict, as_tuple = parallel()
+    assert type(as_dict) is Transformer2DModelOutput and torch.equal(as_dict.sample, expected)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], expected)
+    parallel.restore()
+
+
+# ---------------------------------------------------------------------------- two-call guards
+def test_unverified_two_call_pipelines_are_refused_at_parallelize(seed):
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FluxPipeline
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        chroma = ChromaTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+            axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=16,
+            approximator_layers=1)
+    pipe = ChromaPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                          transformer=chroma)
+    with pytest.raises(hr.UnsupportedModelError, match="ChromaPipeline calls its denoiser once "
+                                                       "per guidance branch"):
+        hr.parallelize(pipe)
+    assert "forward" not in vars(chroma)  # nothing was wrapped
+
+    flux = build_dit("flux-true-cfg", seed=seed)[0]
+
+    class MyFlux(FluxPipeline):  # same loop today, but nothing verifies a subclass's loop
+        pass
+
+    sub = MyFlux(**flux.components)
+    with pytest.raises(hr.UnsupportedModelError, match="subclasses FluxPipeline"):
+        hr.parallelize(sub)
+
+    class TrueCfgSomething:  # any pipeline taking true_cfg_scale calls once per branch
+        transformer = flux.transformer
+
+        def __call__(self, prompt=None, true_cfg_scale=4.0):
+            raise AssertionError("never called")
+
+    with pytest.raises(hr.UnsupportedModelError, match="takes true_cfg_scale"):
+        hr.parallelize(TrueCfgSomething())
+
+
+def _extra_call(when, embeds):
+    """A callback that makes one denoiser call the Wan loop does not make, at step ``when``."""
+    def callback(pipe, i, t, tensors):
+        if i == when:
+            latents = tensors["latents"]
+            pipe.transformer(hidden_states=latents, timestep=t.expand(latents.shape[0]),
+                             encoder_hidden_states=embeds, return_dict=False)
+        return tensors
+    return callback
+
+
+@pytest.mark.parametrize("when, message", [(0, "is not the partner of the first"),
+                                           (2, "without its partner call")])
+def test_a_call_outside_the_pairing_is_an_error(seed, when, message):
+    pipe, kwargs = build_dit("wan2.1", seed=seed)
+    parallel = hr.parallelize(pipe, hr.HybridConfig(k=0))
+    with pytest.raises(hr.HybridError, match=message):
+        parallel(num_inference_steps=3, output_type="latent", guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(seed),
+                 callback_on_step_end=_extra_call(when, kwargs["prompt_embeds"]), **kwargs)
+    parallel.restore()
