@@ -100,6 +100,33 @@ def test_graphed_forward_keeps_diffusers_output_classes_and_calls_outside_steps_
     assert den.report.compute_ms[0] > 0 and len(den.report.compute_ms) == 1
 
 
+def test_a_second_expert_gets_its_own_graphed_callable_never_the_first_ones():
+    """A pipeline with two experts of one shape (Wan 2.2) passes the second one's forward per
+    step: it must replay its own graph, not the one captured for the first expert."""
+    from hybridiff_rt import testing
+
+    seed = random.randrange(1 << 16)
+    first, second = testing.sd_pipeline(seed=seed).unet, testing.sd_pipeline(seed=seed + 1).unet
+    g = torch.Generator().manual_seed(seed)
+    kw = {"sample": torch.randn(1, 4, 16, 16, generator=g), "timestep": torch.tensor(700),
+          "encoder_hidden_states": torch.randn(1, 8, 32, generator=g)}
+    graphs.emulate_on_cpu(True)
+    try:
+        den = hr.HybridDenoiser(first, hr.HybridConfig(k=0, cuda_graphs="on"))
+        outs = [den.serial_step(dict(kw), step=i, num_steps=4, reason="no guidance",
+                                forward=fwd)
+                for i, fwd in enumerate([None, second.forward, first.forward, second.forward])]
+    finally:
+        graphs.emulate_on_cpu(False)
+    with torch.no_grad():
+        expected_first, expected_second = first(**kw).sample, second(**kw).sample
+    assert not torch.equal(expected_first, expected_second)
+    for out, expected in zip(outs, [expected_first, expected_second] * 2):
+        assert torch.equal(out.sample, expected)
+    calls = den.report.extra["compile"]["calls"]
+    assert calls["denoiser"]["replays"] == 2 and calls["denoiser 2"]["replays"] == 2
+
+
 def test_graphs_fall_back_eagerly_with_a_note_on_changing_layouts_and_failed_captures():
     g = torch.Generator().manual_seed(random.randrange(1 << 30))
     notes = []
