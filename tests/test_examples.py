@@ -35,6 +35,10 @@ def _import(name):
         sys.path.insert(0, str(EXAMPLES))
     import importlib
 
+    # a ``common`` module from elsewhere (bench/common.py) must not stand in for examples/common.py
+    loaded = sys.modules.get("common")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").parent != EXAMPLES:
+        del sys.modules["common"]
     return importlib.import_module(name)
 
 

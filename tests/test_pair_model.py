@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -17,11 +18,22 @@ import pytest
 import torch
 
 BENCH = str(Path(__file__).resolve().parents[1] / "bench")
-if BENCH not in sys.path:
-    sys.path.insert(0, BENCH)
 
 pytest.importorskip("diffusers")
-import pair_model
+
+
+def _import_bench_module(name: str):
+    """Import bench/<name>.py with bench/ on the path only meanwhile: its sibling ``common`` must
+    not stay in sys.modules, where it would shadow examples/common.py for test_examples.py."""
+    sys.path.insert(0, BENCH)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(BENCH)
+        sys.modules.pop("common", None)
+
+
+pair_model = _import_bench_module("pair_model")
 
 
 def _args(**over):
