@@ -117,6 +117,13 @@ def _rank_four(rank, seed):
     out = pipe(**cases.pipeline_call(pipe, seed, (0, 1))).images
     results["pipeline"] = {"out": out.numpy().copy(), "report": hr.last_report(pipe).to_dict()}
     pipe.restore()
+    # one image on four ranks, the first call of a fresh pipeline: layer-wise, the ranks of the
+    # second pair never call the model, yet hand their pipeline the model's kind of output
+    pipe = hr.parallelize(testing.build("sdxl", seed=seed), hr.HybridConfig(k=0))
+    out = pipe(**cases.pipeline_call(pipe, seed, (1,))).images
+    results["pipeline_one"] = {"out": out.numpy().copy(),
+                               "report": hr.last_report(pipe).to_dict()}
+    pipe.restore()
     return results
 
 
@@ -134,7 +141,7 @@ def four():
 
 def test_every_rank_returns_the_same_output_and_schedule(four):
     _, ranks = four
-    for name in [*cases.CASES, "pipeline"]:
+    for name in [*cases.CASES, "pipeline", "pipeline_one"]:
         first = ranks[0][name]
         for other in ranks[1:]:
             assert np.array_equal(first["out"], other[name]["out"]), name
@@ -168,9 +175,13 @@ def test_image_pairs_with_k0_equal_per_branch_serial_runs_of_each_image(four):
         for i in range(2):
             serial = pipe(**cases.pipeline_call(pipe, seed, (i,))).images.numpy()
             np.testing.assert_array_equal(ranks[0]["pipeline"]["out"][i:i + 1], serial)
+        serial = pipe(**cases.pipeline_call(pipe, seed, (1,))).images.numpy()
+        np.testing.assert_array_equal(ranks[0]["pipeline_one"]["out"], serial)
     finally:
         undo()
     assert ranks[0]["pipeline"]["report"]["layout"]["shares"] == [[0, 1], [1, 2]]
+    one = ranks[0]["pipeline_one"]["report"]["layout"]
+    assert one["layout"] == "layers" and one["shares"] == [[0, 1], [1, 1]], one
 
 
 def test_every_layout_equals_a_one_process_emulation_of_its_schedule(four):

@@ -18,6 +18,7 @@ equal the batch.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from typing import Any
 
@@ -71,6 +72,23 @@ class OutputKind:
 
     cls: type | None
     field: str | None = None
+
+    def to_text(self) -> str:
+        """``module:qualname:field`` of the output class ("" for a tuple), for the store."""
+        if self.cls is None:
+            return ""
+        return f"{self.cls.__module__}:{self.cls.__qualname__}:{self.field or ''}"
+
+    @classmethod
+    def from_text(cls, text: str) -> OutputKind:
+        """The OutputKind :meth:`to_text` wrote (the class imported by its module and name)."""
+        if not text:
+            return cls(None)
+        module, qualname, field = text.split(":")
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        return cls(found, field or None)
 
     def wrap(self, prediction: torch.Tensor, return_dict: bool) -> Any:
         """The prediction in the form the caller asked for (``return_dict``), as the model would
