@@ -31,7 +31,7 @@ from ..stages import UnitProfile, has_stage_adapter, model_device, profile_units
 from .agreement import check_agreement
 from .batch import describe_shapes
 from .branch_layout import OutputKind, denoiser_sample_key, first_output
-from .stage_pipeline import StagePipeline
+from .stage_pipeline import StagePipeline, plan_fields
 from .report import RunReport
 from .compiled import Accelerator
 from .timing import StepTimer
@@ -561,13 +561,7 @@ class HybridDenoiser:
         bytes_per_ms, link_source = self._link_figure(transport, probe_bytes, store, key)
         plan = profile.plan(self.world_size, bytes_per_ms, cuts=self.cfg.stage_cuts)
         self._report.extra["pipeline"] = {
-            "plan": plan.to_dict(),
-            "stage_units": [list(profile.unit_names[a:b])
-                            for a, b in zip(plan.cuts[:-1], plan.cuts[1:])],
-            "unit_names": list(profile.unit_names),
-            "unit_ms": list(profile.unit_ms),
-            "boundary_bytes": list(profile.boundary_bytes),
-            "profile_device": profile.device,
+            **plan_fields(plan, profile),
             "link_bytes_per_ms": bytes_per_ms,
             "link_measured": link_source != "nominal",
             "link_source": link_source,

@@ -35,7 +35,7 @@ from ..stages import StagedDenoiser, UnitProfile, profile_units
 from .images import assemble, pad_rows, take_rows
 from .report import RunReport
 from .scale_model import modelled_speedup
-from .stage_pipeline import StagePipeline
+from .stage_pipeline import StagePipeline, plan_fields
 from .world import RankLayout, choose_layout, deal
 
 Kwargs = dict[str, Any]
@@ -332,15 +332,9 @@ class ScaleOut:
                            profile: UnitProfile, plan: Any, links: dict[str, Any],
                            started: float) -> None:
         self.report.extra["pipeline"] = {
-            "plan": plan.to_dict(),
+            **plan_fields(plan, profile),
             "chain": list(chain),
             "rows": list(rows),
-            "stage_units": [list(profile.unit_names[a:b])
-                            for a, b in zip(plan.cuts[:-1], plan.cuts[1:])],
-            "unit_names": list(profile.unit_names),
-            "unit_ms": list(profile.unit_ms),
-            "boundary_bytes": list(profile.boundary_bytes),
-            "profile_device": profile.device,
             "link_bytes_per_ms": links["bytes_per_ms"],
             "per_link_bytes_per_ms": links["per_link_bytes_per_ms"],
             "link_measured": links["measured"],

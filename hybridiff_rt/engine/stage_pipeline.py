@@ -22,8 +22,13 @@ from typing import Any
 import torch
 
 from ..comm import PendingTransfer, Transport
-from ..stages import (StagedDenoiser, empty_state_like, flatten_state, model_device,
-                      unflatten_state)
+from ..stages import (
+    StagedDenoiser,
+    empty_state_like,
+    flatten_state,
+    model_device,
+    unflatten_state,
+)
 from ..stages.partition import PartitionPlan
 from .compiled import stage_function
 
@@ -155,3 +160,19 @@ class StagePipeline:
 @contextlib.contextmanager
 def _untimed(kind: str):
     yield
+
+
+def plan_fields(plan: PartitionPlan, profile: Any) -> dict[str, Any]:
+    """The report fields (``RunReport.extra["pipeline"]``) that describe a stage cut and the unit
+    profile it was planned from: the plan, each stage's unit names, every unit's cost (ms) and the
+    bytes of the state leaving it, and the device the costs were measured on."""
+    return {
+        "plan": plan.to_dict(),
+        "stage_units": [list(profile.unit_names[a:b])
+                        for a, b in zip(plan.cuts[:-1], plan.cuts[1:])],
+        "unit_names": list(profile.unit_names),
+        "unit_ms": list(profile.unit_ms),
+        "boundary_bytes": list(profile.boundary_bytes),
+        "profile_device": profile.device,
+    }
+
