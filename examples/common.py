@@ -150,16 +150,17 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def check_world_size(family: Family, world_size: int, serial: bool) -> None:
-    """Two ranks for the hybrid run, one for --serial."""
+    """An even number of ranks (2, 4, ...: one per device) for the hybrid run, one for --serial."""
     launch = f"torchrun --nproc_per_node=2 {family.script} ..."
     if serial and world_size != 1:
         raise ExampleError(f"--serial is the one-device reference: run it with plain python "
                            f"(python {family.script} --serial ...), not under torchrun with "
                            f"{world_size} ranks.")
-    if not serial and world_size != 2:
+    if not serial and (world_size < 2 or world_size % 2):
         how = "without torchrun (one process)" if world_size == 1 else f"with {world_size} ranks"
-        raise ExampleError(f"the hybrid run needs exactly 2 ranks, one per device; this was "
-                           f"started {how}. Launch it as `{launch}`, or add --serial for the "
+        raise ExampleError(f"the hybrid run needs an even number of ranks (2, 4, ...), one per "
+                           f"device; this was started {how}. Launch it as `{launch}` (or with "
+                           "--nproc_per_node=4 on four devices), or add --serial for the "
                            "one-device reference.")
 
 

@@ -194,8 +194,11 @@ def test_launch_checks_fail_before_any_model_work(checkpoints, tmp_path, one_pro
     common.check_world_size(common.SDXL, 1, serial=True)
     with pytest.raises(SystemExit, match="plain python"):
         common.check_world_size(common.SDXL, 2, serial=True)
-    with pytest.raises(SystemExit, match="with 4 ranks"):
-        common.check_world_size(common.SD3, 4, serial=False)
+    common.check_world_size(common.SD3, 4, serial=False)  # two pairs of devices
+    with pytest.raises(SystemExit, match="even number of ranks.*with 3 ranks"):
+        common.check_world_size(common.SD3, 3, serial=False)
+    with pytest.raises(SystemExit, match="even number of ranks.*without torchrun"):
+        common.check_world_size(common.SD3, 1, serial=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
