@@ -417,7 +417,30 @@ def fake_c():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.build_info()["cuda_version"] == "fake"
-    return module
+    yield module
+    _remove_segments_of_dead_processes()
+
+
+def _remove_segments_of_dead_processes() -> None:
+    """Delete the fake runtime's /dev/shm segments (``hdrt_fakedev_<pid>_...``) and the test
+    engines' rings (``hdrt_fk<pid>_...``) whose creating process is gone: a test process that
+    dies (on purpose, in the fault tests) cannot free its fake device memory itself."""
+    import re
+    from pathlib import Path
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return
+    for entry in shm.iterdir():
+        found = re.match(r"hdrt_(?:fakedev_|fk)(\d+)_", entry.name)
+        if found is None:
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            entry.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _ref(a: np.ndarray):
