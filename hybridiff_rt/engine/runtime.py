@@ -21,36 +21,41 @@ from typing import Any, Callable
 
 import torch
 
-from ..comm import Transport, default_store, init_distributed, make_transport, wait_for_keys
+from ..comm import (
+    Transport,
+    default_store,
+    init_distributed,
+    make_transport,
+    wait_for_keys,
+)
 from ..config import HybridConfig, require_config
-from ..errors import (HybridError, NonFinitePredictionError, ShapeError,
-                      UnsupportedModelError)
+from ..errors import (
+    HybridError,
+    NonFinitePredictionError,
+    ShapeError,
+    UnsupportedModelError,
+)
 from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
-from ..stages import UnitProfile, has_stage_adapter, model_device, profile_units, stage_denoiser
+from ..stages import has_stage_adapter, model_device, stage_denoiser
 from .agreement import check_agreement
 from .batch import describe_shapes
 from .branch_layout import OutputKind, denoiser_sample_key, first_output
-from .stage_pipeline import StagePipeline, plan_fields
-from .report import RunReport
 from .compiled import Accelerator
-from .timing import StepTimer
+from .link_probe import (
+    cached_link_figure,
+    probe_bytes,
+    round_trip_bytes_per_ms,
+    shared_profile,
+)
+from .report import RunReport
 from .scale_out import ScaleOut
+from .stage_pipeline import StagePipeline, plan_fields
+from .timing import StepTimer
 from .world import RankLayout, check_world_size
 
 #: World sizes: 1 (serial), 2 (one CFG branch per rank) and any even 2N (engine/world.py).
 SUPPORTED_WORLD_SIZES = "1 or any even number"
-#: The stage partitioner's link figure is measured with this many round trips of the largest
-#: boundary (capped at LINK_PROBE_MAX_BYTES) when the pipelined phase starts.
-LINK_PROBE_ROUNDS = 3
-LINK_PROBE_MAX_BYTES = 64 << 20
-#: (transport name, world size, probe bytes) -> rank 0's measured bytes per ms (or None)
-_LINK_CACHE: dict[tuple[str, int, int], float | None] = {}
-
-
-def clear_link_cache() -> None:
-    """Forget measured link figures (the next pipelined run measures again)."""
-    _LINK_CACHE.clear()
 _INSTANCES = itertools.count()
 
 Kwargs = dict[str, Any]
@@ -548,30 +553,25 @@ class HybridDenoiser:
         store = default_store()
         key = f"hybridiff_rt/profile/{self._instance}/{self._run_index}"
         started = time.perf_counter()
-        if self.rank == 0:
-            profile = profile_units(self._staged, cond_kw)
-            store.set(key, json.dumps(profile.to_dict()))
-        else:
-            wait_for_keys(store, [key], self.cfg.handshake_timeout_s,
-                          f"rank {self.rank}: the stage profile from rank 0",
-                          "The limit is HybridConfig(handshake_timeout_s=...).")
-            profile = UnitProfile.from_dict(json.loads(store.get(key)))
+        profile = shared_profile(self._staged, cond_kw, store=store, key=key,
+                                 publish=self.rank == 0, timeout_s=self.cfg.handshake_timeout_s,
+                                 what=f"rank {self.rank}: the stage profile from rank 0")
         transport = self._get_transport()
-        probe_bytes = min(max(profile.boundary_bytes, default=0), LINK_PROBE_MAX_BYTES)
-        bytes_per_ms, link_source = self._link_figure(transport, probe_bytes, store, key)
+        probe = probe_bytes(profile.boundary_bytes)
+        bytes_per_ms, link_source = self._link_figure(transport, probe, store, key)
         plan = profile.plan(self.world_size, bytes_per_ms, cuts=self.cfg.stage_cuts)
         self._report.extra["pipeline"] = {
             **plan_fields(plan, profile),
             "link_bytes_per_ms": bytes_per_ms,
             "link_measured": link_source != "nominal",
             "link_source": link_source,
-            "link_probe_bytes": probe_bytes if link_source == "probe" else 0,
+            "link_probe_bytes": probe if link_source == "probe" else 0,
             "setup_ms": (time.perf_counter() - started) * 1e3,
         }
         self._report.note(
             f"stage cut planned with a link of {bytes_per_ms / 1e6:.3g} GB/s " + {
                 "transport set-up": f"(measured when the {transport.name} transport was set up)",
-                "probe": f"(measured: {probe_bytes} B there and back over {transport.name})",
+                "probe": f"(measured: {probe} B there and back over {transport.name})",
                 "nominal": f"({transport.name}'s nominal figure; nothing to measure)",
             }[link_source])
         start, stop = plan.stage_range(self.rank)
@@ -581,28 +581,29 @@ class HybridDenoiser:
         return StagePipeline(self._staged, plan, profile.boundary_layouts, transport, self.rank,
                              self.world_size, run_stage=run_stage, timer=self._timer)
 
-    def _link_figure(self, transport: Transport, probe_bytes: int, store: Any,
+    def _link_figure(self, transport: Transport, nbytes: int, store: Any,
                      key: str) -> tuple[float, str]:
         """``(bytes per ms, source)`` for the partitioner, the same on every rank.
 
         Source "transport set-up": the transport measured its link when it was set up (the IPC
-        self-test), so nothing is measured again; "probe": a ``probe_bytes`` round trip, rank 0's
+        self-test), so nothing is measured again; "probe": round trips of ``nbytes`` bytes, rank 0's
         figure shared through the store and cached per process (repeated runs cut alike; every
         rank runs the same calls, so every rank's cache holds the same entries and they skip or
         take part in the probe together); "nominal": nothing to measure."""
         if transport.link_measured:
             return transport.bytes_per_ms, "transport set-up"
-        link_key = (transport.name, self.world_size, probe_bytes)
-        if link_key not in _LINK_CACHE:
-            measured = self._measure_link(transport, probe_bytes)
+
+        def measure() -> float | None:
+            measured = self._measure_link(transport, nbytes)
             if self.rank == 0:
                 store.set(f"{key}/link", json.dumps(measured))
-            else:
-                wait_for_keys(store, [f"{key}/link"], self.cfg.timeout_s,
-                              f"rank {self.rank}: the link measurement from rank 0")
-                measured = json.loads(store.get(f"{key}/link"))
-            _LINK_CACHE[link_key] = measured
-        measured = _LINK_CACHE[link_key]
+                return measured
+            wait_for_keys(store, [f"{key}/link"], self.cfg.timeout_s,
+                          f"rank {self.rank}: the link measurement from rank 0")
+            return json.loads(store.get(f"{key}/link"))
+
+        measured = cached_link_figure(("pair", transport.name, self.world_size, nbytes),
+                                      measure)
         if measured is None:
             return transport.bytes_per_ms, "nominal"
         return measured, "probe"
@@ -612,25 +613,11 @@ class HybridDenoiser:
         LINK_PROBE_ROUNDS round trips of an ``nbytes`` message (rank 0's figure; None on the
         other ranks, and when there is nothing to measure). Set-up traffic: not counted in the
         report's bytes."""
-        if nbytes <= 0:
+        if nbytes <= 0 or self.rank > 1:
             return None
-        device = model_device(self.model, self.dist.device)
-        buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         sent_before = transport.bytes_sent
-        round_trips_ms = []
-        for _ in range(LINK_PROBE_ROUNDS):
-            started = time.perf_counter()
-            if self.rank == 0:
-                transport.isend([buffer], 1, what="link measurement").wait()
-                transport.irecv([buffer], 1, what="link measurement").wait()
-            elif self.rank == 1:
-                transport.irecv([buffer], 0, what="link measurement").wait()
-                transport.isend([buffer], 0, what="link measurement").wait()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            round_trips_ms.append((time.perf_counter() - started) * 1e3)
+        figure = round_trip_bytes_per_ms(transport, 1 - self.rank, nbytes,
+                                         model_device(self.model, self.dist.device),
+                                         first=self.rank == 0)
         transport.bytes_sent = sent_before
-        if self.rank != 0:
-            return None
-        median_ms = sorted(round_trips_ms)[len(round_trips_ms) // 2]
-        return 2 * nbytes / max(median_ms, 1e-6)
+        return figure if self.rank == 0 else None

@@ -31,26 +31,20 @@ import torch
 from ..comm import SubsetTransport, Transport, default_store, wait_for_keys
 from ..config import HybridConfig
 from ..errors import ConfigError
-from ..stages import StagedDenoiser, UnitProfile, profile_units
+from ..stages import StagedDenoiser, UnitProfile
 from .images import assemble, pad_rows, take_rows
+from .link_probe import (
+    cached_link_figure,
+    probe_bytes,
+    round_trip_bytes_per_ms,
+    shared_profile,
+)
 from .report import RunReport
 from .scale_model import modelled_speedup
 from .stage_pipeline import StagePipeline, plan_fields
 from .world import RankLayout, choose_layout, deal
 
 Kwargs = dict[str, Any]
-#: The link probe: round trips per consecutive-rank link, and the largest message (bytes).
-LINK_PROBE_ROUNDS = 3
-LINK_PROBE_MAX_BYTES = 64 << 20
-#: (transport name, chain ranks, probe bytes) -> measured bytes/ms of each link of the chain
-_LINKS: dict[tuple[str, tuple[int, ...], int], list[float | None]] = {}
-
-
-def clear_scale_out_link_cache() -> None:
-    """Forget measured link figures (the next pipelined run on 2N ranks measures again)."""
-    _LINKS.clear()
-
-
 class _ChainPipeline:
     """The pipelined steps of one rank: its chain's StagePipeline (None when its pair has no
     image) plus, in "pairs" layout, the all-gather that gives every rank the whole batch."""
@@ -263,22 +257,17 @@ class ScaleOut:
         chain, and plan ``len(chain)`` stages; identical on every rank of the chain."""
         store = default_store()
         key = f"{self.key}/chain{chain[0]}-{chain[-1]}"
-        if sub.rank == 0:
-            profile = profile_units(self.staged, kw)
-            store.set(f"{key}/profile", json.dumps(profile.to_dict()))
-        else:
-            wait_for_keys(store, [f"{key}/profile"], self.cfg.handshake_timeout_s,
-                          f"rank {self.layout.rank}: the stage profile from rank {chain[0]}",
-                          "The limit is HybridConfig(handshake_timeout_s=...).")
-            profile = UnitProfile.from_dict(json.loads(store.get(f"{key}/profile")))
-        probe = min(max(profile.boundary_bytes, default=0), LINK_PROBE_MAX_BYTES)
+        profile = shared_profile(
+            self.staged, kw, store=store, key=f"{key}/profile", publish=sub.rank == 0,
+            timeout_s=self.cfg.handshake_timeout_s,
+            what=f"rank {self.layout.rank}: the stage profile from rank {chain[0]}")
+        probe = probe_bytes(profile.boundary_bytes)
         if sub.link_measured:
             links = [sub.bytes_per_ms] * (len(chain) - 1)
         else:
-            cache_key = (sub.name, chain, probe)
-            if cache_key not in _LINKS:
-                _LINKS[cache_key] = self._measure_links(sub, chain, probe, store, key)
-            links = _LINKS[cache_key]
+            links = cached_link_figure(
+                ("chain", sub.name, chain, probe),
+                lambda: self._measure_links(sub, chain, probe, store, key))
         measured = [v for v in links if v is not None]
         bytes_per_ms = min(measured) if measured else sub.bytes_per_ms
         # stage j's boundary crosses link j; the last stage's prediction goes to every rank of
@@ -291,33 +280,20 @@ class ScaleOut:
 
     def _measure_links(self, sub: Transport, chain: tuple[int, ...], nbytes: int, store: Any,
                        key: str) -> list[float | None]:
-        """Bytes per ms of each link (chain[j] -> chain[j+1]): ``LINK_PROBE_ROUNDS`` round trips
-        of ``nbytes``, measured by the link's first rank, links one after another, shared through
-        the store. Probe traffic is not counted in the report's bytes."""
-        figures: list[float | None] = []
+        """Bytes per ms of each link (chain[j] -> chain[j+1]): round trips of ``nbytes``
+        (``link_probe.round_trip_bytes_per_ms``), measured by the link's first rank, links one
+        after another, shared through the store. Probe traffic is not counted in the report's
+        bytes."""
         if nbytes <= 0:
             return [None] * (len(chain) - 1)
-        device = self.device
-        buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         sent_before, ledger_before = self.parent.bytes_sent, dict(self.ledger)
         me = sub.rank
         for j in range(len(chain) - 1):
             if me in (j, j + 1):
-                trips = []
-                for _ in range(LINK_PROBE_ROUNDS):
-                    started = time.perf_counter()
-                    if me == j:
-                        sub.isend([buffer], j + 1, what="link measurement").wait()
-                        sub.irecv([buffer], j + 1, what="link measurement").wait()
-                    else:
-                        sub.irecv([buffer], j, what="link measurement").wait()
-                        sub.isend([buffer], j, what="link measurement").wait()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    trips.append((time.perf_counter() - started) * 1e3)
+                figure = round_trip_bytes_per_ms(sub, j + 1 if me == j else j, nbytes,
+                                                 self.device, first=me == j)
                 if me == j:
-                    median = sorted(trips)[len(trips) // 2]
-                    store.set(f"{key}/link{j}", json.dumps(2 * nbytes / max(median, 1e-6)))
+                    store.set(f"{key}/link{j}", json.dumps(figure))
         keys = [f"{key}/link{j}" for j in range(len(chain) - 1)]
         wait_for_keys(store, keys, self.cfg.timeout_s,
                       f"rank {self.layout.rank}: the link measurements of ranks {list(chain)}")
