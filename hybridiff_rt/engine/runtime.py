@@ -54,8 +54,6 @@ from .stage_pipeline import StagePipeline, plan_fields
 from .timing import StepTimer
 from .world import RankLayout, check_world_size
 
-#: World sizes: 1 (serial), 2 (one CFG branch per rank) and any even 2N (engine/world.py).
-SUPPORTED_WORLD_SIZES = "1 or any even number"
 _INSTANCES = itertools.count()
 
 Kwargs = dict[str, Any]
