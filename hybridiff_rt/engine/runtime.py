@@ -470,6 +470,7 @@ class HybridDenoiser:
             return
         self._scale = ScaleOut(layout=layout, transport=transport, cfg=self.cfg,
                                staged=self._staged, report=self._report, run_model=self._run_model,
+                               output_kind=lambda: self.output_kind.to_text(),
                                key=f"hybridiff_rt/scale/{self._instance}/{self._run_index}",
                                device=model_device(self.model, self.dist.device))
         problem = self._scale.start(batch)
@@ -484,26 +485,14 @@ class HybridDenoiser:
         if self._scale is not None:
             pair = self._scale.cbp(uncond_kw, cond_kw, step,
                                    run_model=lambda kw: self._run_model(kw, forward))
-            if step == 0:
-                self._share_output_kind()
+            if self.output_kind is None and self._scale.peer_output_kind is not None:
+                # a rank without images never calls the model, yet returns its kind of output
+                self.output_kind = OutputKind.from_text(self._scale.peer_output_kind)
             return pair
         mine = self._run_model(uncond_kw if self.rank == 0 else cond_kw, forward)
         with self._timer.section("transfer"):
             uncond_pred, cond_pred = self._transport.all_gather(mine, what=f"cbp step {step}")
         return uncond_pred, cond_pred
-
-    def _share_output_kind(self) -> None:
-        """On 2N > 2 ranks a rank without images never calls the model, yet returns the model's
-        kind of output to its pipeline: rank 0 (which always has images) publishes the kind it
-        learned at the first step of each run, and a rank that has not learned one reads it."""
-        key = f"hybridiff_rt/scale/{self._instance}/{self._run_index}/output_kind"
-        store = default_store()
-        if self.rank == 0:
-            store.set(key, self.output_kind.to_text())
-        elif self.output_kind is None:
-            wait_for_keys(store, [key], self.cfg.timeout_s,
-                          f"rank {self.rank}: the denoiser's output kind from rank 0")
-            self.output_kind = OutputKind.from_text(store.get(key).decode())
 
     def _observe(self, step: int, uncond_pred: torch.Tensor, cond_pred: torch.Tensor) -> float:
         """Discrepancy M_i of the pair, fed to the schedule; raises on non-finite predictions."""

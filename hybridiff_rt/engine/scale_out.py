@@ -89,15 +89,22 @@ class ScaleOut:
         staged: the staged denoiser (None when the run cannot pipeline).
         report: the run's RunReport (layout, link bytes, modelled speed-up and notes go there).
         run_model: ``kw -> prediction`` (the model's forward, first output).
+        output_kind: ``() -> text`` of how the model returns its prediction
+            (``branch_layout.OutputKind.to_text``; called on rank 0 after its first model call),
+            handed with the prediction's layout to the ranks without images, which never call
+            the model themselves (:attr:`peer_output_kind`).
         key: a store key prefix unique to this run.
         device: where the model's tensors live (buffers of idle ranks and link probes).
     """
 
     def __init__(self, *, layout: RankLayout, transport: Transport, cfg: HybridConfig,
                  staged: StagedDenoiser | None, report: RunReport,
-                 run_model: Callable[[Kwargs], torch.Tensor], key: str,
-                 device: torch.device) -> None:
+                 run_model: Callable[[Kwargs], torch.Tensor], output_kind: Callable[[], str],
+                 key: str, device: torch.device) -> None:
         self.device = device
+        self.output_kind = output_kind
+        #: rank 0's output-kind text, learned by a rank without images at the first step
+        self.peer_output_kind: str | None = None
         self.layout = layout
         self.cfg = cfg
         self.staged = staged
@@ -226,15 +233,15 @@ class ScaleOut:
         if self.layout.rank == 0:
             default_store().set(f"{self.key}/spec", json.dumps(
                 [str(prediction.dtype).removeprefix("torch."), list(prediction.shape[1:]),
-                 image_ms]))
+                 image_ms, self.output_kind()]))
 
     def _learn_spec(self, step: int) -> None:
-        """A rank without images learns the prediction's dtype and shape (and the model's time
-        per image, for the modelled speed-up) from rank 0, once per run."""
+        """A rank without images learns the prediction's dtype, shape and output kind (and the
+        model's time per image, for the modelled speed-up) from rank 0, once per run."""
         store = default_store()
         wait_for_keys(store, [f"{self.key}/spec"], self.cfg.timeout_s,
                       f"rank {self.layout.rank}: step {step}, the prediction layout from rank 0")
-        dtype, tail, image_ms = json.loads(store.get(f"{self.key}/spec"))
+        dtype, tail, image_ms, self.peer_output_kind = json.loads(store.get(f"{self.key}/spec"))
         self._spec = (getattr(torch, dtype), tuple(tail), self.device)
         per_image = self.empty_prediction().element_size() * math.prod(tail)
         self._model_cbp(image_ms, per_image, "rank 0's")
