@@ -48,8 +48,8 @@ class HybridConfig:
         pipeline_guidance: what the guided prediction is during pipelined steps: "off" (the
             pipelined cond prediction alone, the paper's behaviour) or "reuse" (cond prediction plus
             (w-1) times the last measured cond-uncond difference).
-        transport: "auto" (CUDA IPC when all ranks share a node with CUDA, else torch.distributed),
-            "ipc" or "torch".
+        transport: "auto" (CUDA IPC between ranks that share a node, with CUDA; torch.distributed
+            between nodes and on CPU), "ipc" (IPC required on every same-node link) or "torch".
         cuda_graphs: CUDA-graph replay of the denoiser (CBP and serial steps) and of each stage
             (pipelined steps) on CUDA devices: "auto" (as the compile mode implies: torch's
             CUDA-graph trees for compile="reduce-overhead" / "max-autotune", none otherwise),

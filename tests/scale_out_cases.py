@@ -72,22 +72,49 @@ def loop(den, sample: torch.Tensor, cond: dict, uncond: dict) -> torch.Tensor:
     return sample
 
 
-def run_case(seed: int, name: str, image: int | None = None, **overrides: Any) -> dict[str, Any]:
+def run_case(seed: int, name: str, image: int | None = None, use_transport: Any = None,
+             device: str | torch.device = "cpu", **overrides: Any) -> dict[str, Any]:
     """This rank's loop output (numpy) and report for case ``name`` (inputs from ``seed``; only
-    image ``image`` of them when given)."""
+    image ``image`` of them when given; over ``use_transport`` when given, else the config's; model
+    and inputs on ``device``)."""
     import hybridiff_rt as hr
 
     batch, fields = CASES[name]
-    model = unet(seed)
+    model = unet(seed).to(device)
     sample, cond, uncond = inputs(seed + 1, batch)
     if image is not None:
         sample, cond, uncond = (rows(v, image, image + 1) for v in (sample, cond, uncond))
-    den = hr.HybridDenoiser(model, hr.HybridConfig(**{**fields, **overrides}))
+    sample, cond, uncond = (to_device(v, device) for v in (sample, cond, uncond))
+    den = hr.HybridDenoiser(model, hr.HybridConfig(**{**fields, **overrides}),
+                            transport=use_transport)
     try:
         out = loop(den, sample, cond, uncond)
     finally:
         den.close()
-    return {"out": out.numpy().copy(), "report": den.report.to_dict()}
+    return {"out": out.cpu().numpy().copy(), "report": den.report.to_dict()}
+
+
+def to_device(value: Any, device: str | torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def stand_in_node_link(carrier: Any, name: str = "node-stand-in"):
+    """A node-local transport factory for ``comm.make_link_transport`` on CPU, where CUDA IPC
+    cannot run: the node's links go through ``carrier`` (a second job-wide TorchTransport the
+    caller made and closes), under their own backend ``name``, so a run shows which link took
+    which route."""
+    from hybridiff_rt.comm import SubsetTransport
+
+    def make(store, node_ranks, device, timeout_s, handshake_timeout_s):
+        local = SubsetTransport(carrier, node_ranks)
+        local.name = name
+        return local, ""
+
+    return make
 
 
 def emulate(seed: int, name: str, pairs: int, chains: list[tuple[tuple[int, int], list[int]]],

@@ -40,10 +40,11 @@ def expected_backend(gpus: int | None = None, local_ranks: int = WORLD_SIZE) -> 
 
 
 def _rank_gpu(rank, transport, seed):
+    from test_hybrid import emulate
+
     import hybridiff_rt as hr
     from hybridiff_rt import testing
     from hybridiff_rt.testing import per_branch_forward
-    from test_hybrid import emulate
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -94,6 +95,63 @@ def test_cbp_and_hybrid_with_cuda_tensors_two_processes(transport):
         expected = "ipc" if transport == "ipc" else f"torch-{backend}"
         assert r0["report"]["transport"] == expected, (seed, name, r0["report"]["transport"])
     assert results[0]["hybrid"]["report"]["modes"].count("pipeline") == 3
+
+
+def _rank_four_gpu(rank, transport, nodes, seed):
+    """Four ranks on the GPU(s): the layer-wise and image-pair cases of tests/scale_out_cases.py.
+    ``nodes=2`` makes ranks (0, 1) and (2, 3) two torchrun nodes (GROUP_RANK, LOCAL_WORLD_SIZE),
+    so transport="auto" routes each link: CUDA IPC inside a node, torch.distributed between."""
+    import os
+
+    import scale_out_cases as cases
+
+    import hybridiff_rt as hr
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if nodes == 2:
+        os.environ.update(GROUP_RANK=str(rank // 2), LOCAL_RANK=str(rank % 2),
+                          LOCAL_WORLD_SIZE="2")
+    info = hr.init_distributed()
+    out = {"device": str(info.device), "backend": info.backend}
+    for name in ("layers_hybrid", "pairs_hybrid"):
+        out[name] = cases.run_case(seed, name, device=info.device, transport=transport)
+    return out
+
+
+@pytest.mark.gpu
+def test_four_ranks_on_one_node_and_on_two_nodes_route_links_and_agree():
+    """World size 4 on the GPU(s): transport="torch"; transport="auto" on one node (CUDA IPC on
+    every link, four ranks); transport="auto" over two torchrun nodes (IPC inside each node,
+    torch.distributed between them). Same output on every rank; the three runs agree within
+    GPU_TOLERANCE; the report names each link's backend."""
+    pytest.importorskip("diffusers")
+    seed = random.randrange(1 << 16)
+    runs = {}
+    for key, (transport, nodes) in {"torch": ("torch", 1), "ipc": ("auto", 1),
+                                    "mixed": ("auto", 2)}.items():
+        runs[key] = all_ok(run_ranks(_rank_four_gpu, transport, nodes, seed, world_size=4,
+                                     timeout_s=RANK_TIMEOUT_S), 4)
+    backend = expected_backend(local_ranks=4)
+    for name in ("layers_hybrid", "pairs_hybrid"):
+        reference = runs["torch"][0][name]["out"]
+        for key, ranks in runs.items():
+            for rank, result in enumerate(ranks):
+                r = result[name]
+                assert np.array_equal(r["out"], ranks[0][name]["out"]), (seed, key, name, rank)
+                err = np.abs(r["out"] - reference).max()
+                assert err <= GPU_TOLERANCE, f"seed={seed} {key} {name}: max error {err}"
+                assert r["report"]["modes"].count("pipeline") == 2, (key, name)
+                links = r["report"]["layout"]["links"]
+                if key == "torch":
+                    assert set(links.values()) == {f"torch-{backend}"}, links
+                elif key == "ipc":
+                    assert r["report"]["transport"] == "ipc" and set(links.values()) == {"ipc"}
+                else:
+                    node = (0, 1) if rank < 2 else (2, 3)
+                    between = f"torch-{result['backend']}"
+                    assert links == {f"{rank}->{p}": "ipc" if p in node else between
+                                     for p in range(4) if p != rank}, (rank, links)
 
 
 @pytest.mark.parametrize("gpus, backend", [(0, "gloo"), (1, "gloo"), (2, "nccl"), (4, "nccl")])

@@ -6,7 +6,8 @@ What is checked, bit for bit in fp32 (docs/scale-out.md):
   * every layout: the one-process emulation of the same 2N-rank schedule (shares of images per
     pair on CBP steps, 2- or 4-stage chains with stale boundaries on pipelined steps), with the
     same output on every rank;
-  * a run split over two torchrun launches (two "nodes") equals the single-node run;
+  * a run split over two torchrun launches (two "nodes"; static and c10d rendezvous; one
+    transport for every link, or per-link routes) equals the single-node run;
   * errors: ranks that disagree and a killed rank raise the documented errors on every
     surviving rank.
 Inputs and weights are fresh random draws per test session.
@@ -315,19 +316,27 @@ def test_edge_cases_bad_cuts_disagreement_and_a_killed_rank_on_every_surviving_r
 
 
 # ---------------------------------------------------------------------------------- two nodes
-def test_two_nodes_of_two_ranks_equal_the_single_node_run(four, tmp_path):
-    """Two torchrun launches (--nnodes=2, static rendezvous on 127.0.0.1) make one world of 4."""
+@pytest.mark.parametrize("rendezvous, node_links", [("static", "config"), ("c10d", "stand-in")])
+def test_two_nodes_of_two_ranks_equal_the_single_node_run(four, tmp_path, rendezvous, node_links):
+    """Two torchrun launches (--nnodes=2) make one world of 4: through a static rendezvous on
+    127.0.0.1 with the config's transport, and through a c10d rendezvous with per-link routes
+    (links inside a node through a stand-in for IPC, links between the nodes through gloo)."""
     seed, ranks = four
     cuts = ranks[0]["layers_hybrid"]["report"]["extra"]["pipeline"]["plan"]["cuts"]
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("WORLD_SIZE", None)
+    meet = ([f"--node_rank={{node}}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+            if rendezvous == "static" else
+            ["--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+             f"--rdzv_id=hybridiff-rt-test-{port}"])
     launches = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
-         f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+         *(arg.format(node=node) for arg in meet),
          str(ROOT / "tests" / "scale_out_node.py"), "--seed", str(seed),
-         "--layers-cuts", ",".join(map(str, cuts)), "--out", str(tmp_path)],
+         "--layers-cuts", ",".join(map(str, cuts)), "--out", str(tmp_path),
+         "--node-links", node_links],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node in range(2)]
     logs = []
@@ -344,8 +353,29 @@ def test_two_nodes_of_two_ranks_equal_the_single_node_run(four, tmp_path):
         np.testing.assert_array_equal(saved["pairs"], ranks[0]["pairs_hybrid"]["out"])
         np.testing.assert_array_equal(saved["layers"], ranks[0]["layers_hybrid"]["out"])
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert report["layers"]["layout"]["layout"] == "layers"
-        assert report["layers"]["extra"]["pipeline"]["plan"]["cuts"] == cuts
+        layers = report["layers"]
+        assert layers["layout"]["layout"] == "layers"
+        assert layers["extra"]["pipeline"]["plan"]["cuts"] == cuts
+        node = [r for r in ((0, 1), (2, 3)) if rank in r][0]
+        peers = [p for p in range(WORLD) if p != rank]
+        if node_links == "config":
+            assert layers["transport"] == "torch-gloo"
+            assert layers["layout"]["links"] == {f"{rank}->{p}": "torch-gloo" for p in peers}
+            continue
+        # each link says its route; bytes are counted per link; the chain's three links were
+        # measured over their own routes
+        expected = {f"{rank}->{p}": "node-stand-in" if p in node else "torch-gloo"
+                    for p in peers}
+        for run in ("pairs", "layers"):
+            assert report[run]["transport"] == "node-stand-in+torch-gloo", report[run]
+            assert report[run]["layout"]["links"] == expected, (rank, run)
+            assert set(report[run]["link_bytes"]) == set(expected)
+        note = [n for n in layers["notes"] if n.startswith(f"links of rank {rank} ")]
+        assert note and (f"node ranks {list(node)}, 2 nodes [[0, 1], [2, 3]]" in note[0]
+                         and "collectives over torch-gloo" in note[0]), layers["notes"]
+        figures = layers["extra"]["pipeline"]["per_link_bytes_per_ms"]
+        assert len(figures) == WORLD - 1 and all(f > 0 for f in figures), figures
+        assert layers["extra"]["pipeline"]["link_source"] == "probe"
 
 
 def test_the_partitioner_weighs_each_boundary_with_the_link_it_crosses():

@@ -3,8 +3,9 @@
 ``make_transport`` picks a backend for a HybridConfig.transport value:
   * "torch": torch.distributed (NCCL on GPUs, gloo on CPUs), works across nodes;
   * "ipc": the CUDA IPC engine of the compiled extension (ranks on one node, CUDA tensors);
-  * "auto": IPC when every rank is on this node with CUDA and the engine is usable, else torch;
-    on more than two ranks, torch for every link.
+  * "auto": IPC when every rank is on this node with CUDA and the engine is usable, else torch.
+    On more than two ranks spread over several nodes, each link gets its own backend
+    (:mod:`.links`): IPC between ranks of one node, torch.distributed between nodes.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import torch
 from ..errors import ExtensionError
 from .base import PendingTransfer, Transport
 from .distributed import DistInfo, current_dist_info, init_distributed
+from .links import LinkTransport, make_link_transport
+from .nodes import node_groups
 from .store import default_store, wait_for_keys
 from .subset import SubsetTransport
 from .torch_backend import TorchTransport
 
-__all__ = ["PendingTransfer", "Transport", "TorchTransport", "SubsetTransport", "DistInfo", "current_dist_info",
-           "init_distributed", "make_transport", "all_ranks_on_this_node", "default_store",
+__all__ = ["PendingTransfer", "Transport", "TorchTransport", "SubsetTransport", "LinkTransport",
+           "DistInfo", "current_dist_info", "init_distributed", "make_transport",
+           "make_link_transport", "node_groups", "all_ranks_on_this_node", "default_store",
            "wait_for_keys"]
 
 
@@ -38,31 +42,31 @@ def make_transport(kind: str, timeout_s: float, device: torch.device,
     Collective: every rank calls it in the same order. ``handshake_timeout_s`` bounds the set-up
     (waiting for slow peers; default ``timeout_s``); ``timeout_s`` bounds each transfer after it.
     With "auto", a CUDA IPC set-up that fails on any rank falls back to torch.distributed on every
-    rank together, and the returned transport's ``notes`` say why.
+    rank together, and the returned transport's ``notes`` say why. On more than two CUDA ranks
+    over several nodes (torchrun's LOCAL_WORLD_SIZE < WORLD_SIZE) the result is a
+    :class:`LinkTransport`: IPC inside each node, torch.distributed between nodes.
 
     Raises:
         ExtensionError: ``kind="ipc"`` but the IPC engine cannot serve these ranks (the message
-            says why: no CUDA compiled in, ranks on several nodes, no usable copy path, ...).
+            says why: no CUDA compiled in, no two ranks on one node, no usable copy path, ...).
         PeerTimeoutError: a peer did not take part in the set-up within the handshake limit.
     """
     handshake = float(handshake_timeout_s if handshake_timeout_s is not None else timeout_s)
     if kind == "torch":
         return TorchTransport(timeout_s)
+    import torch.distributed as dist
+
+    if device.type == "cuda" and dist.get_world_size() > 2 and not all_ranks_on_this_node():
+        # several nodes: IPC on the links inside each node, torch.distributed between nodes
+        return make_link_transport(kind, timeout_s, device, handshake)
     wants_ipc = device.type == "cuda" and all_ranks_on_this_node()
     if kind == "auto" and not wants_ipc:
         return TorchTransport(timeout_s)
-    import torch.distributed as dist
-
-    if kind == "auto" and dist.get_world_size() > 2:
-        # world size 2N > 2: every link on torch.distributed (NCCL on GPUs) for now
-        transport = TorchTransport(timeout_s)
-        transport.notes.append(f"transport='auto' on {dist.get_world_size()} ranks: every link "
-                               f"uses torch.distributed ({transport.name}); the CUDA IPC "
-                               "transport serves runs on two ranks (transport='ipc' asks for it)")
-        return transport
     if kind == "ipc" and not wants_ipc:
-        raise ExtensionError("transport='ipc' needs CUDA tensors and every rank on one node; "
-                             f"this rank runs on {device} (use transport='torch' or 'auto')")
+        why = (f"needs CUDA tensors, and this rank runs on {device}" if device.type != "cuda"
+               else "needs ranks that share a node, and the two ranks of this job run on "
+                    "different nodes")
+        raise ExtensionError(f"transport='ipc' {why} (use transport='torch' or 'auto')")
 
     from . import ipc
 

@@ -63,6 +63,11 @@ class Transport(abc.ABC):
     def irecv(self, buffers: Sequence[torch.Tensor], src: int, *, what: str) -> PendingTransfer:
         """Start receiving into ``buffers`` from rank ``src``; read them only after ``wait()``."""
 
+    def link_name(self, peer: int) -> str:
+        """The backend that moves this rank's tensors to and from rank ``peer`` (what reports
+        show per link); one backend for every link unless a transport routes links apart."""
+        return self.name
+
     def close(self) -> None:
         """Release resources; the transport is unusable afterwards."""
 

@@ -47,6 +47,7 @@ import torch
 from .. import env
 from ..errors import CudaUnavailableError, ExtensionError, PeerTimeoutError, ShapeError
 from .base import PendingTransfer, Transport
+from .nodes import boot_id
 from .store import barrier, gather_bytes
 
 try:  # the one import of the extension in the package (by name: `from .. import _C` would read,
@@ -562,14 +563,6 @@ class IpcTransport(Transport):
 # Collective construction through the torch.distributed store
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def _pid_visible(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -609,7 +602,7 @@ def resolve_device(device: torch.device | int | str,
 def _local_info(rank: int, device: torch.device, settings: dict[str, Any]) -> dict[str, Any]:
     ok, reason = ipc_available()
     info: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(),
-                            "boot_id": _boot_id(), "ok": ok, "reason": reason,
+                            "boot_id": boot_id(), "ok": ok, "reason": reason,
                             "settings": settings, "shm_free": _shm_free_bytes()}
     if ok:
         try:

@@ -104,5 +104,9 @@ class SubsetTransport(Transport):
         _All(sends + receives).wait()
         return out
 
+    def link_name(self, peer: int) -> str:
+        """The parent's backend for the link to local rank ``peer``."""
+        return self.parent.link_name(self.ranks[peer])
+
     def close(self) -> None:
         """Nothing to release: the parent owns the links."""

@@ -466,7 +466,8 @@ class HybridDenoiser:
         layout = RankLayout(self.rank, self._pairs)
         if self.world_size == 2:
             self._report.layout = layout.describe("pairs", batch)
-            self._report.layout["links"] = {f"{self.rank}->{1 - self.rank}": transport.name}
+            self._report.layout["links"] = {f"{self.rank}->{1 - self.rank}":
+                                           transport.link_name(1 - self.rank)}
             return
         self._scale = ScaleOut(layout=layout, transport=transport, cfg=self.cfg,
                                staged=self._staged, report=self._report, run_model=self._run_model,

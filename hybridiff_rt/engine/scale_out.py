@@ -137,7 +137,7 @@ class ScaleOut:
                 f"{stages} ranks ({self.layout_name} layout on {self.layout.world_size} ranks); "
                 f"give {stages + 1} cut indices or leave stage_cuts=None")
         described = self.layout.describe(self.layout_name, self.batch)
-        described["links"] = {f"{self.layout.rank}->{r}": self.parent.name
+        described["links"] = {f"{self.layout.rank}->{r}": self.parent.link_name(r)
                               for r in range(self.layout.world_size) if r != self.layout.rank}
         self.report.layout = described
         idle = described["idle_on_cbp_steps"]
