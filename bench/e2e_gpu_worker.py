@@ -233,20 +233,28 @@ def serial_worker(rank: int, plan: dict, eager: bool) -> dict:
         cfg = _config(plan, {"k": 0})
         for label, joint in (("serial", True), ("serial_b1", False)):
             den = hr.HybridDenoiser(model, cfg)
-
-            def predict_for_run(den=den, joint=joint, data=data):
-                def predict(uncond_kw, cond_kw, joint_kw, i):
-                    return den.predict_branches(uncond_kw, cond_kw, guidance_scale=data["w"],
-                                                step=i, num_steps=plan["steps"],
-                                                joint_kw=joint_kw if joint else None)
-                return predict, lambda: den.report.to_dict()
-            result[label] = _timed_runs(family, model, scheduler, data, plan, predict_for_run)
+            result[label] = _timed_runs(family, model, scheduler, data, plan,
+                                        _predictor(den, data, plan, joint))
             den.close()
         out[family] = result
         del model
         if plan["device"] != "cpu":
             torch.cuda.empty_cache()
     return out
+
+
+def _predictor(den, data: dict, plan: dict, joint: bool):
+    """``run -> (predict, report)`` for _timed_runs: each step through ``den.predict_branches``
+    (with the stacked call when ``joint``, i.e. one batch-2 call on a world of one)."""
+
+    def predict_for_run():
+        def predict(uncond_kw, cond_kw, joint_kw, i):
+            return den.predict_branches(uncond_kw, cond_kw, guidance_scale=data["w"], step=i,
+                                        num_steps=plan["steps"],
+                                        joint_kw=joint_kw if joint else None)
+        return predict, lambda: den.report.to_dict()
+
+    return predict_for_run
 
 
 def parallel_worker(rank: int, plan: dict, variants: list) -> dict:
@@ -270,12 +278,7 @@ def parallel_worker(rank: int, plan: dict, variants: list) -> dict:
             if fields.get("preset") == "auto":
                 fields["preset"] = family
             den = hr.HybridDenoiser(model, _config(plan, fields))
-
-            def predict_for_run(den=den, data=data):
-                def predict(uncond_kw, cond_kw, joint_kw, i):
-                    return den.predict_branches(uncond_kw, cond_kw, guidance_scale=data["w"],
-                                                step=i, num_steps=plan["steps"])
-                return predict, lambda: den.report.to_dict()
+            predict_for_run = _predictor(den, data, plan, joint=False)
             profile = plan.get("profile") and rank == 0 and label == "hybrid" and not traced
             prof, window = _profiler(plan, family) if profile else (None, None)
             result[label] = _timed_runs(family, model, scheduler, data, plan, predict_for_run,

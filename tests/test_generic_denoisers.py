@@ -18,6 +18,7 @@ import random
 
 import pytest
 import torch
+from test_dit_pipelines import TwoOutputs  # tests/ is on sys.path under pytest
 
 import hybridiff_rt as hr
 from hybridiff_rt.engine import model_family
@@ -204,20 +205,8 @@ def test_split_leaves_shared_per_token_tables_whole(seed):
     assert uncond["timestep"] is kw["timestep"]
 
 
-class _TwoOutputs(torch.nn.Module):
-    """A diffusers-style denoiser that also returns an auxiliary tensor."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(4, 4)
-
-    def forward(self, hidden_states, timestep=None, return_dict=True):
-        out = self.proj(hidden_states)
-        return out, out.mean(dim=-1)
-
-
 def test_a_denoiser_with_several_outputs_is_refused_at_its_first_call(seed):
-    den = hr.HybridDenoiser(_TwoOutputs(), hr.HybridConfig(k=0))
+    den = hr.HybridDenoiser(TwoOutputs(), hr.HybridConfig(k=0))
     x = torch.randn(1, 4)
     with pytest.raises(hr.UnsupportedModelError, match="returned 2 outputs"):
         den(x, None, cond={}, uncond={}, guidance_scale=3.0, step=0, num_steps=2)
