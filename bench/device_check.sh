@@ -27,7 +27,9 @@
 #   ipc_tests        150 |  60  pytest -m gpu tests/test_ipc_gpu.py (IPC engine); per test 75 | 40
 #                                 --quick: zero-copy views + collectives, killed peer, slow consumer
 #   runtime_tests    180 |  75  pytest -m gpu tests/test_gpu_runtime.py; per test 150 | 70
-#                                 (--quick: the ipc case only, after the two benchmarks)
+#                                 (full: also world size 4, CUDA IPC on one node and inside two
+#                                 torchrun nodes; --quick: the ipc case only, after the two
+#                                 benchmarks)
 #   other_gpu_tests  120 |   -  pytest -m gpu over the rest of tests/ (tests/test_compiled.py:
 #                                 graph replay, compiled and graphed serial and two-rank runs)
 #   transport_bench   75 |  35  bench/transport.py --out $OUT (--quick --sizes-mb 1 40)
