@@ -4,7 +4,7 @@ packing and handle serialisation, driven from two real processes over POSIX shar
 No GPU needed: ``_C.SlotRing`` runs the same state machine as the CUDA engine (csrc/slot_ring.h,
 csrc/message.h) with host memcpy standing in for the device copies. With
 HYBRIDIFF_RT_FAKE_CUDA_TESTS=1 the engine itself runs against a fake CUDA runtime (bounded
-shutdown, posted receives, ...). The set-up logic of comm/ipc.py that needs no GPU (ring planning,
+shutdown, posted receives, ..., and every-peer traffic on three and four processes). The set-up logic of comm/ipc.py that needs no GPU (ring planning,
 the /dev/shm check, the self-test's patterns, checksums and verdicts, the collective decisions
 with a stand-in engine) and bench/transport.py's targets are tested here too.
 """
@@ -570,6 +570,90 @@ def _fake_run_expecting(c, fn, expect, *args, timeout=60):
             p.kill()
         p.join(5)
     return results
+
+
+def _fake_world_rank(out, c, rank, world, port, staging, seed, count):
+    """One rank of a ``world``-rank fake engine: handles exchanged through a TCPStore; then every
+    rank sends ``count`` random messages to every peer (all its sends of a round before its
+    receives, so the rings fill and the worker threads carry the rest) and checks every byte it
+    receives."""
+
+    def body():
+        from torch.distributed import TCPStore
+
+        store = TCPStore("127.0.0.1", port, None, False, timeout=datetime.timedelta(seconds=30))
+        eng = c.Engine(rank, world, 0, 3, 2048, 5000,
+                       f"/hdrt_fk{os.getpid()}_{secrets.token_hex(3)}",
+                       [int(staging == "host")] * world)
+        store.set(f"handles/{rank}", eng.export_handles())
+        peers = [p for p in range(world) if p != rank]
+        for p in peers:
+            eng.connect(p, bytes(store.get(f"handles/{p}")), True)
+        store.add("connected", 1)
+        while store.add("connected", 0) < world:
+            time.sleep(0.005)
+        eng.unlink_shm()
+
+        def message(src, dst, i):
+            return _fake_arrays(np.random.default_rng([seed, src, dst, i]), max_elems=2000)
+
+        outstanding, bad = [], 0
+        for i in range(count):
+            for p in peers:
+                msg = message(rank, p, i)
+                outstanding.append((p, eng.send(p, [_ref(a) for a in msg], f"m{i}", 0), msg))
+            for p in rng_order(peers, seed + rank + i):
+                want = message(p, rank, i)
+                bufs = [np.empty_like(w) for w in want]
+                eng.recv(p, [_ref(b) for b in bufs], f"m{i}", 0)
+                bad += sum(int((b.view(np.uint8) != w.view(np.uint8)).sum())
+                           for b, w in zip(bufs, want))
+            while len(outstanding) > 30:
+                p, ticket, _ = outstanding.pop(0)
+                eng.wait_sent(p, ticket, 0)
+        for p, ticket, _ in outstanding:
+            eng.wait_sent(p, ticket, 0)
+        sent = {p: eng.bytes_sent(p) for p in peers}
+        expected = {p: sum(a.nbytes for i in range(count) for a in message(rank, p, i))
+                    for p in peers}
+        assert eng.quiesce(5000)
+        store.add("done", 1)
+        while store.add("done", 0) < world:  # no engine closes while a peer still reads
+            time.sleep(0.005)
+        eng.close()
+        return bad, sent, expected
+
+    _guard(out, body)
+
+
+def rng_order(items, seed):
+    """``items`` in a random order drawn from ``seed`` (each rank receives from its peers in its
+    own order)."""
+    order = list(items)
+    np.random.default_rng(seed).shuffle(order)
+    return order
+
+
+@pytest.mark.parametrize("world, staging", [(3, "device"), (4, "device"), (4, "host")])
+def test_fake_engine_on_more_than_two_ranks_delivers_every_message_to_every_peer(
+        fake_c, world, staging):
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=30),
+                     wait_for_workers=False)
+    seed, count = secrets.randbits(31), 120
+    runs = [run_child(_fake_world_rank, fake_c, rank, world, store.port, staging, seed, count)
+            for rank in range(world)]
+    try:
+        results = [finish(proc, out, timeout=120) for proc, out in runs]
+    finally:
+        for proc, _ in runs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+    for rank, (bad, sent, expected) in enumerate(results):
+        assert bad == 0, (rank, bad)
+        assert sent == expected and all(v > 0 for v in sent.values()), (rank, sent, expected)
 
 
 def _fake_peer_dies_with_sends_outstanding(c, rank, conn, path):
