@@ -572,26 +572,24 @@ def _fake_run_expecting(c, fn, expect, *args, timeout=60):
     return results
 
 
-def _fake_world_rank(out, c, rank, world, port, staging, seed, count):
-    """One rank of a ``world``-rank fake engine: handles exchanged through a TCPStore; then every
-    rank sends ``count`` random messages to every peer (all its sends of a round before its
-    receives, so the rings fill and the worker threads carry the rest) and checks every byte it
-    receives."""
+def _fake_world_rank(out, c, rank, world, hub, staging, seed, count):
+    """One rank of a ``world``-rank fake engine. Handles travel through ``hub`` (a pipe to the
+    test process, which hands every rank all of them: no store server, so the test process
+    forks its ranks without threads of its own); then every rank sends ``count`` random messages
+    to every peer (all its sends of a round before its receives, so the rings fill and the
+    worker threads carry the rest) and checks every byte it receives."""
 
     def body():
-        from torch.distributed import TCPStore
-
-        store = TCPStore("127.0.0.1", port, None, False, timeout=datetime.timedelta(seconds=30))
         eng = c.Engine(rank, world, 0, 3, 2048, 5000,
                        f"/hdrt_fk{os.getpid()}_{secrets.token_hex(3)}",
                        [int(staging == "host")] * world)
-        store.set(f"handles/{rank}", eng.export_handles())
+        hub.send(eng.export_handles())
+        blobs = hub.recv()
         peers = [p for p in range(world) if p != rank]
         for p in peers:
-            eng.connect(p, bytes(store.get(f"handles/{p}")), True)
-        store.add("connected", 1)
-        while store.add("connected", 0) < world:
-            time.sleep(0.005)
+            eng.connect(p, blobs[p], True)
+        hub.send("connected")
+        hub.recv()  # every rank has connected
         eng.unlink_shm()
 
         def message(src, dst, i):
@@ -617,9 +615,8 @@ def _fake_world_rank(out, c, rank, world, port, staging, seed, count):
         expected = {p: sum(a.nbytes for i in range(count) for a in message(rank, p, i))
                     for p in peers}
         assert eng.quiesce(5000)
-        store.add("done", 1)
-        while store.add("done", 0) < world:  # no engine closes while a peer still reads
-            time.sleep(0.005)
+        hub.send("done")
+        hub.recv()  # no engine closes while a peer still reads
         eng.close()
         return bad, sent, expected
 
@@ -634,18 +631,39 @@ def rng_order(items, seed):
     return order
 
 
+def _hub_round(hubs, outs, expect=None, reply=None, timeout=60.0):
+    """Receive one message from every rank's hub pipe (each equal to ``expect`` when given), then
+    send each rank ``reply`` (default: the list of what the ranks sent). A rank that reports
+    (``outs``: its result pipe) instead of reaching the hub failed: its error fails the test at
+    once."""
+    from multiprocessing.connection import wait
+
+    got = []
+    for rank, (hub, out) in enumerate(zip(hubs, outs)):
+        ready = wait([hub, out], timeout)
+        assert ready, f"rank {rank} did not reach the hub within {timeout:g} s"
+        if hub not in ready:
+            status, value = out.recv()
+            raise AssertionError(f"rank {rank} ended early ({status}): {value}")
+        got.append(hub.recv())
+        assert expect is None or got[-1] == expect, (rank, got[-1])
+    for hub in hubs:
+        hub.send(got if reply is None else reply)
+
+
 @pytest.mark.parametrize("world, staging", [(3, "device"), (4, "device"), (4, "host")])
 def test_fake_engine_on_more_than_two_ranks_delivers_every_message_to_every_peer(
         fake_c, world, staging):
-    from torch.distributed import TCPStore
-
-    store = TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=30),
-                     wait_for_workers=False)
     seed, count = secrets.randbits(31), 120
-    runs = [run_child(_fake_world_rank, fake_c, rank, world, store.port, staging, seed, count)
+    pipes = [CTX.Pipe() for _ in range(world)]
+    runs = [run_child(_fake_world_rank, fake_c, rank, world, pipes[rank][1], staging, seed, count)
             for rank in range(world)]
+    hubs, outs = [mine for mine, _ in pipes], [out for _, out in runs]
     try:
-        results = [finish(proc, out, timeout=120) for proc, out in runs]
+        _hub_round(hubs, outs)  # handles
+        _hub_round(hubs, outs, "connected", "go")
+        _hub_round(hubs, outs, "done", "close", timeout=120)
+        results = [finish(proc, out, timeout=60) for proc, out in runs]
     finally:
         for proc, _ in runs:
             if proc.is_alive():
