@@ -180,13 +180,25 @@ def _rank_links(rank, seed):
     out["expected_bytes"] = (sum(data[(rank, p)].nbytes for p in range(WORLD) if p != rank)
                              + 3 * 2 * 4)
     t.close()
+    # a proper subset of the job as a job of its own: local rank i is global rank ranks[i]
+    from hybridiff_rt.comm import SubsetTransport
+
+    ranks = (3, 1) if rank % 2 else (0, 2)
+    sub = SubsetTransport(carrier, ranks)
+    mine = torch.randn(5, generator=torch.Generator().manual_seed(seed + rank))
+    out["subset_gather"] = [x.tolist() for x in sub.all_gather(mine, what="subset gather")]
+    value = mine.clone()
+    sub.broadcast(value, 1, what="subset broadcast")  # from local rank 1: global ranks[1]
+    out["subset_broadcast"] = value.tolist()
+    out["subset_link_bytes"] = dict(sub.link_bytes)
+    out["subset_members"] = list(ranks)
     carrier.close()
     return out
 
 
 def test_routes_data_notes_and_failures_on_four_ranks_over_two_nodes():
-    ranks = all_ok(run_ranks(_rank_links, random.randrange(1 << 16), world_size=WORLD,
-                             timeout_s=200), WORLD)
+    seed = random.randrange(1 << 16)
+    ranks = all_ok(run_ranks(_rank_links, seed, world_size=WORLD, timeout_s=200), WORLD)
     for rank, out in enumerate(ranks):
         assert "no two of the 4 ranks share a node (4 nodes)" in out["alone"], out
         assert out["refused"].startswith("transport='ipc': the node-local CUDA IPC set-up "
@@ -204,3 +216,13 @@ def test_routes_data_notes_and_failures_on_four_ranks_over_two_nodes():
         assert out["received"] == {p: True for p in peers}
         assert out["gathered"] == [[float(r)] * 2 for r in range(WORLD)]
         assert out["bytes_sent"] == out["expected_bytes"]
+        members = out["subset_members"]
+
+        def drawn(r):
+            return torch.randn(5, generator=torch.Generator().manual_seed(seed + r)).tolist()
+
+        assert out["subset_gather"] == [drawn(r) for r in members]
+        assert out["subset_broadcast"] == drawn(members[1])
+        other = [r for r in members if r != rank][0]
+        # 20 bytes gathered to the other member, plus 20 broadcast from local rank 1
+        assert out["subset_link_bytes"] == {other: 20 + 20 * (rank == members[1])}

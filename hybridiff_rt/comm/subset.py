@@ -99,9 +99,18 @@ class SubsetTransport(Transport):
             return out
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
         out[self.rank] = tensor
-        receives = [self.irecv([out[r]], r, what=what) for r in others]
-        sends = [self.isend([tensor], r, what=what) for r in others]
-        _All(sends + receives).wait()
+        pending = []
+        for r in others:
+            # each pair posts in one order (the lower local rank sends first): NCCL runs a pair's
+            # sends and receives in posting order on one stream, so two receives posted first
+            # would wait on each other forever
+            if self.rank < r:
+                pending.append(self.isend([tensor], r, what=what))
+                pending.append(self.irecv([out[r]], r, what=what))
+            else:
+                pending.append(self.irecv([out[r]], r, what=what))
+                pending.append(self.isend([tensor], r, what=what))
+        _All(pending).wait()
         return out
 
     def link_name(self, peer: int) -> str:
