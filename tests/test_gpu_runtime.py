@@ -126,7 +126,8 @@ def test_four_ranks_on_one_node_and_on_two_nodes_route_links_and_agree():
     """World size 4 on the GPU(s): transport="torch"; transport="auto" on one node (CUDA IPC on
     every link, four ranks); transport="auto" over two torchrun nodes (IPC inside each node,
     torch.distributed between them). Same output on every rank; the three runs agree within
-    GPU_TOLERANCE; the report names each link's backend."""
+    GPU_TOLERANCE; the report names each link's backend; over two nodes the image pairs are
+    placed by node."""
     pytest.importorskip("diffusers")
     seed = random.randrange(1 << 16)
     runs = {}
@@ -154,6 +155,8 @@ def test_four_ranks_on_one_node_and_on_two_nodes_route_links_and_agree():
                     between = f"torch-{result['backend']}"
                     assert links == {f"{rank}->{p}": "ipc" if p in node else between
                                      for p in range(4) if p != rank}, (rank, links)
+                    if name == "pairs_hybrid":  # image pairs placed by node
+                        assert r["report"]["layout"]["pairs"] == [[0, 1], [2, 3]]
 
 
 @pytest.mark.parametrize("gpus, backend", [(0, "gloo"), (1, "gloo"), (2, "nccl"), (4, "nccl")])

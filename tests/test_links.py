@@ -159,6 +159,7 @@ def _rank_links(rank, seed):
     # node (0, 1) falls back, node (2, 3) uses its node-local transport
     t = make_link_transport("auto", 20, cpu, node_link=_falling_back_node_link(carrier, 0))
     out["routes"], out["name"], out["notes"] = t.routes(), t.name, list(t.notes)
+    out["nodes"] = t.nodes
     # every ordered pair exchanges fresh random data through its route
     g = torch.Generator().manual_seed(seed)
     data = {(a, b): torch.randn(int(torch.randint(1, 40, (1,), generator=g)), 3, generator=g)
@@ -192,6 +193,15 @@ def _rank_links(rank, seed):
     out["subset_broadcast"] = value.tolist()
     out["subset_link_bytes"] = dict(sub.link_bytes)
     out["subset_members"] = list(ranks)
+    # the whole job in another order (a placement): the parent's collectives, results in order
+    order = [int(r) for r in torch.randperm(WORLD, generator=torch.Generator().manual_seed(seed))]
+    whole = SubsetTransport(carrier, order)
+    out["placed_rank"] = whole.rank
+    out["placed_gather"] = [x.tolist() for x in whole.all_gather(mine, what="placed gather")]
+    value = mine.clone()
+    whole.broadcast(value, 1, what="placed broadcast")
+    out["placed_broadcast"] = value.tolist()
+    out["placed_link_bytes"] = dict(whole.link_bytes)
     carrier.close()
     return out
 
@@ -226,3 +236,10 @@ def test_routes_data_notes_and_failures_on_four_ranks_over_two_nodes():
         other = [r for r in members if r != rank][0]
         # 20 bytes gathered to the other member, plus 20 broadcast from local rank 1
         assert out["subset_link_bytes"] == {other: 20 + 20 * (rank == members[1])}
+        assert [tuple(n) for n in out["nodes"]] == [(0, 1), (2, 3)]
+        order = [int(r) for r in
+                 torch.randperm(WORLD, generator=torch.Generator().manual_seed(seed))]
+        assert out["placed_rank"] == order.index(rank)
+        assert out["placed_gather"] == [drawn(r) for r in order]
+        assert out["placed_broadcast"] == drawn(order[1])
+        assert out["placed_link_bytes"] == {p: 20 + 20 * (rank == order[1]) for p in peers}

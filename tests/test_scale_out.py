@@ -33,7 +33,13 @@ import hybridiff_rt as hr
 from hybridiff_rt import testing
 from hybridiff_rt.engine.images import assemble, pad_rows, take_rows
 from hybridiff_rt.engine.scale_model import modelled_speedup
-from hybridiff_rt.engine.world import RankLayout, check_world_size, choose_layout, deal
+from hybridiff_rt.engine.world import (
+    RankLayout,
+    check_world_size,
+    choose_layout,
+    deal,
+    place_pairs,
+)
 from hybridiff_rt.testing import all_ok, free_port, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +76,56 @@ def test_even_worlds_give_pairs_groups_and_shares():
     assert described["idle_on_cbp_steps"] == [r for r in range(2 * n) if r % n != 0]
     assert described["stage_chains"] == [list(range(2 * n))]
     assert RankLayout(0, n).describe("pairs", n)["idle_on_cbp_steps"] == []
+
+
+def _random_nodes(world: int) -> list[tuple[int, ...]]:
+    """A random split of ranks 0 .. world-1 into nodes, numbered node by node like torchrun."""
+    cuts = sorted(random.sample(range(1, world), random.randrange(0, world - 1)))
+    bounds = [0, *cuts, world]
+    return [tuple(range(a, b)) for a, b in itertools.pairwise(bounds)]
+
+
+@pytest.mark.parametrize("draw", range(4))
+def test_image_pairs_are_placed_inside_nodes(draw):
+    """place_pairs: a permutation whose pairs span nodes only where a node has an odd number of
+    ranks (and then the fewest), the identity where the default pairs already fit; RankLayout
+    under a placement gives branches, pairs, groups and the report in placed ranks."""
+    n = random.randrange(1, 7)
+    world = 2 * n
+    nodes = _random_nodes(world)
+    order = place_pairs(n, nodes)
+    assert sorted(order) == list(range(world))
+    node_of = {r: i for i, ranks in enumerate(nodes) for r in ranks}
+    pairs = [(order[p], order[n + p]) for p in range(n)]
+    default_fits = all(node_of[p] == node_of[n + p] for p in range(n))
+    if default_fits:
+        assert order == tuple(range(world))
+    else:
+        assert all(u < c for u, c in pairs) and [u for u, _ in pairs] == sorted(u for u, _ in pairs)
+        spanning = sum(node_of[u] != node_of[c] for u, c in pairs)
+        assert spanning == sum(len(ranks) % 2 for ranks in nodes) // 2
+    assert place_pairs(n, None) == place_pairs(n, [tuple(range(world))]) == tuple(range(world))
+    for rank in range(world):
+        layout = RankLayout(rank, n).placed(order)
+        slot = order.index(rank)
+        assert layout.slot == slot and layout.ranks == order
+        assert layout.branch == ("uncond" if slot < n else "cond")
+        assert layout.pair_ranks() == pairs[slot % n] and rank in layout.pair_ranks()
+        assert layout.group("uncond") == order[:n] and layout.group("cond") == order[n:]
+        described = layout.describe("pairs", 1)
+        assert described["pairs"] == [list(p) for p in pairs]
+        assert described["stage_chains"] == [list(p) for p in pairs]
+        assert described["slot_ranks"] == list(order)
+        assert described["idle_on_cbp_steps"] == sorted(set(range(world)) - set(pairs[0]))
+    # two nodes of two ranks, as torchrun numbers them: pairs (0, 1) and (2, 3)
+    assert place_pairs(2, [(0, 1), (2, 3)]) == (0, 2, 1, 3)
+    assert place_pairs(2, [(0, 2), (1, 3)]) == (0, 1, 2, 3)
+    with pytest.raises(ValueError, match="not a partition"):
+        place_pairs(2, [(0, 1), (1, 2, 3)])
+    with pytest.raises(ValueError, match="leave ranks"):
+        place_pairs(2, [(0, 1), (2,)])
+    with pytest.raises(ValueError, match="not a permutation"):
+        RankLayout(0, 2, (0, 1, 1, 3))
 
 
 def test_layout_choice_and_the_config_knob():
@@ -358,6 +414,18 @@ def test_two_nodes_of_two_ranks_equal_the_single_node_run(four, tmp_path, rendez
         assert layers["extra"]["pipeline"]["plan"]["cuts"] == cuts
         node = [r for r in ((0, 1), (2, 3)) if rank in r][0]
         peers = [p for p in range(WORLD) if p != rank]
+        # image pairs are placed by node: pairs (0, 1) and (2, 3) instead of (0, 2) and (1, 3),
+        # so each pair's pipelined boundary stays inside its node
+        pairs = report["pairs"]
+        assert pairs["layout"]["pairs"] == [[0, 1], [2, 3]], pairs["layout"]
+        assert pairs["layout"]["slot_ranks"] == [0, 2, 1, 3]
+        assert pairs["extra"]["pipeline"]["chain"] == list(node)
+        assert any(n.startswith("image pairs placed by node: pairs [[0, 1], [2, 3]] on nodes "
+                                "[[0, 1], [2, 3]]") for n in pairs["notes"]), pairs["notes"]
+        partner = [p for p in node if p != rank][0]
+        sent = pairs["link_bytes"]
+        assert all(sent[f"{rank}->{partner}"] > sent[f"{rank}->{p}"]
+                   for p in peers if p != partner), sent
         if node_links == "config":
             assert layers["transport"] == "torch-gloo"
             assert layers["layout"]["links"] == {f"{rank}->{p}": "torch-gloo" for p in peers}

@@ -44,7 +44,9 @@ def make_transport(kind: str, timeout_s: float, device: torch.device,
     With "auto", a CUDA IPC set-up that fails on any rank falls back to torch.distributed on every
     rank together, and the returned transport's ``notes`` say why. On more than two CUDA ranks
     over several nodes (torchrun's LOCAL_WORLD_SIZE < WORLD_SIZE) the result is a
-    :class:`LinkTransport`: IPC inside each node, torch.distributed between nodes.
+    :class:`LinkTransport`: IPC inside each node, torch.distributed between nodes. On more than
+    two ranks over several nodes the transport's ``nodes`` says which ranks share a node (a
+    collective through the job's store).
 
     Raises:
         ExtensionError: ``kind="ipc"`` but the IPC engine cannot serve these ranks (the message
@@ -52,13 +54,31 @@ def make_transport(kind: str, timeout_s: float, device: torch.device,
         PeerTimeoutError: a peer did not take part in the set-up within the handshake limit.
     """
     handshake = float(handshake_timeout_s if handshake_timeout_s is not None else timeout_s)
+    import torch.distributed as dist
+
+    several_nodes = (dist.is_initialized() and dist.get_world_size() > 2
+                     and not all_ranks_on_this_node())
+    if device.type == "cuda" and several_nodes and kind != "torch":
+        # several nodes: IPC on the links inside each node, torch.distributed between nodes
+        return make_link_transport(kind, timeout_s, device, handshake)
+    transport = _one_backend(kind, timeout_s, device, handshake)
+    if several_nodes:  # which ranks share a node: the image-pairs layout places pairs by it
+        try:
+            transport.nodes = node_groups(default_store(), dist.get_rank(),
+                                          dist.get_world_size(), handshake)
+        except BaseException:
+            transport.close()
+            raise
+    return transport
+
+
+def _one_backend(kind: str, timeout_s: float, device: torch.device,
+                 handshake: float) -> Transport:
+    """One backend for every link (:func:`make_transport` on one node, or "torch")."""
     if kind == "torch":
         return TorchTransport(timeout_s)
     import torch.distributed as dist
 
-    if device.type == "cuda" and dist.get_world_size() > 2 and not all_ranks_on_this_node():
-        # several nodes: IPC on the links inside each node, torch.distributed between nodes
-        return make_link_transport(kind, timeout_s, device, handshake)
     wants_ipc = device.type == "cuda" and all_ranks_on_this_node()
     if kind == "auto" and not wants_ipc:
         return TorchTransport(timeout_s)

@@ -37,6 +37,9 @@ class Transport(abc.ABC):
     #: True when ``bytes_per_ms`` was measured at set-up (the same value on every rank); the
     #: runtime then plans with it instead of probing the link again.
     link_measured: bool = False
+    #: the ranks of each node of the job (``nodes.group_by_node``; every rank has the same
+    #: list), or None where the job runs on one node or the transport was not told.
+    nodes: list[tuple[int, ...]] | None = None
 
     def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
         self.rank = rank

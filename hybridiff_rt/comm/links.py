@@ -204,6 +204,7 @@ def make_link_transport(kind: str, timeout_s: float, device: torch.device,
         world.close()
         raise
     transport = LinkTransport(world, local, mine)
+    transport.nodes = nodes
     transport.notes.append(_routes_note(transport, nodes, reason if local is None else ""))
     return transport
 

@@ -5,7 +5,8 @@ link probe) run on any ordered subset of a bigger job, e.g. one rank pair ``(p, 
 world of 2N, without creating process groups: local rank ``i`` is global rank ``ranks[i]``, and
 point-to-point moves go through the parent's links. ``broadcast`` and ``all_gather`` of a proper
 subset are built from point-to-point moves (the parent's collectives would involve every rank);
-over the whole world (``ranks == range(world_size)``) they use the parent's collectives.
+over the whole world, in any order (a placement of the ranks), they use the parent's
+collectives.
 
 Every method counts the payload this rank sends on each link in :attr:`link_bytes`
 (global destination rank -> bytes), besides the usual ``bytes_sent``.
@@ -55,7 +56,8 @@ class SubsetTransport(Transport):
         self.name = parent.name
         self.bytes_per_ms = parent.bytes_per_ms
         self.link_measured = parent.link_measured
-        self._whole = ranks == tuple(range(parent.world_size))
+        #: every rank of the job (in some order): the parent's collectives serve
+        self._whole = len(ranks) == parent.world_size
         #: global destination rank -> payload bytes this rank sent there.
         self.link_bytes: dict[int, int] = {} if ledger is None else ledger
 
@@ -74,7 +76,7 @@ class SubsetTransport(Transport):
     def broadcast(self, tensor: torch.Tensor, src: int, *, what: str) -> torch.Tensor:
         others = [r for r in range(self.world_size) if r != src]
         if self._whole:
-            self.parent.broadcast(tensor, src, what=what)
+            self.parent.broadcast(tensor, self.ranks[src], what=what)
             if self.rank == src:
                 for r in others:
                     self._count(self.payload_bytes([tensor]), r)
@@ -96,7 +98,7 @@ class SubsetTransport(Transport):
             out = self.parent.all_gather(tensor, what=what)
             for r in others:
                 self._count(self.payload_bytes([tensor]), r)
-            return out
+            return [out[r] for r in self.ranks]
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
         out[self.rank] = tensor
         pending = []

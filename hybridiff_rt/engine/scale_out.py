@@ -10,7 +10,10 @@ what on 2N ranks:
   every rank holds the whole ``(uncond, cond)`` prediction of a one-device run. A rank whose share
   is empty (fewer images than pairs) idles and sends padding.
 * Pipelined steps, "pairs": pair p pipelines its share over its two ranks (rank p stage 0, rank
-  N+p stage 1) exactly like a two-rank run; the pairs' cond predictions are all-gathered.
+  N+p stage 1) exactly like a two-rank run; the pairs' cond predictions are all-gathered. On
+  several nodes, where pairs (p, N+p) would span nodes, the ranks are placed so that each pair
+  lies on one node (``world.place_pairs``), keeping its boundary transfers off the inter-node
+  link; pair p's uncond rank then holds slot p, its cond rank slot N+p.
 * Pipelined steps, "layers": rank j runs stage j of 2N stages on the whole batch.
 
 Every pipeline is planned from unit costs measured on the chain's first rank and link figures
@@ -42,7 +45,7 @@ from .link_probe import (
 from .report import RunReport
 from .scale_model import modelled_speedup
 from .stage_pipeline import StagePipeline, plan_fields
-from .world import RankLayout, choose_layout, deal
+from .world import RankLayout, choose_layout, deal, place_pairs
 
 Kwargs = dict[str, Any]
 class _ChainPipeline:
@@ -129,6 +132,7 @@ class ScaleOut:
         self.batch = int(batch)
         self.shares = deal(self.batch, pairs)
         self.layout_name = choose_layout(self.cfg.scale_out, self.batch, pairs)
+        self._place()
         stages = 2 if self.layout_name == "pairs" else self.layout.world_size
         cuts = self.cfg.stage_cuts
         if cuts is not None and self.cfg.k > 0 and len(cuts) - 1 != stages:
@@ -157,6 +161,21 @@ class ScaleOut:
                     f"this model has {units} units for {stages} ranks (use fewer ranks, or "
                     f"scale_out='pairs' with at least {self.layout.pairs} images)")
         return ""
+
+    def _place(self) -> None:
+        """Place the ranks for this run's layout (image pairs inside nodes where the default
+        pairs would span them) and gather over the world in slot order."""
+        nodes = getattr(self.parent, "nodes", None)
+        order = (place_pairs(self.layout.pairs, nodes) if self.layout_name == "pairs"
+                 else range(self.layout.world_size))
+        self.layout = self.layout.placed(order)
+        self.world = SubsetTransport(self.parent, self.layout.ranks, ledger=self.ledger)
+        if self.layout.order:
+            placed = [list(self.layout.pair_ranks(p)) for p in range(self.layout.pairs)]
+            self.report.note(
+                f"image pairs placed by node: pairs {placed} on nodes {[list(n) for n in nodes]} "
+                "(pairs (p, N+p) would span nodes), so each pair's pipelined boundary stays "
+                "inside its node where the node has two ranks for it")
 
     @property
     def my_share(self) -> tuple[int, int]:
@@ -230,21 +249,24 @@ class ScaleOut:
         self._spec = (prediction.dtype, tuple(prediction.shape[1:]), prediction.device)
         self._model_cbp(image_ms, prediction[:1].numel() * prediction.element_size(),
                         "this rank's")
-        if self.layout.rank == 0:
+        if self.layout.slot == 0:  # pair 0 always has an image
             default_store().set(f"{self.key}/spec", json.dumps(
                 [str(prediction.dtype).removeprefix("torch."), list(prediction.shape[1:]),
                  image_ms, self.output_kind()]))
 
     def _learn_spec(self, step: int) -> None:
         """A rank without images learns the prediction's dtype, shape and output kind (and the
-        model's time per image, for the modelled speed-up) from rank 0, once per run."""
+        model's time per image, for the modelled speed-up) from the rank of slot 0 (pair 0's
+        uncond rank), once per run."""
         store = default_store()
+        first = self.layout.ranks[0]
         wait_for_keys(store, [f"{self.key}/spec"], self.cfg.timeout_s,
-                      f"rank {self.layout.rank}: step {step}, the prediction layout from rank 0")
+                      f"rank {self.layout.rank}: step {step}, the prediction layout from rank "
+                      f"{first}")
         dtype, tail, image_ms, self.peer_output_kind = json.loads(store.get(f"{self.key}/spec"))
         self._spec = (getattr(torch, dtype), tuple(tail), self.device)
         per_image = self.empty_prediction().element_size() * math.prod(tail)
-        self._model_cbp(image_ms, per_image, "rank 0's")
+        self._model_cbp(image_ms, per_image, f"rank {first}'s")
 
     def _model_cbp(self, image_ms: float, prediction_bytes_per_image: int, whose: str) -> None:
         """The modelled speed-up of a run without pipelined steps, from the measured whole-model
