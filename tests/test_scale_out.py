@@ -6,6 +6,8 @@ What is checked, bit for bit in fp32 (docs/scale-out.md):
   * every layout: the one-process emulation of the same 2N-rank schedule (shares of images per
     pair on CBP steps, 2- or 4-stage chains with stale boundaries on pipelined steps), with the
     same output on every rank;
+  * graph-replayed calls (the CPU stand-in for CUDA graphs) reach every rank's stage of both
+    layouts and equal the eager runs;
   * a run split over two torchrun launches (two "nodes"; static and c10d rendezvous; one
     transport for every link, or per-link routes) equals the single-node run;
   * errors: ranks that disagree and a killed rank raise the documented errors on every
@@ -292,6 +294,46 @@ def test_reports_give_layout_bytes_per_link_and_a_modelled_speedup(four):
         layers = results["layers_hybrid"]["report"]
         assert layers["layout"]["idle_on_cbp_steps"] == [1, 3]
         assert any("ranks [1, 3] had no image" in n for n in layers["notes"])
+
+
+def _rank_graphed(rank, seed, layer_cuts):
+    """Both pipelining layouts with graph-replayed calls (the CPU stand-in for CUDA graphs, whose
+    replay overwrites its static outputs as a CUDA graph does)."""
+    from hybridiff_rt.engine import graphs
+
+    graphs.emulate_on_cpu(True)
+    return {"pairs_hybrid": cases.run_case(seed, "pairs_hybrid", cuda_graphs="on"),
+            "layers_hybrid": cases.run_case(seed, "layers_hybrid", cuda_graphs="on",
+                                            stage_cuts=tuple(layer_cuts))}
+
+
+def test_graph_replayed_stages_on_four_ranks_equal_eager_and_are_timed(four):
+    """cuda_graphs="on" reaches every rank's stage of both layouts (and the CBP calls): outputs
+    bit for bit the eager runs', the report lists each stage as graphed, and every step's compute
+    and transfer sections are timed."""
+    seed, ranks = four
+    cuts = ranks[0]["layers_hybrid"]["report"]["extra"]["pipeline"]["plan"]["cuts"]
+    graphed = all_ok(run_ranks(_rank_graphed, seed, cuts, world_size=WORLD, timeout_s=300),
+                     WORLD)
+    for rank, results in enumerate(graphed):
+        for name, r in results.items():
+            where = (seed, rank, name)
+            np.testing.assert_array_equal(r["out"], ranks[rank][name]["out"], err_msg=str(where))
+            report = r["report"]
+            assert report["modes"] == ranks[rank][name]["report"]["modes"], where
+            # this rank's stage of its chain, graph-replayed
+            pipeline = report["extra"]["pipeline"]
+            j, stage_cuts = pipeline["chain"].index(rank), pipeline["plan"]["cuts"]
+            calls = report["extra"]["compile"]["calls"]
+            stages = {k: v for k, v in calls.items() if k.startswith("stage units")}
+            mine = f"stage units {stage_cuts[j]}..{stage_cuts[j + 1] - 1}"
+            assert list(stages) == [mine], (where, calls)
+            assert stages[mine]["state"] == "graphed" and stages[mine]["replays"] >= 1, \
+                (where, calls)
+            for i, mode in enumerate(report["modes"]):
+                assert report["transfer_ms"][i] > 0, (where, i, report["transfer_ms"])
+                if mode == "pipeline":
+                    assert report["compute_ms"][i] > 0, (where, i, report["compute_ms"])
 
 
 # ------------------------------------------------------------------------------------- faults

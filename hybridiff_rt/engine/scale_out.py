@@ -23,6 +23,7 @@ boundary with the link it crosses, so a chain crossing a slow inter-node link is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -73,8 +74,9 @@ class _ChainPipeline:
                                     first=first, more_follow=more_follow)
         else:
             mine = owner.empty_prediction()
-        parts = owner.world.all_gather(pad_rows(mine, owner.largest_share),
-                                       what=f"pipeline step {step} pair predictions")
+        with owner.transfer_section():
+            parts = owner.world.all_gather(pad_rows(mine, owner.largest_share),
+                                           what=f"pipeline step {step} pair predictions")
         return assemble(parts[: owner.layout.pairs], owner.shares)
 
     def drain(self) -> None:
@@ -98,13 +100,22 @@ class ScaleOut:
             the model themselves (:attr:`peer_output_kind`).
         key: a store key prefix unique to this run.
         device: where the model's tensors live (buffers of idle ranks and link probes).
+        stage_call: ``(start, stop, last) -> run_stage`` for the StagePipeline (the runtime's
+            compiled or graph-replayed stage, ``Accelerator.stage_call``); None runs stages
+            eagerly.
+        timer: the run's ``engine.timing.StepTimer`` (compute / transfer / wait of pipelined
+            steps), or None.
     """
 
     def __init__(self, *, layout: RankLayout, transport: Transport, cfg: HybridConfig,
                  staged: StagedDenoiser | None, report: RunReport,
                  run_model: Callable[[Kwargs], torch.Tensor], output_kind: Callable[[], str],
-                 key: str, device: torch.device) -> None:
+                 key: str, device: torch.device,
+                 stage_call: Callable[[int, int, bool], Callable[..., Any]] | None = None,
+                 timer: Any = None) -> None:
         self.device = device
+        self.stage_call = stage_call
+        self.timer = timer
         self.output_kind = output_kind
         #: rank 0's output-kind text, learned by a rank without images at the first step
         self.peer_output_kind: str | None = None
@@ -210,8 +221,9 @@ class ScaleOut:
             if self._spec is None:
                 self._learn_spec(step)
             mine = self.empty_prediction()
-        parts = self.world.all_gather(pad_rows(mine, self.largest_share),
-                                      what=f"cbp step {step} (2N ranks)")
+        with self.transfer_section():
+            parts = self.world.all_gather(pad_rows(mine, self.largest_share),
+                                          what=f"cbp step {step} (2N ranks)")
         pairs = self.layout.pairs
         uncond = assemble(parts[:pairs], self.shares)
         cond = assemble(parts[pairs:], self.shares)
@@ -233,13 +245,22 @@ class ScaleOut:
                    else SubsetTransport(self.parent, chain, ledger=self.ledger))
             kw = take_rows(cond_kw, self.batch, *rows)
             profile, plan, links = self._plan(sub, chain, kw)
+            start, stop = plan.stage_range(sub.rank)
+            run_stage = (self.stage_call(start, stop, sub.rank == sub.world_size - 1)
+                         if self.stage_call is not None else None)
             inner = StagePipeline(self.staged, plan, profile.boundary_layouts, sub, sub.rank,
-                                  sub.world_size)
+                                  sub.world_size, run_stage=run_stage, timer=self.timer)
             self._describe_pipeline(chain, rows, profile, plan, links, started)
         self.record_links()
         return _ChainPipeline(self, inner)
 
     # ------------------------------------------------------------------------------ internals
+    def transfer_section(self) -> contextlib.AbstractContextManager[None]:
+        """The step timer's "transfer" section (nothing without a timer)."""
+        if self.timer is None:
+            return contextlib.nullcontext()
+        return self.timer.section("transfer")
+
     def record_links(self) -> None:
         """Copy the per-link byte counts into the report."""
         self.report.link_bytes = {f"{self.layout.rank}->{dst}": n
