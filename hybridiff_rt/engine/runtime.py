@@ -474,8 +474,7 @@ class HybridDenoiser:
                                output_kind=lambda: self.output_kind.to_text(),
                                key=f"hybridiff_rt/scale/{self._instance}/{self._run_index}",
                                device=model_device(self.model, self.dist.device),
-                               stage_call=self._stage_call if self._accel.enabled else None,
-                               timer=self._timer)
+                               stage_call=self._stage_call, timer=self._timer)
         problem = self._scale.start(batch)
         if problem and self._schedule.k > 0:  # the same on every rank: the same inputs
             self._schedule = SwitchSchedule(self.cfg.replace(k=0), self._report.num_steps)
@@ -565,13 +564,15 @@ class HybridDenoiser:
                 "nominal": f"({transport.name}'s nominal figure; nothing to measure)",
             }[link_source])
         start, stop = plan.stage_range(self.rank)
-        run_stage = (self._stage_call(start, stop, self.rank == self.world_size - 1)
-                     if self._accel.enabled else None)
+        run_stage = self._stage_call(start, stop, self.rank == self.world_size - 1)
         return StagePipeline(self._staged, plan, profile.boundary_layouts, transport, self.rank,
                              self.world_size, run_stage=run_stage, timer=self._timer)
 
-    def _stage_call(self, start: int, stop: int, last: bool) -> Callable[..., Any]:
-        """The compiled or graph-replayed stage of units ``start .. stop-1``."""
+    def _stage_call(self, start: int, stop: int, last: bool) -> Callable[..., Any] | None:
+        """The compiled or graph-replayed stage of units ``start .. stop-1`` (None when nothing
+        is compiled or replayed: the StagePipeline then runs the eager stage)."""
+        if not self._accel.enabled:
+            return None
         return self._accel.stage_call(self._staged, start, stop, last=last)
 
     def _link_figure(self, transport: Transport, nbytes: int, store: Any,

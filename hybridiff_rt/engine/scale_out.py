@@ -23,7 +23,6 @@ boundary with the link it crosses, so a chain crossing a slow inter-node link is
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -46,6 +45,7 @@ from .link_probe import (
 from .report import RunReport
 from .scale_model import modelled_speedup
 from .stage_pipeline import StagePipeline, plan_fields
+from .timing import StepTimer
 from .world import RankLayout, choose_layout, deal, place_pairs
 
 Kwargs = dict[str, Any]
@@ -74,7 +74,7 @@ class _ChainPipeline:
                                     first=first, more_follow=more_follow)
         else:
             mine = owner.empty_prediction()
-        with owner.transfer_section():
+        with owner.timer.section("transfer"):
             parts = owner.world.all_gather(pad_rows(mine, owner.largest_share),
                                            what=f"pipeline step {step} pair predictions")
         return assemble(parts[: owner.layout.pairs], owner.shares)
@@ -100,19 +100,17 @@ class ScaleOut:
             the model themselves (:attr:`peer_output_kind`).
         key: a store key prefix unique to this run.
         device: where the model's tensors live (buffers of idle ranks and link probes).
-        stage_call: ``(start, stop, last) -> run_stage`` for the StagePipeline (the runtime's
-            compiled or graph-replayed stage, ``Accelerator.stage_call``); None runs stages
-            eagerly.
-        timer: the run's ``engine.timing.StepTimer`` (compute / transfer / wait of pipelined
-            steps), or None.
+        stage_call: ``(start, stop, last) -> run_stage`` for the StagePipeline: the runtime's
+            compiled or graph-replayed stage, or None for the eager one.
+        timer: the run's ``engine.timing.StepTimer`` (compute / transfer / wait of each step).
     """
 
     def __init__(self, *, layout: RankLayout, transport: Transport, cfg: HybridConfig,
                  staged: StagedDenoiser | None, report: RunReport,
                  run_model: Callable[[Kwargs], torch.Tensor], output_kind: Callable[[], str],
                  key: str, device: torch.device,
-                 stage_call: Callable[[int, int, bool], Callable[..., Any]] | None = None,
-                 timer: Any = None) -> None:
+                 stage_call: Callable[[int, int, bool], Callable[..., Any] | None],
+                 timer: StepTimer) -> None:
         self.device = device
         self.stage_call = stage_call
         self.timer = timer
@@ -127,6 +125,7 @@ class ScaleOut:
         self.key = key
         self.parent = transport
         self.ledger: dict[int, int] = {}
+        #: the whole world in slot order (rebuilt by :meth:`_place` when the run places ranks)
         self.world = SubsetTransport(transport, range(layout.world_size), ledger=self.ledger)
         self.batch = 0
         self.shares: list[tuple[int, int]] = []
@@ -180,8 +179,8 @@ class ScaleOut:
         order = (place_pairs(self.layout.pairs, nodes) if self.layout_name == "pairs"
                  else range(self.layout.world_size))
         self.layout = self.layout.placed(order)
-        self.world = SubsetTransport(self.parent, self.layout.ranks, ledger=self.ledger)
         if self.layout.order:
+            self.world = SubsetTransport(self.parent, self.layout.ranks, ledger=self.ledger)
             placed = [list(self.layout.pair_ranks(p)) for p in range(self.layout.pairs)]
             self.report.note(
                 f"image pairs placed by node: pairs {placed} on nodes {[list(n) for n in nodes]} "
@@ -221,7 +220,7 @@ class ScaleOut:
             if self._spec is None:
                 self._learn_spec(step)
             mine = self.empty_prediction()
-        with self.transfer_section():
+        with self.timer.section("transfer"):
             parts = self.world.all_gather(pad_rows(mine, self.largest_share),
                                           what=f"cbp step {step} (2N ranks)")
         pairs = self.layout.pairs
@@ -246,8 +245,7 @@ class ScaleOut:
             kw = take_rows(cond_kw, self.batch, *rows)
             profile, plan, links = self._plan(sub, chain, kw)
             start, stop = plan.stage_range(sub.rank)
-            run_stage = (self.stage_call(start, stop, sub.rank == sub.world_size - 1)
-                         if self.stage_call is not None else None)
+            run_stage = self.stage_call(start, stop, sub.rank == sub.world_size - 1)
             inner = StagePipeline(self.staged, plan, profile.boundary_layouts, sub, sub.rank,
                                   sub.world_size, run_stage=run_stage, timer=self.timer)
             self._describe_pipeline(chain, rows, profile, plan, links, started)
@@ -255,12 +253,6 @@ class ScaleOut:
         return _ChainPipeline(self, inner)
 
     # ------------------------------------------------------------------------------ internals
-    def transfer_section(self) -> contextlib.AbstractContextManager[None]:
-        """The step timer's "transfer" section (nothing without a timer)."""
-        if self.timer is None:
-            return contextlib.nullcontext()
-        return self.timer.section("transfer")
-
     def record_links(self) -> None:
         """Copy the per-link byte counts into the report."""
         self.report.link_bytes = {f"{self.layout.rank}->{dst}": n

@@ -175,4 +175,3 @@ def plan_fields(plan: PartitionPlan, profile: Any) -> dict[str, Any]:
         "boundary_bytes": list(profile.boundary_bytes),
         "profile_device": profile.device,
     }
-

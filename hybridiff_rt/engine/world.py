@@ -197,15 +197,15 @@ class RankLayout:
     def describe(self, layout: str, images_per_branch: int) -> dict[str, Any]:
         """JSON-ready description of the run layout, for the RunReport."""
         shares = deal(images_per_branch, self.pairs)
-        stages = ([list(self.pair_ranks(p)) for p in range(self.pairs)] if layout == "pairs"
-                  else [list(range(self.world_size))])
+        pairs = [list(self.pair_ranks(p)) for p in range(self.pairs)]
+        stages = pairs if layout == "pairs" else [list(range(self.world_size))]
         return {
             "layout": layout,
             "world_size": self.world_size,
             "rank": self.rank,
             "branch": self.branch,
             "pair": self.pair,
-            "pairs": [list(self.pair_ranks(p)) for p in range(self.pairs)],
+            "pairs": pairs,
             # the rank of each slot (pair p = slots p and N + p; identity unless placed)
             "slot_ranks": list(self.ranks),
             "groups": {"uncond": list(self.group("uncond")), "cond": list(self.group("cond"))},
