@@ -4,9 +4,10 @@ packing and handle serialisation, driven from two real processes over POSIX shar
 No GPU needed: ``_C.SlotRing`` runs the same state machine as the CUDA engine (csrc/slot_ring.h,
 csrc/message.h) with host memcpy standing in for the device copies. With
 HYBRIDIFF_RT_FAKE_CUDA_TESTS=1 the engine itself runs against a fake CUDA runtime (bounded
-shutdown, posted receives, ..., and every-peer traffic on three and four processes). The set-up logic of comm/ipc.py that needs no GPU (ring planning,
-the /dev/shm check, the self-test's patterns, checksums and verdicts, the collective decisions
-with a stand-in engine) and bench/transport.py's targets are tested here too.
+shutdown, posted receives, ..., and every-peer traffic on three and four processes). The set-up
+logic of comm/ipc.py that needs no GPU (ring planning, the /dev/shm check, the self-test's
+patterns, checksums and verdicts, the collective decisions with a stand-in engine) and
+bench/transport.py's targets are tested here too.
 """
 
 from __future__ import annotations
