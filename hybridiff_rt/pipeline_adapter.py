@@ -14,9 +14,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
+
 from .config import HybridConfig
 from .engine import HybridDenoiser, RunReport
-from .engine.batch import join_cfg_batch
+from .engine.batch import guidance_value, join_cfg_batch
 from .engine.branch_layout import split_branch_kwargs
 from .errors import HybridError, UnsupportedModelError
 from .two_call import TwoCallSteps, experts_of, two_call_layout
@@ -51,6 +53,11 @@ class ParallelPipeline:
             no_stages = (f"{type(pipe).__name__} switches between {len(experts)} expert denoisers "
                          f"({', '.join(a for a, _ in experts)}), and stale activations cannot "
                          "cross experts")
+        elif _image_guided(pipe):
+            no_stages = (f"{type(pipe).__name__} guides with an image branch besides text "
+                         "(image_guidance_scale): its batch stacks three guidance branches (text, "
+                         "image, uncond); CBP splits its rows exactly, but no [uncond; cond] pair "
+                         "exists whose discrepancy could time pipelined steps")
         object.__setattr__(self, "pipe", pipe)
         object.__setattr__(self, "engine", HybridDenoiser(model, cfg, no_stages_reason=no_stages))
         object.__setattr__(self, "_in_call", False)
@@ -112,19 +119,24 @@ class ParallelPipeline:
                               "rank must take part in each step)")
 
     def _guided(self) -> bool:
-        """Whether this call stacks [uncond; cond]: the pipeline's own do_classifier_free_guidance
-        where it has one, else its guidance_scale argument > 1 (as PixArt's loop decides)."""
+        """Whether this call stacks guidance branches: the pipeline's own
+        do_classifier_free_guidance where it has one, else its guidance_scale argument > 1 (as
+        PixArt's loop decides) and, where the call takes one, image_guidance_scale >= 1 (as
+        SDXL InstructPix2Pix's loop decides)."""
         flag = getattr(self.pipe, "do_classifier_free_guidance", None)
         if flag is not None:
             return bool(flag)
         scale = self._call_args.get("guidance_scale")
+        image_scale = self._call_args.get("image_guidance_scale")
+        if image_scale is not None and float(image_scale) < 1:
+            return False
         return scale is None or float(scale) > 1
 
-    def _guidance_scale(self) -> float:
+    def _guidance_scale(self) -> float | torch.Tensor:
         scale = getattr(self.pipe, "guidance_scale", None)
         if scale is None:
             scale = self._call_args.get("guidance_scale")
-        return float(scale if scale is not None else 1.0)
+        return guidance_value(scale)
 
     def restore(self) -> Any:
         """Remove the forward proxy, release the runtime's transport and process group, and
@@ -194,7 +206,8 @@ class ParallelPipeline:
                                         "(skip_layers=...) ran whole on every rank")
         if not self._guided():
             return engine.serial_step(kw, step=step, num_steps=num_steps, reason=(
-                "no classifier-free guidance in this call (guidance_scale <= 1): no partitioning; "
+                "no classifier-free guidance in this call (guidance_scale <= 1, or the pipeline's "
+                "own rule turned it off): no partitioning; "
                 "every rank ran the whole batch"))
         sample = kw[engine.sample_key]
         problem = self._layout_problem(sample.shape[0])
@@ -217,11 +230,25 @@ class ParallelPipeline:
                     "denoiser batch is [uncond; cond; perturbed], which hybridiff_rt cannot split "
                     "into two exact branches. Call it with pag_scale=0 (plain CFG), or use the "
                     "pipeline class without PAG")
+        if batch % 2 and _image_guided(self.pipe):
+            return (f"the denoiser batch has {batch} rows: {type(self.pipe).__name__} stacks "
+                    "three guidance branches (text, image, uncond), which two ranks cannot "
+                    "split evenly for an odd number of images. Ask for an even number of images "
+                    "per call (num_images_per_prompt=2), whose rows CBP splits exactly")
         if batch % 2:
             return (f"the denoiser batch has {batch} rows, not an [uncond; cond] pair; "
                     f"{type(self.pipe).__name__} stacks its guidance branches in a way "
                     "hybridiff_rt does not support")
         return ""
+
+
+def _image_guided(pipe: Any) -> bool:
+    """Whether ``pipe`` guides with an image branch besides text (InstructPix2Pix and kin: its
+    ``__call__`` takes ``image_guidance_scale``), i.e. may stack ``[text; image; uncond]``."""
+    try:
+        return "image_guidance_scale" in inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def parallelize(pipe: Any, cfg: HybridConfig | None = None) -> ParallelPipeline:

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .engine.batch import guidance_value
 from .engine.branch_layout import OutputKind
 from .errors import HybridError, UnsupportedModelError
 
@@ -248,7 +249,7 @@ class TwoCallSteps:
                               else (kw, first_kw))
         scale = self.call_args.get(self.layout.scale_argument)
         uncond, cond = engine.predict_branches(
-            uncond_kw, cond_kw, guidance_scale=float(scale if scale is not None else 1.0),
+            uncond_kw, cond_kw, guidance_scale=guidance_value(scale),
             step=step, num_steps=self.adapter._planned_calls() if step == 0 else None,
             forward=self.forwards[expert])
         first, second = (cond, uncond) if self.layout.first_branch == "cond" else (uncond, cond)

@@ -69,3 +69,14 @@ def describe_shapes(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(describe_shapes(v) for v in value) + "]"
     return type(value).__name__ if value is not None else "None"
+
+
+def guidance_value(scale: Any) -> float | torch.Tensor:
+    """A pipeline's guidance scale as the runtime takes it: a float for a number or a
+    one-element tensor, the tensor itself for a per-sample or per-frame scale (Stable Video
+    Diffusion's ``(B, F, 1, 1, 1)`` ramp), 1.0 for None."""
+    if scale is None:
+        return 1.0
+    if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+        return scale
+    return float(scale)

@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
-from ..stages import has_stage_adapter, model_device, stage_denoiser
+from ..stages import StagedDenoiser, has_stage_adapter, model_device, stage_denoiser
 from .agreement import check_agreement
 from .batch import describe_shapes
 from .branch_layout import OutputKind, denoiser_sample_key, first_output
@@ -84,7 +84,9 @@ class HybridDenoiser:
     Args:
         model: a diffusers-style denoiser (sample first, ``return_dict``; see branch_layout),
             the same weights on every rank. Pipelining (``k > 0``) needs a stage adapter
-            (``stages.has_stage_adapter``); without one the run is CBP only, with a note.
+            (``stages.has_stage_adapter``) that accepts this instance; without one (or when it
+            refuses, e.g. a U-Net of other block types or a hooked forward) the run is CBP
+            only, with a note.
         cfg: HybridConfig (default: HybridConfig()).
         transport: a Transport to use instead of the one ``cfg.transport`` selects.
         no_stages_reason: run CBP only (no stage pipeline) for this reason, noted in the report
@@ -119,7 +121,7 @@ class HybridDenoiser:
             self._no_stages_reason = (f"{type(model).__name__} has no stage adapter "
                                       "(hybridiff_rt.stages)")
         wants_stages = self.world_size > 1 and self.cfg.k > 0 and self._no_stages_reason is None
-        self._staged = stage_denoiser(model) if wants_stages else None
+        self._staged = self._stage_or_note(model) if wants_stages else None
         self._pipeline: StagePipeline | None = None
         # compiled / graph-replayed calls (engine/compiled.py) and per-step timings (timing.py)
         device = model_device(model, self.dist.device)
@@ -230,7 +232,8 @@ class HybridDenoiser:
         guided, _ = cfg_combine(uncond_pred, cond_pred, guidance_scale)
         return guided
 
-    def predict_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs, *, guidance_scale: float,
+    def predict_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs, *,
+                         guidance_scale: float | torch.Tensor,
                          step: int | None = None, num_steps: int | None = None,
                          joint_kw: Kwargs | None = None,
                          forward: Callable[..., Any] | None = None,
@@ -239,7 +242,8 @@ class HybridDenoiser:
 
         Args:
             uncond_kw / cond_kw: complete keyword inputs of the model for each branch.
-            guidance_scale: w; every rank must pass the same (checked at step 0).
+            guidance_scale: w, a number or a tensor (a per-frame scale); every rank must pass
+                the same (checked at step 0).
             step: step index (default: the next one); steps of a run must come in order.
             num_steps: steps planned for the run (required at step 0).
             joint_kw: the CFG-doubled inputs, if the caller has them; a world of one then runs
@@ -352,7 +356,8 @@ class HybridDenoiser:
                 self._report.tau1 = self._schedule.tau1
                 self._report.tau2 = self._schedule.tau2
 
-    def _start_run(self, uncond_kw: Kwargs, cond_kw: Kwargs, guidance_scale: float) -> None:
+    def _start_run(self, uncond_kw: Kwargs, cond_kw: Kwargs,
+                   guidance_scale: float | torch.Tensor) -> None:
         num_steps = self._report.num_steps
         for text in self._accel.notes:  # fallbacks of earlier runs still hold
             self._report.note(text)
@@ -367,7 +372,8 @@ class HybridDenoiser:
         self._check_agreement({
             "guidance": "on",
             **self._run_fields(),
-            "guidance_scale": float(guidance_scale),
+            "guidance_scale": (guidance_scale if isinstance(guidance_scale, torch.Tensor)
+                               else float(guidance_scale)),
             "shapes": describe_shapes(uncond_kw) + "|" + describe_shapes(cond_kw),
             "timestep": cond_kw.get("timestep"),
             "sample": sample,
@@ -410,6 +416,18 @@ class HybridDenoiser:
                         f"hybridiff_rt/agree/{self._instance}/{self._run_index}", fields,
                         self.cfg.handshake_timeout_s)
         self._agreed = True
+
+    def _stage_or_note(self, model: torch.nn.Module) -> StagedDenoiser | None:
+        """The staged denoiser, or None with the reason kept for the report when the adapter
+        refuses this instance (a U-Net built from other block types, a subclassed or hooked
+        forward, offloading): the whole forward still runs every CBP step exactly, only the
+        stage pipeline cannot mirror it. The model is the same on every rank, so is the
+        decision."""
+        try:
+            return stage_denoiser(model)
+        except UnsupportedModelError as exc:
+            self._no_stages_reason = f"the stage adapter cannot stage this model ({exc})"
+            return None
 
     def _staging_problem(self, cond_kw: Kwargs) -> str:
         """Why the staged denoiser cannot run these inputs ("" when it can): checked at the first

@@ -9,6 +9,9 @@
   how often, and on what batch, each one calls its denoiser.
 * :data:`DIT_BUILDERS` / :func:`build_dit`: tiny PixArt-Sigma, Sana, Wan 2.1 / 2.2, Qwen-Image
   and Flux pipelines with precomputed prompt embeddings (:mod:`.dit_pipelines`).
+* :data:`UNET_KIN_BUILDERS` / :func:`build_unet_kin`: tiny DeepFloyd IF and Kandinsky 2.2
+  pipelines, U-Nets of block types the stage adapter does not stage, and
+  :func:`instruct_pix2pix` (three guidance branches) (:mod:`.unet_pipelines`).
 * :func:`run_ranks`: run a function on N local processes with torchrun's environment, one CPU
   thread each, so two processes are two devices on a machine without GPUs.
 
@@ -36,6 +39,7 @@ from .pipelines import (
 )
 from .ranks import Outcome, all_ok, free_port, run_ranks
 from .reference import hidden_imports_env, per_branch_forward
+from .unet_pipelines import UNET_KIN_BUILDERS, build_unet_kin, instruct_pix2pix
 from .variants import (
     INFO,
     VARIANTS,
@@ -46,7 +50,9 @@ from .variants import (
     denoiser,
 )
 
-__all__ = ["DIT_BUILDERS", "DIT_INFO", "DiTInfo", "build_dit", "hidden_imports_env", "per_branch_forward", "BUILDERS", "DEFAULT_IMAGE_SIZE", "INFO", "VARIANTS", "DenoiserCalls", "Outcome",
+__all__ = ["DIT_BUILDERS", "DIT_INFO", "DiTInfo", "build_dit", "UNET_KIN_BUILDERS",
+           "build_unet_kin", "instruct_pix2pix", "hidden_imports_env", "per_branch_forward",
+           "BUILDERS", "DEFAULT_IMAGE_SIZE", "INFO", "VARIANTS", "DenoiserCalls", "Outcome",
            "VariantInfo", "all_ok", "build", "build_variant", "byte_level_vocab",
            "clip_text_config", "clip_text_encoder", "clip_tokenizer", "count_denoiser_calls",
            "denoiser", "euler_scheduler", "flow_match_scheduler", "free_port", "run_ranks",
