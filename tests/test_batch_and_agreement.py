@@ -17,6 +17,8 @@ from torch.distributed import HashStore
 import hybridiff_rt as hr
 from hybridiff_rt.engine.agreement import ADVICE, CALL_ADVICE, check_agreement, digest
 from hybridiff_rt.engine.batch import describe_shapes, join_cfg_batch, split_cfg_batch, tensors_in
+from hybridiff_rt.engine.branch_layout import split_branch_kwargs
+from hybridiff_rt.engine.images import take_rows
 
 #: how long the first-called rank waits for a peer that is never coming (seconds)
 SHORT_WAIT_S = 0.2
@@ -60,6 +62,31 @@ def test_split_keeps_lists_as_lists_and_halves_share_storage_with_the_input():
     half = torch.randn(2, 3, generator=g)
     u, c = split_cfg_batch(half, 4)
     assert u is half and c is half
+
+
+def test_per_frame_conditioning_is_split_and_dealt_by_video():
+    """AnimateDiff-style conditioning: [uncond; cond] rows repeated per frame (2B x F rows)."""
+    gen = _seeded()
+    batch, frames = random.randint(1, 3), random.randint(2, 4)
+    uncond, cond = torch.randn(batch, 3, 5, generator=gen), torch.randn(batch, 3, 5, generator=gen)
+    per_frame = torch.cat([uncond, cond]).repeat_interleave(frames, dim=0)
+    other = torch.randn(2 * batch * frames + 1, 5, generator=gen)  # no batch multiple: left whole
+    kw = {"encoder_hidden_states": per_frame, "extra": {"table": other},
+          "sample": torch.randn(2 * batch, 4, frames, 2, 2, generator=gen)}
+    u_kw, c_kw = split_branch_kwargs(kw, 2 * batch, frames)
+    assert torch.equal(u_kw["encoder_hidden_states"], uncond.repeat_interleave(frames, dim=0))
+    assert torch.equal(c_kw["encoder_hidden_states"], cond.repeat_interleave(frames, dim=0))
+    assert u_kw["extra"]["table"] is other and c_kw["extra"]["table"] is other
+    assert u_kw["sample"].shape[0] == batch
+    # without the frame count the per-frame rows are not the batch: passed whole
+    assert split_branch_kwargs(kw, 2 * batch)[0]["encoder_hidden_states"] is per_frame
+    # a share of videos [start, stop) takes exactly those videos' frames
+    start = random.randrange(batch)
+    stop = random.randint(start + 1, batch)
+    rows = take_rows(c_kw, batch, start, stop, frames)
+    assert torch.equal(rows["encoder_hidden_states"],
+                       cond[start:stop].repeat_interleave(frames, dim=0))
+    assert torch.equal(rows["sample"], c_kw["sample"][start:stop])
 
 
 def test_tensors_in_is_ordered_by_sorted_keys_and_describe_shapes_tells_structures_apart():

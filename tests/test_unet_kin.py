@@ -19,6 +19,7 @@ each:
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import numpy as np
@@ -31,10 +32,14 @@ STEPS = 4
 #: what the k > 0 note names: the block type the U-Net adapter refuses, or the missing adapter
 CBP_ONLY_NOTES = {"deepfloyd-if": "ResnetDownsampleBlock2D",
                   "kandinsky2.2": "ResnetDownsampleBlock2D",
-                  "stable-video-diffusion": "UNetSpatioTemporalConditionModel has no stage adapter"}
+                  "stable-video-diffusion": "UNetSpatioTemporalConditionModel has no stage adapter",
+                  "animatediff": "UNetMotionModel has no stage adapter"}
 #: on a stageable model this pipelines steps 3 and 4 (slope_eps 0 never fires, tau_cap 2)
 PIPELINED = {"window": 1, "slope_eps": 0.0, "k": 2, "tau_cap": 2}
 STEPS_PIPELINED = 6
+#: fp32, batch-2 calls vs one call per branch of a tiny random model, relative to the largest
+#: magnitude of the plain result (as tests/test_dit_pipelines.py states it)
+BATCH_TOLERANCE = 1e-4
 
 
 def _images(out):
@@ -43,8 +48,10 @@ def _images(out):
 
 
 def _run(pipe, kwargs, seed, steps, images=2):
-    if "num_frames" not in kwargs:  # Stable Video Diffusion makes one video per image
-        kwargs = dict(kwargs, num_images_per_prompt=images)
+    # video pipelines (Stable Video Diffusion, AnimateDiff) count videos, not images
+    plain = getattr(pipe, "pipe", pipe)  # the pipeline a ParallelPipeline wraps
+    videos = "num_videos_per_prompt" in inspect.signature(type(plain).__call__).parameters
+    kwargs = dict(kwargs, **{"num_videos_per_prompt" if videos else "num_images_per_prompt": images})
     return _images(pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                         **kwargs))
 
@@ -76,6 +83,7 @@ def _rank_kin(rank, seed):
             cell["reference"] = _run(pipe, kwargs, seed, STEPS)
         finally:
             undo()
+        cell["plain"] = _run(pipe, kwargs, seed, STEPS)
         results[name] = cell
 
     # a forward hook on the U-Net's top module: CBP calls go through it, stages would not
@@ -142,6 +150,9 @@ def test_k0_equals_the_exact_serial_reference_on_both_ranks(ranks, name):
     assert np.array_equal(a["k0"], b["k0"]), f"{name}: the ranks differ (seed {seed})"
     assert np.isfinite(a["k0"]).all()
     np.testing.assert_array_equal(a["k0"], a["reference"], err_msg=f"{name} seed {seed}")
+    # and the reference is the plain batch-2 pipeline up to batch-size rounding
+    scale = float(np.abs(a["plain"]).max())
+    assert float(np.abs(a["k0"] - a["plain"]).max()) <= BATCH_TOLERANCE * scale, name
     for report in (a["k0_report"], b["k0_report"]):
         assert report["modes"] == ["cbp"] * STEPS
 
@@ -192,3 +203,34 @@ def test_instruct_pix2pix_splits_its_rows_exactly_and_refuses_an_odd_count(ranks
         # guidance off by image_guidance_scale < 1: every rank runs the plain pipeline's steps
         assert cell["unguided_report"]["modes"] == ["serial"] * STEPS_PIPELINED
         np.testing.assert_array_equal(cell["unguided"], cell["unguided_plain"])
+
+
+def _rank_animatediff_on_four(rank, seed):
+    import hybridiff_rt as hr
+    from hybridiff_rt.testing import build_unet_kin, per_branch_forward
+
+    hr.init_distributed()
+    pipe, kwargs = build_unet_kin("animatediff", seed=seed)
+    out, report, pipe = _parallel(pipe, hr.HybridConfig(k=0),
+                                  lambda p: _run(p, kwargs, seed, STEPS))
+    undo = per_branch_forward(pipe.unet)
+    try:
+        reference = _run(pipe, kwargs, seed, STEPS)
+    finally:
+        undo()
+    return out, report, reference
+
+
+def test_per_frame_conditioning_is_dealt_with_its_videos_on_four_ranks():
+    """Image pairs on 4 ranks: each pair computes one of the two videos, so each rank takes that
+    video's 2 frames x 1 rows of the per-frame prompt embeddings."""
+    seed = random.randrange(1 << 16)
+    results = all_ok(run_ranks(_rank_animatediff_on_four, seed, world_size=4, timeout_s=300),
+                     world_size=4)
+    out, report, reference = results[0]
+    assert report["layout"]["layout"] == "pairs" and report["modes"] == ["cbp"] * STEPS
+    for other, _, _ in results[1:]:
+        assert np.array_equal(out, other), f"the ranks differ (seed {seed})"
+    # one video per call here, two per branch call in the reference: batch-size rounding only
+    scale = float(np.abs(reference).max())
+    assert float(np.abs(out - reference).max()) <= BATCH_TOLERANCE * scale, f"seed {seed}"

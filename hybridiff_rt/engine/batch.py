@@ -15,30 +15,32 @@ import torch
 from ..errors import ShapeError
 
 
-def split_cfg_batch(value: Any, full_batch: int) -> tuple[Any, Any]:
+def split_cfg_batch(value: Any, full_batch: int, frames: int = 1) -> tuple[Any, Any]:
     """Split ``value`` (a tensor or a nested dict/list/tuple of them) into (uncond, cond) halves.
 
     Args:
         value: an argument of the denoiser call.
         full_batch: the doubled batch size 2B (the sample's leading dimension).
+        frames: with > 1, tensors of 2B x ``frames`` rows (conditioning repeated per frame,
+            uncond rows first) are split at the middle too.
 
     Returns:
-        (uncond_part, cond_part): tensors of leading size B, or ``value`` itself twice where the
-        argument is not batch-shaped.
+        (uncond_part, cond_part): tensors of leading size B (or B x frames), or ``value`` itself
+        twice where the argument is not batch-shaped.
     """
     if full_batch % 2:
         raise ShapeError(f"a classifier-free-guided batch must have an even size [uncond; cond], "
                          f"got {full_batch}")
-    half = full_batch // 2
     if isinstance(value, torch.Tensor):
-        if value.dim() >= 1 and value.shape[0] == full_batch:
-            return value[:half], value[half:]
+        rows = value.shape[0] if value.dim() >= 1 else 0
+        if rows == full_batch or (frames > 1 and rows == full_batch * frames):
+            return value[:rows // 2], value[rows // 2:]
         return value, value
     if isinstance(value, dict):
-        pairs = {k: split_cfg_batch(v, full_batch) for k, v in value.items()}
+        pairs = {k: split_cfg_batch(v, full_batch, frames) for k, v in value.items()}
         return ({k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()})
     if isinstance(value, (list, tuple)):
-        pairs = [split_cfg_batch(v, full_batch) for v in value]
+        pairs = [split_cfg_batch(v, full_batch, frames) for v in value]
         return (type(value)(p[0] for p in pairs), type(value)(p[1] for p in pairs))
     return value, value
 

@@ -12,7 +12,9 @@ guidance branch:
 Every batch-shaped argument (leading dimension equal to the call's batch) is split by
 :func:`split_branch_kwargs`, except the per-token tables listed in :data:`SHARED_ARGUMENTS`
 (rotary tables, position ids), which carry no batch dimension even when their length happens to
-equal the batch.
+equal the batch. Denoisers listed in :data:`PER_FRAME_CONDITIONING` take conditioning repeated
+per frame (AnimateDiff's ``UNetMotionModel``: text embeddings of ``batch x frames`` rows); those
+arguments are split at the middle too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ SHARED_ARGUMENTS = frozenset({
     "image_rotary_emb", "rotary_emb", "freqs_cis", "img_ids", "txt_ids", "img_shapes",
     "txt_seq_lens",
 })
+
+
+#: Denoiser classes whose pipelines pass conditioning repeated per frame, ``[uncond; cond]`` of
+#: ``batch x frames`` rows, mapped to the frame axis of their sample: AnimateDiff's pipelines
+#: ``repeat_interleave`` the stacked prompt embeddings by the frame count for UNetMotionModel,
+#: whose sample is (batch, channels, frames, height, width).
+PER_FRAME_CONDITIONING = {"UNetMotionModel": 2}
+
+
+def frames_per_row(model: Any, sample: torch.Tensor) -> int:
+    """How many conditioning rows each sample row has: the frame count for the denoisers of
+    :data:`PER_FRAME_CONDITIONING`, else 1."""
+    axis = PER_FRAME_CONDITIONING.get(type(model).__name__)
+    if axis is None or sample.dim() <= axis:
+        return 1
+    return int(sample.shape[axis])
 
 
 def denoiser_sample_key(model: Any) -> str:
@@ -56,11 +74,14 @@ def denoiser_sample_key(model: Any) -> str:
     return named[0].name
 
 
-def split_branch_kwargs(kw: dict[str, Any], batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_branch_kwargs(kw: dict[str, Any], batch: int,
+                        frames: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(uncond_kw, cond_kw)`` of a call on the stacked batch ``[uncond; cond]`` of ``batch``
     rows: batch-shaped arguments split at the middle, :data:`SHARED_ARGUMENTS` and everything
-    else passed to both unchanged (see :func:`~hybridiff_rt.engine.batch.split_cfg_batch`)."""
-    pairs = {k: (v, v) if k in SHARED_ARGUMENTS else split_cfg_batch(v, batch)
+    else passed to both unchanged (see :func:`~hybridiff_rt.engine.batch.split_cfg_batch`).
+    With ``frames`` > 1 (:func:`frames_per_row`), arguments of ``batch x frames`` rows (the
+    per-frame conditioning) are split at the middle as well."""
+    pairs = {k: (v, v) if k in SHARED_ARGUMENTS else split_cfg_batch(v, batch, frames)
              for k, v in kw.items()}
     return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
 

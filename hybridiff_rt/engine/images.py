@@ -13,17 +13,22 @@ from typing import Any
 import torch
 
 
-def take_rows(value: Any, batch: int, start: int, stop: int) -> Any:
+def take_rows(value: Any, batch: int, start: int, stop: int, frames: int = 1) -> Any:
     """Rows ``start:stop`` of every batch-shaped tensor in ``value`` (leading size ``batch``);
-    other values (scalars, None, tensors of another leading size) are returned unchanged."""
+    with ``frames`` > 1, rows ``start * frames:stop * frames`` of tensors of ``batch x frames``
+    rows (conditioning repeated per frame, each image's frames contiguous); other values
+    (scalars, None, tensors of another leading size) are returned unchanged."""
     if isinstance(value, torch.Tensor):
-        if value.dim() >= 1 and value.shape[0] == batch:
+        rows = value.shape[0] if value.dim() >= 1 else 0
+        if rows == batch:
             return value[start:stop]
+        if frames > 1 and rows == batch * frames:
+            return value[start * frames:stop * frames]
         return value
     if isinstance(value, dict):
-        return {k: take_rows(v, batch, start, stop) for k, v in value.items()}
+        return {k: take_rows(v, batch, start, stop, frames) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(take_rows(v, batch, start, stop) for v in value)
+        return type(value)(take_rows(v, batch, start, stop, frames) for v in value)
     return value
 
 

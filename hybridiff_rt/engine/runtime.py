@@ -40,7 +40,7 @@ from ..schedule import SwitchSchedule
 from ..stages import StagedDenoiser, has_stage_adapter, model_device, stage_denoiser
 from .agreement import check_agreement
 from .batch import describe_shapes
-from .branch_layout import OutputKind, denoiser_sample_key, first_output
+from .branch_layout import OutputKind, denoiser_sample_key, first_output, frames_per_row
 from .compiled import Accelerator
 from .link_probe import (
     cached_link_figure,
@@ -397,7 +397,7 @@ class HybridDenoiser:
         self._report.transport = transport.name
         for text in transport.notes:
             self._report.note(text)
-        self._start_layout(transport, sample.shape[0])
+        self._start_layout(transport, sample.shape[0], frames_per_row(self.model, sample))
 
     def _run_fields(self) -> Kwargs:
         """Fields every rank must agree on in any mode: config, model, planned steps and the
@@ -479,8 +479,9 @@ class HybridDenoiser:
             return uncond_pred, cond_pred
         return self._run_model(uncond_kw, forward), self._run_model(cond_kw, forward)
 
-    def _start_layout(self, transport: Transport, batch: int) -> None:
-        """Describe the rank layout in the report; on 2N > 2 ranks hand the run to ScaleOut."""
+    def _start_layout(self, transport: Transport, batch: int, frames: int) -> None:
+        """Describe the rank layout in the report; on 2N > 2 ranks hand the run to ScaleOut
+        (``frames``: conditioning rows per image row, ``branch_layout.frames_per_row``)."""
         layout = RankLayout(self.rank, self._pairs)
         if self.world_size == 2:
             self._report.layout = layout.describe("pairs", batch)
@@ -493,7 +494,7 @@ class HybridDenoiser:
                                key=f"hybridiff_rt/scale/{self._instance}/{self._run_index}",
                                device=model_device(self.model, self.dist.device),
                                stage_call=self._stage_call, timer=self._timer)
-        problem = self._scale.start(batch)
+        problem = self._scale.start(batch, frames)
         if problem and self._schedule.k > 0:  # the same on every rank: the same inputs
             self._schedule = SwitchSchedule(self.cfg.replace(k=0), self._report.num_steps)
             self._report.note(f"no pipelined steps in this run (k=0 instead of {self.cfg.k}): "

@@ -70,8 +70,8 @@ class _ChainPipeline:
             return self._inner.step(cond_kw, step, first=first, more_follow=more_follow)
         start, stop = owner.my_share
         if self._inner is not None:
-            mine = self._inner.step(take_rows(cond_kw, owner.batch, start, stop), step,
-                                    first=first, more_follow=more_follow)
+            mine_kw = take_rows(cond_kw, owner.batch, start, stop, owner.frames)
+            mine = self._inner.step(mine_kw, step, first=first, more_follow=more_follow)
         else:
             mine = owner.empty_prediction()
         with owner.timer.section("transfer"):
@@ -128,18 +128,22 @@ class ScaleOut:
         #: the whole world in slot order (rebuilt by :meth:`_place` when the run places ranks)
         self.world = SubsetTransport(transport, range(layout.world_size), ledger=self.ledger)
         self.batch = 0
+        #: conditioning rows per image row (``branch_layout.frames_per_row``; 1 for most models)
+        self.frames = 1
         self.shares: list[tuple[int, int]] = []
         self.layout_name = ""
         self._spec: tuple[torch.dtype, tuple[int, ...], torch.device] | None = None
 
     # ------------------------------------------------------------------------------ the run
-    def start(self, batch: int) -> str:
-        """Decide the layout for ``batch`` images per branch and describe it in the report.
+    def start(self, batch: int, frames: int = 1) -> str:
+        """Decide the layout for ``batch`` images per branch and describe it in the report
+        (``frames``: conditioning rows per image, for arguments repeated per frame).
 
         Returns why this run cannot pipeline ("" when it can): a layer-wise chain needs at least
         one unit of the staged denoiser per rank."""
         pairs = self.layout.pairs
         self.batch = int(batch)
+        self.frames = int(frames)
         self.shares = deal(self.batch, pairs)
         self.layout_name = choose_layout(self.cfg.scale_out, self.batch, pairs)
         self._place()
@@ -210,7 +214,8 @@ class ScaleOut:
         mine_kw = uncond_kw if self.layout.branch == "uncond" else cond_kw
         if stop > start:
             started = time.perf_counter()
-            mine = (run_model or self.run_model)(take_rows(mine_kw, self.batch, start, stop))
+            mine = (run_model or self.run_model)(take_rows(mine_kw, self.batch, start, stop,
+                                                           self.frames))
             if self._spec is None:  # the first step: time the call for the modelled speed-up
                 if mine.device.type == "cuda":
                     torch.cuda.synchronize(mine.device)
@@ -242,7 +247,7 @@ class ScaleOut:
         if rows[1] > rows[0]:
             sub = (self.world if self.layout_name == "layers"
                    else SubsetTransport(self.parent, chain, ledger=self.ledger))
-            kw = take_rows(cond_kw, self.batch, *rows)
+            kw = take_rows(cond_kw, self.batch, *rows, self.frames)
             profile, plan, links = self._plan(sub, chain, kw)
             start, stop = plan.stage_range(sub.rank)
             run_stage = self.stage_call(start, stop, sub.rank == sub.world_size - 1)

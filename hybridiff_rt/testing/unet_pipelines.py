@@ -1,13 +1,15 @@
 """Tiny random-init U-Net pipelines outside the stageable ``[uncond; cond]`` families, built
 offline: DeepFloyd IF stage I and the Kandinsky 2.2 decoder (block types the U-Net stage adapter
 does not stage), Stable Video Diffusion (a U-Net without a stage adapter, guided by a per-frame
-scale) and InstructPix2Pix (three guidance branches).
+scale), AnimateDiff (a motion U-Net whose text conditioning is repeated per frame) and
+InstructPix2Pix (three guidance branches).
 
 IF and Kandinsky 2.2 stack ``[uncond; cond]`` in one ``UNet2DConditionModel`` call per step
 (exact CBP), from ``ResnetDownsampleBlock2D`` / ``SimpleCrossAttn*`` blocks with added key/value
 attention, and both predict a learned variance next to the noise (twice the latent channels out).
 Stable Video Diffusion stacks ``[uncond; cond]`` frames for its ``UNetSpatioTemporalConditionModel``
-and guides each frame with its own scale (a ``(B, F, 1, 1, 1)`` tensor). With ``k > 0`` all three
+and guides each frame with its own scale (a ``(B, F, 1, 1, 1)`` tensor). AnimateDiff's
+``UNetMotionModel`` takes prompt embeddings of ``2 B x frames`` rows. With ``k > 0`` these four
 run CBP throughout, with a note naming the block type or the missing adapter.
 
 InstructPix2Pix stacks ``[text; image; uncond]`` (3 B rows for B images): CBP splits the rows
@@ -142,6 +144,37 @@ def stable_video_diffusion(seed: int = 0):
     return pipe, kwargs
 
 
+def animatediff(seed: int = 0):
+    """AnimateDiffPipeline (a UNetMotionModel: the tiny SD U-Net's blocks plus a motion adapter;
+    the prompt embeddings are repeated per frame, ``[uncond; cond]`` of ``2 B x frames`` rows),
+    two prompts, 2 frames of 32 x 32 px -> 2 videos of 4 x 2 x 16 x 16 latents, DDIM."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+
+    from .pipelines import sd_pipeline
+
+    base = sd_pipeline(seed=seed)
+    with seeded(seed + 1):
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+            layers_per_block=2, norm_num_groups=2, cross_attention_dim=32,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        motion = MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=2,
+                               motion_norm_num_groups=2, motion_num_attention_heads=4)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+                              clip_sample=False)
+    pipe = AnimateDiffPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+        motion_adapter=motion, scheduler=scheduler, feature_extractor=None, image_encoder=None)
+    # two prompts: diffusers' AnimateDiff makes one video per prompt (num_videos_per_prompt is
+    # fixed to 1), and two videos give per-frame embeddings of 2 x 2 x 2 rows to split
+    kwargs = {"prompt": ["a red fox", "a grey cat"], "negative_prompt": ["blur", "noise"],
+              "guidance_scale": 7.5, "num_frames": 2, "height": 32, "width": 32,
+              "output_type": "latent"}
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, kwargs
+
+
 def instruct_pix2pix(seed: int = 0, xl: bool = False):
     """StableDiffusionInstructPix2PixPipeline from the tiny SD components (CLIP text encoder,
     32 px VAE) with an 8-channel-input U-Net (latents + image latents), or with ``xl`` the
@@ -185,6 +218,7 @@ UNET_KIN_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] =
     ("deepfloyd-if", deepfloyd_if),
     ("kandinsky2.2", kandinsky22),
     ("stable-video-diffusion", stable_video_diffusion),
+    ("animatediff", animatediff),
 ])
 
 
