@@ -112,6 +112,13 @@ def test_serial_guided_prediction_is_the_torch_cfg_formula_and_steps_are_checked
     with pytest.raises(ValueError, match="num_steps"):
         den(sample, t, step=0, **call)
     assert hr.last_report(den) is den.report
+    # a one-element tensor scale is that number; a per-sample scale is refused before the step
+    again = den(sample, t, cond=cond, uncond=uncond, guidance_scale=torch.tensor(w), step=0,
+                num_steps=2)
+    assert torch.equal(again, guided)
+    with pytest.raises(hr.ShapeError, match="predict_branches"):
+        den(sample, t, cond=cond, uncond=uncond, guidance_scale=torch.full((2,), w), step=1)
+    assert den.report.modes == ["serial"]
 
 
 @pytest.mark.parametrize("num_steps", [None, 0, -2])

@@ -39,7 +39,7 @@ from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
 from ..stages import StagedDenoiser, has_stage_adapter, model_device, stage_denoiser
 from .agreement import check_agreement
-from .batch import describe_shapes
+from .batch import describe_shapes, guidance_value
 from .branch_layout import OutputKind, denoiser_sample_key, first_output, frames_per_row
 from .compiled import Accelerator
 from .link_probe import (
@@ -224,12 +224,18 @@ class HybridDenoiser:
     def __call__(self, sample: torch.Tensor, timestep: Any, cond: Kwargs, uncond: Kwargs,
                  guidance_scale: float, step: int | None = None,
                  num_steps: int | None = None) -> torch.Tensor:
+        scale = guidance_value(guidance_scale)
+        if isinstance(scale, torch.Tensor):  # refused before the step runs: nothing recorded
+            raise ShapeError(
+                f"guidance_scale must be a number or a one-element tensor here, got a tensor of "
+                f"shape {tuple(scale.shape)}; for a per-sample or per-frame scale call "
+                "predict_branches(...) and combine u + w (c - u) yourself")
         uncond_kw = {self.sample_key: sample, "timestep": timestep, **uncond}
         cond_kw = {self.sample_key: sample, "timestep": timestep, **cond}
         uncond_pred, cond_pred = self.predict_branches(uncond_kw, cond_kw,
-                                                       guidance_scale=guidance_scale, step=step,
+                                                       guidance_scale=scale, step=step,
                                                        num_steps=num_steps)
-        guided, _ = cfg_combine(uncond_pred, cond_pred, guidance_scale)
+        guided, _ = cfg_combine(uncond_pred, cond_pred, scale)
         return guided
 
     def predict_branches(self, uncond_kw: Kwargs, cond_kw: Kwargs, *,
