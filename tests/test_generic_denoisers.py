@@ -173,6 +173,19 @@ def test_sample_key_and_family_come_from_the_forward_signature(seed):
             denoiser_sample_key(bad)
 
 
+def test_wrapped_denoisers_are_refused_naming_the_model_inside(seed):
+    unet = sd_pipeline(seed=seed).unet
+    with pytest.raises(hr.UnsupportedModelError, match=r"torch.compile wrapper.*_orig_mod.*"
+                                                       r"HybridConfig\(compile="):
+        denoiser_sample_key(torch.compile(unet))  # lazy: nothing is compiled
+    with pytest.raises(hr.UnsupportedModelError, match="DataParallel.*UNet2DConditionModel"):
+        denoiser_sample_key(torch.nn.DataParallel(unet))
+    pipe = sd_pipeline(seed=seed)
+    pipe.unet = torch.compile(pipe.unet)
+    with pytest.raises(hr.UnsupportedModelError, match="pipe.unet = pipe.unet._orig_mod"):
+        hr.parallelize(pipe, hr.HybridConfig(k=0))
+
+
 def test_first_output_reads_tuples_and_base_outputs_and_refuses_extra_outputs():
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 

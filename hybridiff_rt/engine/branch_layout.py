@@ -63,6 +63,7 @@ def denoiser_sample_key(model: Any) -> str:
     name = type(model).__name__
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"hybridiff_rt needs a torch.nn.Module denoiser, got {name}")
+    _refuse_wrappers(model)
     params = list(inspect.signature(type(model).forward).parameters.values())[1:]
     named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not named or "return_dict" not in {p.name for p in params}:
@@ -72,6 +73,24 @@ def denoiser_sample_key(model: Any) -> str:
             "(e.g. UNet2DConditionModel, SD3Transformer2DModel, PixArtTransformer2DModel, "
             "WanTransformer3DModel)")
     return named[0].name
+
+
+def _refuse_wrappers(model: torch.nn.Module) -> None:
+    """Raise UnsupportedModelError naming the fix when ``model`` wraps the denoiser: a
+    ``torch.compile`` OptimizedModule, or a (Distributed)DataParallel module."""
+    name = type(model).__name__
+    compiled = getattr(model, "_orig_mod", None)
+    if isinstance(compiled, torch.nn.Module):
+        raise UnsupportedModelError(
+            f"the denoiser is a torch.compile wrapper ({name}) around a "
+            f"{type(compiled).__name__}; hybridiff_rt splits the model's own forward. Pass the "
+            "model itself (e.g. pipe.unet = pipe.unet._orig_mod) and let hybridiff_rt compile it: "
+            "HybridConfig(compile='default'), or 'reduce-overhead' on a GPU")
+    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        raise UnsupportedModelError(
+            f"the denoiser is wrapped in {name}; hybridiff_rt places the branches on the ranks "
+            f"itself. Pass the {type(model.module).__name__} inside it (model.module), the same "
+            "weights on every rank")
 
 
 def split_branch_kwargs(kw: dict[str, Any], batch: int,
