@@ -65,9 +65,21 @@ def _parallel(pipe, cfg, run):
     return out, report, runner.restore()
 
 
+def _per_branch(pipe, run):
+    """``run(pipe)`` with the denoiser computing each CFG branch as its own call (the exact
+    serial reference)."""
+    from hybridiff_rt.testing import denoiser, per_branch_forward
+
+    undo = per_branch_forward(denoiser(pipe))
+    try:
+        return run(pipe)
+    finally:
+        undo()
+
+
 def _rank_kin(rank, seed):
     import hybridiff_rt as hr
-    from hybridiff_rt.testing import build, build_unet_kin, denoiser, per_branch_forward
+    from hybridiff_rt.testing import build, build_unet_kin
 
     hr.init_distributed()
     results = {}
@@ -78,11 +90,7 @@ def _rank_kin(rank, seed):
             pipe, hr.HybridConfig(k=0), lambda p: _run(p, kwargs, seed, STEPS))
         cell["default"], cell["default_report"], pipe = _parallel(
             pipe, hr.HybridConfig(), lambda p: _run(p, kwargs, seed, STEPS))
-        undo = per_branch_forward(denoiser(pipe))
-        try:
-            cell["reference"] = _run(pipe, kwargs, seed, STEPS)
-        finally:
-            undo()
+        cell["reference"] = _per_branch(pipe, lambda p: _run(p, kwargs, seed, STEPS))
         cell["plain"] = _run(pipe, kwargs, seed, STEPS)
         results[name] = cell
 
@@ -109,7 +117,7 @@ def _rank_kin(rank, seed):
 
 def _pix2pix_cell(seed, xl):
     import hybridiff_rt as hr
-    from hybridiff_rt.testing import denoiser, instruct_pix2pix, per_branch_forward
+    from hybridiff_rt.testing import instruct_pix2pix
 
     pipe, kwargs = instruct_pix2pix(seed=seed, xl=xl)
     cell = {}
@@ -117,11 +125,7 @@ def _pix2pix_cell(seed, xl):
         pipe, hr.HybridConfig(k=0), lambda p: _run(p, kwargs, seed, STEPS_PIPELINED))
     cell["pipelined"], cell["pipelined_report"], pipe = _parallel(
         pipe, hr.HybridConfig(**PIPELINED), lambda p: _run(p, kwargs, seed, STEPS_PIPELINED))
-    undo = per_branch_forward(denoiser(pipe))
-    try:
-        cell["reference"] = _run(pipe, kwargs, seed, STEPS_PIPELINED)
-    finally:
-        undo()
+    cell["reference"] = _per_branch(pipe, lambda p: _run(p, kwargs, seed, STEPS_PIPELINED))
     runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
     try:
         _run(runner, kwargs, seed, STEPS_PIPELINED, images=1)
@@ -207,18 +211,13 @@ def test_instruct_pix2pix_splits_its_rows_exactly_and_refuses_an_odd_count(ranks
 
 def _rank_animatediff_on_four(rank, seed):
     import hybridiff_rt as hr
-    from hybridiff_rt.testing import build_unet_kin, per_branch_forward
+    from hybridiff_rt.testing import build_unet_kin
 
     hr.init_distributed()
     pipe, kwargs = build_unet_kin("animatediff", seed=seed)
     out, report, pipe = _parallel(pipe, hr.HybridConfig(k=0),
                                   lambda p: _run(p, kwargs, seed, STEPS))
-    undo = per_branch_forward(pipe.unet)
-    try:
-        reference = _run(pipe, kwargs, seed, STEPS)
-    finally:
-        undo()
-    return out, report, reference
+    return out, report, _per_branch(pipe, lambda p: _run(p, kwargs, seed, STEPS))
 
 
 def test_per_frame_conditioning_is_dealt_with_its_videos_on_four_ranks():

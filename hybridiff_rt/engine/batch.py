@@ -15,6 +15,16 @@ import torch
 from ..errors import ShapeError
 
 
+def rows_per_item(value: torch.Tensor, batch: int, frames: int = 1) -> int:
+    """Leading rows of ``value`` per item of a ``batch``: 1 for ``batch`` rows, ``frames`` for
+    ``batch x frames`` rows (conditioning repeated per frame, each item's rows contiguous), 0
+    when ``value`` is not batch-shaped (a scalar, or another leading size)."""
+    rows = value.shape[0] if value.dim() >= 1 else 0
+    if rows == batch:
+        return 1
+    return frames if frames > 1 and rows == batch * frames else 0
+
+
 def split_cfg_batch(value: Any, full_batch: int, frames: int = 1) -> tuple[Any, Any]:
     """Split ``value`` (a tensor or a nested dict/list/tuple of them) into (uncond, cond) halves.
 
@@ -32,10 +42,8 @@ def split_cfg_batch(value: Any, full_batch: int, frames: int = 1) -> tuple[Any, 
         raise ShapeError(f"a classifier-free-guided batch must have an even size [uncond; cond], "
                          f"got {full_batch}")
     if isinstance(value, torch.Tensor):
-        rows = value.shape[0] if value.dim() >= 1 else 0
-        if rows == full_batch or (frames > 1 and rows == full_batch * frames):
-            return value[:rows // 2], value[rows // 2:]
-        return value, value
+        half = rows_per_item(value, full_batch, frames) * (full_batch // 2)
+        return (value[:half], value[half:]) if half else (value, value)
     if isinstance(value, dict):
         pairs = {k: split_cfg_batch(v, full_batch, frames) for k, v in value.items()}
         return ({k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()})

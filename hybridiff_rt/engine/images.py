@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .batch import rows_per_item
+
 
 def take_rows(value: Any, batch: int, start: int, stop: int, frames: int = 1) -> Any:
     """Rows ``start:stop`` of every batch-shaped tensor in ``value`` (leading size ``batch``);
@@ -19,12 +21,8 @@ def take_rows(value: Any, batch: int, start: int, stop: int, frames: int = 1) ->
     rows (conditioning repeated per frame, each image's frames contiguous); other values
     (scalars, None, tensors of another leading size) are returned unchanged."""
     if isinstance(value, torch.Tensor):
-        rows = value.shape[0] if value.dim() >= 1 else 0
-        if rows == batch:
-            return value[start:stop]
-        if frames > 1 and rows == batch * frames:
-            return value[start * frames:stop * frames]
-        return value
+        per_item = rows_per_item(value, batch, frames)
+        return value[start * per_item:stop * per_item] if per_item else value
     if isinstance(value, dict):
         return {k: take_rows(v, batch, start, stop, frames) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

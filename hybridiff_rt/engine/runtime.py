@@ -378,8 +378,7 @@ class HybridDenoiser:
         self._check_agreement({
             "guidance": "on",
             **self._run_fields(),
-            "guidance_scale": (guidance_scale if isinstance(guidance_scale, torch.Tensor)
-                               else float(guidance_scale)),
+            "guidance_scale": guidance_value(guidance_scale),
             "shapes": describe_shapes(uncond_kw) + "|" + describe_shapes(cond_kw),
             "timestep": cond_kw.get("timestep"),
             "sample": sample,
