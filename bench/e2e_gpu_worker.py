@@ -190,14 +190,17 @@ def _config(plan: dict, fields: dict):
     return hr.HybridConfig(**common, **fields)
 
 
-def _timed_runs(family, model, scheduler, data, plan, predict_for_run, around=None):
-    """One warm-up run (compiles, captures graphs, measures stage costs), then one timed run
-    (inside the context ``around``, e. g. a profiler). ``predict_for_run()`` gives a fresh
-    ``(predict, report_getter)`` per run."""
+def _timed_runs(family, model, scheduler, data, plan, predict_for_run, around=None,
+                warmups=1):
+    """``warmups`` warm-up runs (they compile, capture graphs, measure stage costs; a second
+    one runs and compiles the cut re-planned from the first one's measured stage times), then
+    one timed run (inside the context ``around``, e. g. a profiler). ``predict_for_run()``
+    gives a fresh ``(predict, report_getter)`` per run."""
     import torch
 
-    predict, _ = predict_for_run()
-    sample(family, model, scheduler, data, plan["steps"], plan["device"], predict)
+    for _ in range(warmups):
+        predict, _ = predict_for_run()
+        sample(family, model, scheduler, data, plan["steps"], plan["device"], predict)
     predict, report = predict_for_run()
     clock = _Clock(plan["device"])
     if clock.cuda:
@@ -282,7 +285,7 @@ def parallel_worker(rank: int, plan: dict, variants: list) -> dict:
             profile = plan.get("profile") and rank == 0 and label == "hybrid" and not traced
             prof, window = _profiler(plan, family) if profile else (None, None)
             result[label] = _timed_runs(family, model, scheduler, data, plan, predict_for_run,
-                                        around=prof)
+                                        around=prof, warmups=2 if fields.get("rebalance") else 1)
             if profile:
                 result[label]["trace_steps"] = window
                 result[label]["trace"] = plan["profile"]

@@ -72,6 +72,12 @@ class HybridConfig:
             cuts can differ between processes when two cuts cost nearly the same, so pin them
             (e.g. the ``extra["pipeline"]["plan"]["cuts"]`` of an earlier RunReport) when runs
             must be reproducible bit for bit across launches.
+        rebalance: re-plan the stage cut from the stage times earlier pipelined phases of this
+            denoiser measured (engine/rebalance.py), for stages that run faster or slower than
+            their eager unit costs say (compiled or graph-replayed stages, a shared device). A
+            new cut replaces the one in use only when it is worth at least 5% less (measured,
+            or modelled from the corrected costs); the output then depends on measured
+            timings, so it is off by default. Ignored when ``stage_cuts`` is pinned.
         scale_out: layout on more than two ranks (world size 2N, N > 1; docs/scale-out.md):
             "pairs" deals the images to the N rank pairs, "layers" runs one batch over 2N
             pipelined stages, "auto" takes pairs when there are at least N images per branch.
@@ -91,6 +97,7 @@ class HybridConfig:
     handshake_timeout_s: float = 300.0
     guidance_scale: float | None = None
     stage_cuts: tuple[int, ...] | None = None
+    rebalance: bool = False
     scale_out: str = "auto"
 
     def __post_init__(self) -> None:
@@ -112,6 +119,8 @@ class HybridConfig:
                 f"cuda_graphs={self.cuda_graphs!r} contradicts: use cuda_graphs='auto' with it, "
                 "or compile='default' with cuda_graphs='on' (explicit capture) or 'off'")
         _check_choice("scale_out", self.scale_out, SCALE_OUT_LAYOUTS)
+        if not isinstance(self.rebalance, bool):
+            raise ConfigError(f"rebalance must be True or False, got {self.rebalance!r}")
         if self.stage_cuts is not None:
             cuts = tuple(self.stage_cuts) if isinstance(self.stage_cuts, (list, tuple)) else None
             if (cuts is None or len(cuts) < 2 or any(isinstance(c, bool) or not isinstance(c, int)

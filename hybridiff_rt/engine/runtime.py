@@ -37,7 +37,14 @@ from ..errors import (
 )
 from ..ops import cfg_combine, discrepancy_stats, rel_mae
 from ..schedule import SwitchSchedule
-from ..stages import StagedDenoiser, has_stage_adapter, model_device, stage_denoiser
+from ..stages import (
+    StagedDenoiser,
+    UnitProfile,
+    has_stage_adapter,
+    model_device,
+    stage_denoiser,
+)
+from ..stages.partition import PartitionPlan
 from .agreement import check_agreement
 from .batch import describe_shapes, guidance_value
 from .branch_layout import OutputKind, denoiser_sample_key, first_output, frames_per_row
@@ -47,6 +54,15 @@ from .link_probe import (
     probe_bytes,
     round_trip_bytes_per_ms,
     shared_profile,
+)
+from .rebalance import (
+    PhaseStages,
+    StageCalibration,
+    describe,
+    eager_stage_ms,
+    gather_medians,
+    phase_median_ms,
+    publish_median,
 )
 from .report import RunReport
 from .scale_out import ScaleOut
@@ -123,6 +139,13 @@ class HybridDenoiser:
         wants_stages = self.world_size > 1 and self.cfg.k > 0 and self._no_stages_reason is None
         self._staged = self._stage_or_note(model) if wants_stages else None
         self._pipeline: StagePipeline | None = None
+        # cuts re-planned from measured stage times (engine/rebalance.py), kept across runs:
+        # the open phase, the closed one whose medians the next phase gathers, and per chain
+        # the number of phases planned (the store keys of their exchanges)
+        self._calibration = StageCalibration() if self.cfg.rebalance else None
+        self._phase: PhaseStages | None = None
+        self._closed_phase: PhaseStages | None = None
+        self._phases_planned: dict[str, int] = {}
         # compiled / graph-replayed calls (engine/compiled.py) and per-step timings (timing.py)
         device = model_device(model, self.dist.device)
         self._accel = Accelerator(self.cfg, device, self._note)
@@ -165,6 +188,7 @@ class HybridDenoiser:
         """
         self._run_index += 1
         self._discard_pipeline()
+        self._phase = None  # a phase of an abandoned run is not measured
         if getattr(self, "_report", None) is not None:
             self._collect_timings(block=True)
         self._report = RunReport(rank=self.rank, world_size=self.world_size,
@@ -183,6 +207,8 @@ class HybridDenoiser:
         self._discard_pipeline(wait=True)
         self._collect_timings(block=True)
         made = len(self._report.modes)
+        if self._phase is not None:  # the run ended inside a pipelined phase
+            self._close_phase(made - 1)
         planned = self._report.num_steps
         if planned is not None and made != planned:
             self._report.note(f"the run made {made} denoiser calls, {planned} were planned")
@@ -283,6 +309,7 @@ class HybridDenoiser:
                     measured = self._observe(step, uncond_pred, cond_pred)
         except BaseException:
             self._discard_pipeline()  # a failed run leaves nothing the next run would wait on
+            self._phase = self._closed_phase = None
             raise
         self._finish_step(step, mode, measured, started, sent_before)
         return uncond_pred, cond_pred
@@ -354,6 +381,8 @@ class HybridDenoiser:
         self._next_step = step + 1
         self._timer.end_step()
         self._collect_timings(block=False)
+        if mode == "pipeline" and self._pipeline is None and self._phase is not None:
+            self._close_phase(step)
         if self._accel.enabled:
             self._report.extra["compile"] = self._accel.summary()
         if self._schedule is not None:
@@ -498,7 +527,8 @@ class HybridDenoiser:
                                output_kind=lambda: self.output_kind.to_text(),
                                key=f"hybridiff_rt/scale/{self._instance}/{self._run_index}",
                                device=model_device(self.model, self.dist.device),
-                               stage_call=self._stage_call, timer=self._timer)
+                               stage_call=self._stage_call, timer=self._timer,
+                               plan_stages=self._plan_stages)
         problem = self._scale.start(batch, frames)
         if problem and self._schedule.k > 0:  # the same on every rank: the same inputs
             self._schedule = SwitchSchedule(self.cfg.replace(k=0), self._report.num_steps)
@@ -561,6 +591,7 @@ class HybridDenoiser:
         the store, measure the link with a boundary-sized transfer, and set up this rank's stage.
         Every rank plans from rank 0's profile and link figure, so every rank cuts identically.
         On 2N > 2 ranks ScaleOut sets up the pairs' or the world's stage chain instead."""
+        self._learn_from_closed_phase()
         if self._scale is not None:
             return self._scale.build_pipeline(cond_kw)
         store = default_store()
@@ -572,9 +603,10 @@ class HybridDenoiser:
         transport = self._get_transport()
         probe = probe_bytes(profile.boundary_bytes)
         bytes_per_ms, link_source = self._link_figure(transport, probe, store, key)
-        plan = profile.plan(self.world_size, bytes_per_ms, cuts=self.cfg.stage_cuts)
+        plan, costs = self._plan_stages(profile, self.world_size, bytes_per_ms,
+                                       stage=self.rank, chain="pair")
         self._report.extra["pipeline"] = {
-            **plan_fields(plan, profile),
+            **plan_fields(plan, costs),
             "link_bytes_per_ms": bytes_per_ms,
             "link_measured": link_source != "nominal",
             "link_source": link_source,
@@ -591,6 +623,47 @@ class HybridDenoiser:
         run_stage = self._stage_call(start, stop, self.rank == self.world_size - 1)
         return StagePipeline(self._staged, plan, profile.boundary_layouts, transport, self.rank,
                              self.world_size, run_stage=run_stage, timer=self._timer)
+
+    def _plan_stages(self, profile: UnitProfile, stages: int, bytes_per_ms: float | list[float],
+                    *, stage: int, chain: str) -> tuple[PartitionPlan, UnitProfile]:
+        """The stage cut of the phase being set up: ``(plan, unit costs it was planned from)``.
+
+        Planned from the eager ``profile`` (or the pinned ``stage_cuts``); with ``rebalance``,
+        from the costs corrected by earlier phases' measured stage times, and this rank's part
+        of the phase (``stage``, its index in the chain; ``chain``, a label the chain's ranks
+        share) is kept to be measured."""
+        if self._calibration is None:
+            return profile.plan(stages, bytes_per_ms, cuts=self.cfg.stage_cuts), profile
+        plan, costs, info = self._calibration.plan(profile, stages, bytes_per_ms,
+                                                   pinned=self.cfg.stage_cuts)
+        if info is not None:
+            self._report.extra["rebalance"] = info
+            self._report.note(describe(info, plan.cuts))
+        count = self._phases_planned[chain] = self._phases_planned.get(chain, 0) + 1
+        self._phase = PhaseStages(
+            key=(profile.key, stages), cuts=plan.cuts, stage=stage,
+            eager_ms=eager_stage_ms(profile, plan.cuts), first_step=self._next_step,
+            exchange=f"hybridiff_rt/rebalance/{self._instance}/{chain}/{count}")
+        return plan, costs
+
+    def _close_phase(self, last_step: int) -> None:
+        """The pipelined phase ended at ``last_step``: publish this rank's median stage time
+        for the chain (gathered when the next phase is set up)."""
+        phase, self._phase = self._phase, None
+        self._collect_timings(block=True)
+        median = phase_median_ms(self._report.compute_ms, phase.first_step, last_step)
+        publish_median(default_store(), phase, median)
+        self._closed_phase = phase
+
+    def _learn_from_closed_phase(self) -> None:
+        """Gather the chain's medians of the last closed phase and correct the unit costs."""
+        phase, self._closed_phase = self._closed_phase, None
+        if phase is None or self._calibration is None:
+            return
+        medians = gather_medians(default_store(), phase, self.cfg.timeout_s,
+                                 f"rank {self.rank}: the stage times the other ranks of its "
+                                 "chain measured in the last pipelined phase")
+        self._calibration.learn(phase, medians)
 
     def _stage_call(self, start: int, stop: int, last: bool) -> Callable[..., Any] | None:
         """The compiled or graph-replayed stage of units ``start .. stop-1`` (None when nothing

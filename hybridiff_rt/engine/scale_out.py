@@ -103,6 +103,9 @@ class ScaleOut:
         stage_call: ``(start, stop, last) -> run_stage`` for the StagePipeline: the runtime's
             compiled or graph-replayed stage, or None for the eager one.
         timer: the run's ``engine.timing.StepTimer`` (compute / transfer / wait of each step).
+        plan_stages: ``(profile, stages, bytes_per_ms, *, stage, chain) -> (plan, costs)``, the
+            runtime's planner (which re-plans from measured stage times with ``rebalance``);
+            default: ``profile.plan`` with the pinned ``stage_cuts``.
     """
 
     def __init__(self, *, layout: RankLayout, transport: Transport, cfg: HybridConfig,
@@ -110,8 +113,12 @@ class ScaleOut:
                  run_model: Callable[[Kwargs], torch.Tensor], output_kind: Callable[[], str],
                  key: str, device: torch.device,
                  stage_call: Callable[[int, int, bool], Callable[..., Any] | None],
-                 timer: StepTimer) -> None:
+                 timer: StepTimer,
+                 plan_stages: Callable[..., tuple[Any, UnitProfile]] | None = None) -> None:
         self.device = device
+        self.plan_stages = plan_stages or (
+            lambda profile, stages, bytes_per_ms, **_: (
+                profile.plan(stages, bytes_per_ms, cuts=cfg.stage_cuts), profile))
         self.stage_call = stage_call
         self.timer = timer
         self.output_kind = output_kind
@@ -321,7 +328,8 @@ class ScaleOut:
         # the chain, so it is weighed with the slowest link
         per_stage = ([*links, bytes_per_ms] if len(measured) == len(links)
                      else [bytes_per_ms] * len(chain))
-        plan = profile.plan(len(chain), per_stage, cuts=self.cfg.stage_cuts)
+        plan, profile = self.plan_stages(profile, len(chain), per_stage, stage=sub.rank,
+                                         chain=f"chain{'-'.join(map(str, chain))}")
         return profile, plan, {"per_link_bytes_per_ms": links, "bytes_per_ms": bytes_per_ms,
                                "measured": bool(measured), "probe_bytes": probe}
 
