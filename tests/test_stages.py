@@ -195,6 +195,23 @@ def test_unet_freeu_is_bit_exact(seed):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_unet_ip_adapter_is_bit_exact(name, seed):
+    from hybridiff_rt.testing import add_ip_adapter
+
+    model = add_ip_adapter(make_unet(name), seed % 1000, image_dim=16, tokens=4)
+    staged = st.stage_denoiser(model)
+    kw = unet_inputs(name)
+    added = dict(kw.get("added_cond_kwargs") or {})
+    kw["added_cond_kwargs"] = {**added, "image_embeds": [torch.randn(2, 1, 16)]}
+    out = staged.forward(**kw)
+    assert_bit_equal(reference(model, kw), out, seed)
+    # the image tokens reach the cross-attention: other image embeddings, another prediction
+    kw["added_cond_kwargs"] = {**added, "image_embeds": [torch.randn(2, 1, 16)]}
+    assert not torch.equal(staged.forward(**kw), out)
+
+
+@torch.no_grad()
 def test_unet_mid_block_with_attention_is_bit_exact(seed):
     model = make_unet("misc")
     temb = model.time_embedding.linear_2.out_features

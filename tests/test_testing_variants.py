@@ -27,10 +27,23 @@ def _weights(pipe):
             for key, value in module.state_dict().items()}
 
 
+def _same(a, b) -> bool:
+    """Equal call arguments: tensors element for element, PIL images pixel for pixel, lists
+    item for item."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if hasattr(a, "tobytes"):
+        return a.tobytes() == b.tobytes()
+    return a == b
+
+
 def test_names_and_info_agree():
     assert NAMES == [
         "sd", "sd-img2img", "sd-inpaint", "sd-controlnet", "sdxl", "sdxl-img2img", "sdxl-inpaint",
-        "sdxl-controlnet", "sdxl-t2i-adapter", "sdxl-pag", "sdxl-heun", "sdxl-denoising-end",
+        "sdxl-controlnet", "sdxl-t2i-adapter", "sdxl-pag", "sdxl-ip-adapter", "sdxl-heun",
+        "sdxl-denoising-end",
         "sdxl-img2img-denoising-start", "sd3", "sd3-img2img", "sd3-inpaint", "sd3-controlnet",
         "sd3-skip-layer-guidance"]
     assert set(INFO) == set(VARIANTS)
@@ -61,10 +74,7 @@ def test_variant_builds_deterministically_and_runs(name):
     assert all(torch.equal(a[k], b[k]) for k in a), "same seed must give the same weights"
     assert kwargs.keys() == kwargs_again.keys()
     for key, value in kwargs.items():
-        if hasattr(value, "tobytes"):  # PIL images: same pixels
-            assert value.tobytes() == kwargs_again[key].tobytes(), key
-        else:
-            assert value == kwargs_again[key], key
+        assert _same(value, kwargs_again[key]), key
 
     pipe._num_timesteps = None
     images, seen = _call(pipe, kwargs, name)

@@ -47,7 +47,7 @@ from ..comm import wait_for_keys
 from ..stages import UnitProfile
 from ..stages.partition import PartitionPlan
 
-#: a new cut must model a bottleneck this fraction below the cut in use to replace it
+#: a cut replaces the one in use only when worth this fraction less (module docstring, point 4)
 MIN_GAIN = 0.05
 #: measured / eager ratios are clipped to [1 / RATIO_LIMIT, RATIO_LIMIT]
 RATIO_LIMIT = 1e3
@@ -98,7 +98,7 @@ class StageCalibration:
     for the lifetime of one denoiser (across runs); see the module docstring.
 
     Args:
-        min_gain: fraction by which a new cut's modelled bottleneck must beat the cut in use.
+        min_gain: fraction by which a cut must be worth less than the cut in use to replace it.
     """
 
     def __init__(self, min_gain: float = MIN_GAIN) -> None:

@@ -4,8 +4,9 @@
   :func:`sd3_pipeline`, :func:`build`) built offline with in-memory tokenizers, and the component
   builders they are made of (the bundled demo models are built from the same ones).
 * :data:`VARIANTS` / :func:`build_variant`: every diffusers pipeline variant of those families
-  (img2img, inpaint, ControlNet, T2I-Adapter, PAG, Heun, skip-layer guidance, ...) from the same
-  tiny components, with the inputs each needs; :data:`INFO` and :func:`count_denoiser_calls` say
+  (img2img, inpaint, ControlNet, T2I-Adapter, IP-Adapter, PAG, Heun, skip-layer guidance, ...)
+  from the same tiny components, with the inputs each needs (:func:`add_ip_adapter` gives a
+  U-Net a seeded random IP-Adapter); :data:`INFO` and :func:`count_denoiser_calls` say
   how often, and on what batch, each one calls its denoiser.
 * :data:`DIT_BUILDERS` / :func:`build_dit`: tiny PixArt-Sigma, Sana, Wan 2.1 / 2.2, Qwen-Image
   and Flux pipelines with precomputed prompt embeddings (:mod:`.dit_pipelines`).
@@ -45,6 +46,7 @@ from .variants import (
     VARIANTS,
     DenoiserCalls,
     VariantInfo,
+    add_ip_adapter,
     build_variant,
     count_denoiser_calls,
     denoiser,
@@ -53,7 +55,7 @@ from .variants import (
 __all__ = ["DIT_BUILDERS", "DIT_INFO", "DiTInfo", "build_dit", "UNET_KIN_BUILDERS",
            "build_unet_kin", "instruct_pix2pix", "hidden_imports_env", "per_branch_forward",
            "BUILDERS", "DEFAULT_IMAGE_SIZE", "INFO", "VARIANTS", "DenoiserCalls", "Outcome",
-           "VariantInfo", "all_ok", "build", "build_variant", "byte_level_vocab",
+           "VariantInfo", "add_ip_adapter", "all_ok", "build", "build_variant", "byte_level_vocab",
            "clip_text_config", "clip_text_encoder", "clip_tokenizer", "count_denoiser_calls",
            "denoiser", "euler_scheduler", "flow_match_scheduler", "free_port", "run_ranks",
            "sd3_pipeline", "sd3_transformer", "sd_pipeline", "sdxl_pipeline", "sdxl_unet",

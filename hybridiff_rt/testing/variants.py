@@ -3,7 +3,7 @@
 Each builder in :data:`VARIANTS` takes a ``seed`` and returns ``(pipe, call_kwargs)``: ``pipe`` is a
 stock diffusers pipeline made of the tiny components of :func:`~.pipelines.sdxl_pipeline`,
 :func:`~.pipelines.sd_pipeline` or :func:`~.pipelines.sd3_pipeline` (plus a tiny ControlNet,
-T2I-Adapter or another scheduler where the variant needs one), and ``call_kwargs`` holds the inputs
+T2I-Adapter, IP-Adapter or another scheduler where the variant needs one), and ``call_kwargs`` holds the inputs
 that variant needs besides prompt / steps / guidance / generator / output type (images, masks,
 strength, ...). The same seed gives the same weights and inputs in every process, so a test can
 build a variant on every rank and compare::
@@ -38,6 +38,7 @@ sdxl-inpaint  (strength 0.75)  3              2 / 4                   3
 sdxl-controlnet                4              2 / 4                   4
 sdxl-t2i-adapter               4              2 / 4                   - (not set)
 sdxl-pag  (pag_scale 3)        4              3 / 6                   4
+sdxl-ip-adapter                4              2 / 4                   4
 sdxl-heun                      7              2 / 4                   7
 sdxl-denoising-end  (0.6)      2              2 / 4                   2
 sdxl-img2img-denoising-start   3              2 / 4                   3
@@ -202,6 +203,39 @@ def _make_t2i_adapter(unet, seed: int):
                           adapter_type="full_adapter_xl")
 
 
+def add_ip_adapter(unet, seed: int, image_dim: int = 16, tokens: int = 4):
+    """Give ``unet`` a seeded random IP-Adapter, laid out as diffusers' ``load_ip_adapter``
+    lays out a real one: IP-Adapter attention processors (extra key/value projections of the
+    image tokens) on every cross-attention, and an image projection of ``image_dim``-wide CLIP
+    image embeddings to ``tokens`` tokens as ``encoder_hid_proj``. Returns ``unet``."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    config = unet.config
+    widths = list(config.block_out_channels)
+    processors = {}
+    with seeded(seed):
+        for name, processor in unet.attn_processors.items():
+            if name.endswith("attn1.processor"):  # self-attention keeps its processor
+                processors[name] = type(processor)()
+                continue
+            if name.startswith("mid_block"):
+                width = widths[-1]
+            elif name.startswith("up_blocks"):
+                width = widths[::-1][int(name.split(".")[1])]
+            else:
+                width = widths[int(name.split(".")[1])]
+            processors[name] = IPAdapterAttnProcessor2_0(
+                hidden_size=width, cross_attention_dim=config.cross_attention_dim, scale=1.0,
+                num_tokens=[tokens])
+        unet.set_attn_processor(processors)
+        projection = ImageProjection(cross_attention_dim=config.cross_attention_dim,
+                                     image_embed_dim=image_dim, num_image_text_embeds=tokens)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    return unet
+
+
 # ---------------------------------------------------------------------------------------------
 # SD 1.5-shaped
 
@@ -281,6 +315,16 @@ def _sdxl_pag(seed: int = 0):
     return pipe, {"pag_scale": 3.0}
 
 
+def _sdxl_ip_adapter(seed: int = 0):
+    # precomputed image embeddings, [negative; positive] stacked as the pipeline expects them
+    # with classifier-free guidance (an image encoder would produce them from an image)
+    pipe = sdxl_pipeline(seed=seed)
+    add_ip_adapter(pipe.unet, seed + 1)
+    with seeded(seed + 2):
+        embeds = torch.randn(2, 1, 16)
+    return pipe, {"ip_adapter_image_embeds": [embeds]}
+
+
 def _sdxl_heun(seed: int = 0):
     from diffusers import HeunDiscreteScheduler
 
@@ -351,6 +395,7 @@ VARIANTS: OrderedDict[str, Builder] = OrderedDict([
     ("sdxl-controlnet", _sdxl_controlnet),
     ("sdxl-t2i-adapter", _sdxl_t2i_adapter),
     ("sdxl-pag", _sdxl_pag),
+    ("sdxl-ip-adapter", _sdxl_ip_adapter),
     ("sdxl-heun", _sdxl_heun),
     ("sdxl-denoising-end", _sdxl_denoising_end),
     ("sdxl-img2img-denoising-start", _sdxl_img2img_denoising_start),
@@ -383,6 +428,7 @@ INFO: dict[str, VariantInfo] = {
                               sets_num_timesteps=False),
     "sdxl-pag": _info("sdxl", "StableDiffusionXLPAGPipeline", 4, (3,) * 4,
                       calls_per_step="one call on [uncond; cond; perturbed] = 3B rows"),
+    "sdxl-ip-adapter": _info("sdxl", "StableDiffusionXLPipeline", 4),
     "sdxl-heun": _info("sdxl", "StableDiffusionXLPipeline", 7,
                        calls_per_step="second order: 2 * steps - 1 calls"),
     "sdxl-denoising-end": _info("sdxl", "StableDiffusionXLPipeline", 2, output_type="latent"),
