@@ -18,10 +18,17 @@ in ``conv_in`` (the first unit, always on stage 0) from the second run on makes 
 than its profile. With ``rebalance=True`` the third run's cut gives stage 0 fewer units than the
 second run's, both ranks cut alike and return the same latents, and the report says why; with the
 default (off) the cut of all three runs is the first one's.
+
+Four CPU ranks, both layouts (two images: two 2-stage pair chains; one image: one 4-stage chain):
+the ranks of each chain cut and re-plan alike, every rank returns the same latents, and each
+chain's first stage gives up units after the slow run.
+
+``bench/rebalance_sim.py`` runs and writes its table; each row keeps the bound the rule promises.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -267,7 +274,6 @@ def test_a_slow_first_stage_moves_the_cut_on_two_ranks(rebalance):
 
 
 def test_the_simulation_benchmark_writes_its_rows(tmp_path):
-    import json
     import subprocess
     import sys
     from pathlib import Path
@@ -288,3 +294,61 @@ def test_the_simulation_benchmark_writes_its_rows(tmp_path):
     # real costs equal to the eager ones: the eager cut is optimal and is never re-planned
     assert rows[0]["phases_max"] == 1 and rows[0]["settled_max"] == rows[0]["eager_max"] == 1.0
     assert "| 0.2 .. 3 | 25 |" in (tmp_path / "rebalance_sim.md").read_text()
+
+
+def _rank_runs_four(rank, seed):
+    """Per layout (two images: image pairs, each pair a 2-stage chain; one image: one 4-stage
+    chain over the world), three rebalanced runs, ``conv_in`` slow from the second on."""
+    import hybridiff_rt as hr
+    from hybridiff_rt.testing import build
+
+    hr.init_distributed()
+    torch.set_num_threads(1)
+    out = {}
+    for images in (2, 1):
+        pipe = build("sd", seed=seed)
+        runner = hr.parallelize(pipe, hr.HybridConfig(**PIPELINED, rebalance=True))
+        slow = []
+        pipe.unet.conv_in.register_forward_hook(
+            lambda module, args, output, slow=slow: time.sleep(SLEEP_S) if slow else None)
+        runs = []
+        for run in range(3):
+            if run == 1:
+                slow.append(True)
+            latents = runner(prompt="a red fox", negative_prompt="blur",
+                             num_inference_steps=STEPS, guidance_scale=4.0,
+                             num_images_per_prompt=images,
+                             generator=torch.Generator().manual_seed(seed),
+                             output_type="latent").images
+            report = hr.last_report(runner).to_dict()
+            runs.append({"latents": latents.detach().numpy().copy(),
+                         "chain": report["extra"]["pipeline"]["chain"],
+                         "cuts": report["extra"]["pipeline"]["plan"]["cuts"],
+                         "rebalance": report["extra"].get("rebalance")})
+        runner.restore()
+        out[images] = runs
+    return out
+
+
+def test_chains_of_four_ranks_rebalance_alike():
+    seed = random.randrange(2**31)
+    print(f"seed={seed}")
+    ranks = all_ok(run_ranks(_rank_runs_four, seed, world_size=4, timeout_s=900), world_size=4)
+    for images, chain_len in ((2, 2), (1, 4)):
+        runs = [r[images] for r in ranks]
+        for run in range(3):
+            chains = {tuple(r[run]["chain"]) for r in runs}
+            assert all(len(c) == chain_len for c in chains), chains
+            assert len(chains) == 4 // chain_len
+            # the ranks of a chain cut alike (each chain profiles and measures its own stages)
+            for chain in chains:
+                assert len({tuple(runs[k][run]["cuts"]) for k in chain}) == 1
+                assert len({json.dumps(runs[k][run]["rebalance"]) for k in chain}) == 1
+            for r in runs[1:]:
+                np.testing.assert_array_equal(r[run]["latents"], runs[0][run]["latents"])
+        for chain in {tuple(r[0]["chain"]) for r in runs}:
+            mine = runs[chain[0]]
+            info = mine[2]["rebalance"]
+            assert info["cuts"] == mine[1]["cuts"]
+            assert info["measured_stage_ms"][0] >= SLEEP_S * 1e3
+            assert mine[2]["cuts"][1] < mine[1]["cuts"][1], [r["cuts"] for r in mine]
