@@ -10,7 +10,8 @@ init_distributed itself.
 
 On a GPU, batch size and launch order may change kernel choices, so these tests compare with the
 one-process references within GPU_TOLERANCE instead of bit for bit; the two ranks must still be
-identical (they combine the same exchanged tensors).
+identical (they combine the same exchanged tensors). A third run pair re-plans its stage cut
+from the stage times CUDA events measured (``rebalance=True``): both ranks learn the same.
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ def _rank_gpu(rank, transport, seed):
             reference = emulate(pipe, report["tau1"], report["tau2"], cut, "off",
                                 generator=torch.Generator().manual_seed(seed), **call)
         results[name] = dict(out=out.cpu().numpy(), reference=reference, report=report)
+    # stage cuts re-planned from the stage times CUDA events measured: the second run plans
+    # from the first one's medians, exchanged between the ranks
+    parallel = hr.parallelize(pipe, hr.HybridConfig(transport=transport, rebalance=True,
+                                                    window=1, slope_eps=1e-6, k=3, tau_cap=4))
+    for _ in range(2):
+        out = parallel(generator=torch.Generator().manual_seed(seed), **call).images
+    results["rebalanced"] = dict(out=out.cpu().numpy(),
+                                 report=hr.last_report(parallel).to_dict())
+    parallel.restore()
     return results
 
 
@@ -95,6 +105,14 @@ def test_cbp_and_hybrid_with_cuda_tensors_two_processes(transport):
         expected = "ipc" if transport == "ipc" else f"torch-{backend}"
         assert r0["report"]["transport"] == expected, (seed, name, r0["report"]["transport"])
     assert results[0]["hybrid"]["report"]["modes"].count("pipeline") == 3
+    r0, r1 = results[0]["rebalanced"], results[1]["rebalanced"]
+    assert np.array_equal(r0["out"], r1["out"]) and np.isfinite(r0["out"]).all()
+    info = r0["report"]["extra"]["rebalance"]
+    assert info == r1["report"]["extra"]["rebalance"], "the ranks re-planned differently"
+    assert len(info["measured_stage_ms"]) == 2
+    assert all(0 < ms < 1e4 for ms in info["measured_stage_ms"]), info
+    assert (r0["report"]["extra"]["pipeline"]["plan"]["cuts"]
+            == r1["report"]["extra"]["pipeline"]["plan"]["cuts"])
 
 
 def _rank_four_gpu(rank, transport, nodes, seed):

@@ -21,13 +21,18 @@ weighs most on units of many small kernels; an MPS share or another job can slow
    the real ones, and the plan is the plan the real costs give.
 4. A cut is worth its measured bottleneck when a phase ran it (measured stage time plus modelled
    transfer, the largest over the stages), else its modelled bottleneck under the corrected
-   costs (with each stage's ``prepare`` / ``finish`` scaled by the mean factor of its units, as
-   a measurement would hold them). The cut in use is replaced only by one worth at least ``min_gain`` (5 %) less: the
-   best cut under the corrected costs, or the best cut measured so far. Measurement noise
-   therefore does not flip the cut back and forth (every new cut compiles or captures its
-   stages anew, and changes which activations are stale, hence the output), and a cut that
-   measured worse than it modelled is not tried again: the search ends after finitely many
-   phases, on the best cut it measured.
+   costs (each stage's ``prepare`` / ``finish`` scaled by the mean factor of its units, as a
+   measurement would hold them). The cut in use is replaced only by one worth at least
+   ``min_gain`` (5 %) less: the best cut under the corrected costs, or the best cut measured so
+   far. Noise therefore does not flip the cut back and forth (every new cut compiles or
+   captures its stages anew, and changes which activations are stale, hence the output), and a
+   cut that measured worse than it modelled is not tried again: on a device whose speed does not
+   change, the search settles after finitely many phases within ``min_gain`` of the best cut it
+   measured.
+5. When a cut runs again and its bottleneck differs from its last measurement by more than
+   ``min_gain``, the device's speed has changed (another job, an MPS neighbour, compiled code
+   replacing eager code): the measurements of the other cuts are forgotten, as they no longer
+   hold.
 
 The output of a pipelined run depends on its cut, so with ``rebalance`` the output of a run can
 depend on the timings earlier runs measured; it is off by default. ``stage_cuts`` (a pinned cut)
@@ -129,7 +134,12 @@ class StageCalibration:
             ratio = min(max(measured_ms[j] / phase.eager_ms[j], 1.0 / RATIO_LIMIT), RATIO_LIMIT)
             factors[a:b] = [ratio] * (b - a)
         measured = tuple(float(m) for m in measured_ms)
-        self._history.setdefault(phase.key, {})[tuple(phase.cuts)] = measured
+        history = self._history.setdefault(phase.key, {})
+        before = history.get(tuple(phase.cuts))
+        if before is not None and not (max(before) / (1.0 + self.min_gain) <= max(measured)
+                                       <= max(before) * (1.0 + self.min_gain)):
+            history.clear()  # the same cut runs at another speed now: older measurements are stale
+        history[tuple(phase.cuts)] = measured
         self._measured[phase.key] = {"cuts": list(phase.cuts),
                                      "measured_stage_ms": list(measured),
                                      "eager_stage_ms": list(phase.eager_ms)}
@@ -165,14 +175,15 @@ class StageCalibration:
 
         def worth(cuts: tuple[int, ...]) -> float:
             modelled = costs.plan(stages, bytes_per_ms, cuts=cuts)
-            if cuts in history:
-                return max(m + t for m, t in zip(history[cuts], modelled.transfer_ms))
             # what a measurement would hold: the corrected units plus prepare (and finish),
             # the latter scaled by the mean factor of the stage's units
             overhead = [e - sum(profile.unit_ms[a:b])
                         for e, a, b in zip(eager_stage_ms(profile, cuts), cuts, cuts[1:])]
-            return max(t + o * statistics.fmean(factors[a:b])
-                       for t, o, a, b in zip(modelled.stage_ms, overhead, cuts, cuts[1:]))
+            value = max(t + o * statistics.fmean(factors[a:b])
+                        for t, o, a, b in zip(modelled.stage_ms, overhead, cuts, cuts[1:]))
+            if cuts in history:
+                return max(m + t for m, t in zip(history[cuts], modelled.transfer_ms))
+            return value
 
         best = costs.plan(stages, bytes_per_ms)
         previous = self._cuts.get(key)
