@@ -81,12 +81,16 @@ class PhaseStages:
     exchange: str
 
 
+def stage_overhead_ms(profile: UnitProfile, stage: int, stages: int) -> float:
+    """What stage ``stage`` of ``stages`` runs besides its units (ms, eager): ``prepare`` on
+    every stage, plus ``finish`` on the last."""
+    return profile.prepare_ms + (profile.finish_ms if stage == stages - 1 else 0.0)
+
+
 def eager_stage_ms(profile: UnitProfile, cuts: Sequence[int]) -> tuple[float, ...]:
-    """Per stage of ``cuts``: its units' eager costs plus ``prepare`` (every stage runs it) and,
-    on the last stage, ``finish`` (ms)."""
-    last = len(cuts) - 2
-    return tuple(sum(profile.unit_ms[a:b]) + profile.prepare_ms
-                 + (profile.finish_ms if j == last else 0.0)
+    """Per stage of ``cuts``: its units' eager costs plus its overhead (ms)."""
+    stages = len(cuts) - 1
+    return tuple(sum(profile.unit_ms[a:b]) + stage_overhead_ms(profile, j, stages)
                  for j, (a, b) in enumerate(zip(cuts, cuts[1:])))
 
 
@@ -170,20 +174,21 @@ class StageCalibration:
             self._cuts[key] = plan.cuts
             return plan, profile, None
         history = self._history.get(key, {})
-
         factors = self._factors[key]
+        worths: dict[tuple[int, ...], float] = {}
 
         def worth(cuts: tuple[int, ...]) -> float:
-            modelled = costs.plan(stages, bytes_per_ms, cuts=cuts)
-            # what a measurement would hold: the corrected units plus prepare (and finish),
-            # the latter scaled by the mean factor of the stage's units
-            overhead = [e - sum(profile.unit_ms[a:b])
-                        for e, a, b in zip(eager_stage_ms(profile, cuts), cuts, cuts[1:])]
-            value = max(t + o * statistics.fmean(factors[a:b])
-                        for t, o, a, b in zip(modelled.stage_ms, overhead, cuts, cuts[1:]))
-            if cuts in history:
-                return max(m + t for m, t in zip(history[cuts], modelled.transfer_ms))
-            return value
+            if cuts not in worths:
+                modelled = costs.plan(stages, bytes_per_ms, cuts=cuts)
+                if cuts in history:
+                    worths[cuts] = max(m + t for m, t in zip(history[cuts], modelled.transfer_ms))
+                else:
+                    # what a measurement would hold: the corrected units plus the stage's
+                    # overhead scaled by the mean factor of its units
+                    worths[cuts] = max(
+                        t + stage_overhead_ms(profile, j, stages) * statistics.fmean(factors[a:b])
+                        for j, (t, a, b) in enumerate(zip(modelled.stage_ms, cuts, cuts[1:])))
+            return worths[cuts]
 
         best = costs.plan(stages, bytes_per_ms)
         previous = self._cuts.get(key)

@@ -142,7 +142,9 @@ class HybridDenoiser:
         # cuts re-planned from measured stage times (engine/rebalance.py), kept across runs:
         # the open phase, the closed one whose medians the next phase gathers, and per chain
         # the number of phases planned (the store keys of their exchanges)
-        self._calibration = StageCalibration() if self.cfg.rebalance else None
+        # (a pinned stage_cuts is never re-planned, so nothing is measured for it)
+        self._calibration = (StageCalibration()
+                             if self.cfg.rebalance and self.cfg.stage_cuts is None else None)
         self._phase: PhaseStages | None = None
         self._closed_phase: PhaseStages | None = None
         self._phases_planned: dict[str, int] = {}
@@ -628,14 +630,13 @@ class HybridDenoiser:
                     *, stage: int, chain: str) -> tuple[PartitionPlan, UnitProfile]:
         """The stage cut of the phase being set up: ``(plan, unit costs it was planned from)``.
 
-        Planned from the eager ``profile`` (or the pinned ``stage_cuts``); with ``rebalance``,
-        from the costs corrected by earlier phases' measured stage times, and this rank's part
-        of the phase (``stage``, its index in the chain; ``chain``, a label the chain's ranks
-        share) is kept to be measured."""
+        Planned from the eager ``profile`` (or the pinned ``stage_cuts``); with ``rebalance``
+        and no pinned cut, from the costs corrected by earlier phases' measured stage times, and
+        this rank's part of the phase (``stage``, its index in the chain; ``chain``, a label the
+        chain's ranks share) is kept to be measured."""
         if self._calibration is None:
             return profile.plan(stages, bytes_per_ms, cuts=self.cfg.stage_cuts), profile
-        plan, costs, info = self._calibration.plan(profile, stages, bytes_per_ms,
-                                                   pinned=self.cfg.stage_cuts)
+        plan, costs, info = self._calibration.plan(profile, stages, bytes_per_ms)
         if info is not None:
             self._report.extra["rebalance"] = info
             self._report.note(describe(info, plan.cuts))

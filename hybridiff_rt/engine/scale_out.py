@@ -104,8 +104,8 @@ class ScaleOut:
             compiled or graph-replayed stage, or None for the eager one.
         timer: the run's ``engine.timing.StepTimer`` (compute / transfer / wait of each step).
         plan_stages: ``(profile, stages, bytes_per_ms, *, stage, chain) -> (plan, costs)``, the
-            runtime's planner (which re-plans from measured stage times with ``rebalance``);
-            default: ``profile.plan`` with the pinned ``stage_cuts``.
+            runtime's planner (the pinned ``stage_cuts``, the eager profile, or with
+            ``rebalance`` the costs corrected by measured stage times).
     """
 
     def __init__(self, *, layout: RankLayout, transport: Transport, cfg: HybridConfig,
@@ -114,11 +114,9 @@ class ScaleOut:
                  key: str, device: torch.device,
                  stage_call: Callable[[int, int, bool], Callable[..., Any] | None],
                  timer: StepTimer,
-                 plan_stages: Callable[..., tuple[Any, UnitProfile]] | None = None) -> None:
+                 plan_stages: Callable[..., tuple[Any, UnitProfile]]) -> None:
         self.device = device
-        self.plan_stages = plan_stages or (
-            lambda profile, stages, bytes_per_ms, **_: (
-                profile.plan(stages, bytes_per_ms, cuts=cfg.stage_cuts), profile))
+        self.plan_stages = plan_stages
         self.stage_call = stage_call
         self.timer = timer
         self.output_kind = output_kind
