@@ -1,12 +1,17 @@
 """Two-call CFG: pipelines that call their denoiser once per guidance branch in each step.
 
-Wan, Qwen-Image and Flux with ``true_cfg_scale > 1`` do not stack ``[uncond; cond]`` into one
-batch; each step calls the denoiser with the cond inputs and then again with the uncond inputs,
-and only after the second call combines the two predictions. The protocol that lets rank 1
-compute the cond call while rank 0 computes the uncond call, with the pipeline unchanged:
+Wan, Lumina2, CogView4, Chroma, and Qwen-Image and Flux with ``true_cfg_scale > 1``, do not
+stack ``[uncond; cond]`` into one batch; each step calls the denoiser with the cond inputs and
+then again with the uncond inputs, and only after the second call combines the two predictions.
+The protocol that lets rank 1 compute the cond call while rank 0 computes the uncond call, with
+the pipeline unchanged:
 
 1. First call of a step: nothing runs. The inputs are kept and the call returns a *deferred
-   buffer*: an empty tensor (0 elements) of the denoiser's parameter dtype.
+   buffer*: an empty tensor (0 elements) of the denoiser's parameter dtype. The containers among
+   the inputs (dicts, lists, tuples, nested) are copied: a loop may change a dict it passes to
+   both calls in between (Chroma puts the negative IP-Adapter embeddings into its
+   ``joint_attention_kwargs`` before the uncond call), and the first call must see it as it was
+   when it was made.
 2. Second call of the same step (same expert, same sample): the HybridDenoiser runs the step on
    both branches (CBP: one branch per rank, exchanged; or a pipelined step), the buffer returned
    by the first call is re-pointed in place (``Tensor.set_``) at the first call's prediction, and
@@ -15,8 +20,8 @@ compute the cond call while rank 0 computes the uncond call, with the pipeline u
 This is exact only if the pipeline does not read the first call's result before the second call
 returns. That cannot be checked at run time in general, so it is a property of each pipeline
 class's loop, verified by a test that compares the two-rank output with the plain pipeline bit
-for bit (tests/test_two_call.py): only the classes in :data:`TWO_CALL_PIPELINES` are accepted,
-and the other pipelines known to call their denoiser per branch are refused by name
+for bit (tests/test_dit_pipelines.py): only the classes in :data:`TWO_CALL_PIPELINES` are
+accepted, and the other pipelines known to call their denoiser per branch are refused by name
 (:data:`UNVERIFIED_TWO_CALL`), as are subclasses of either. As run-time guards, the second call
 must have the first call's expert, sample and timestep (else an error); a first call whose second
 call never comes is an error at the end of the pipeline call; and arithmetic on the deferred
@@ -99,6 +104,8 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "FluxPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
                                   scale_argument="true_cfg_scale"),
     "Lumina2Pipeline": TwoCallLayout("cond", _pipeline_flag, step_guided=_lumina2_untruncated),
+    "CogView4Pipeline": TwoCallLayout("cond", _pipeline_flag),
+    "ChromaPipeline": TwoCallLayout("cond", _pipeline_flag),
 }
 
 #: Pipelines of diffusers 0.42 whose loops call the denoiser once per guidance branch (found by
@@ -106,8 +113,8 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
 #: pipeline taking ``true_cfg_scale`` is refused likewise.
 UNVERIFIED_TWO_CALL: dict[str, str] = {
     name: "its two-call loop is not verified by a test" for name in (
-        "BriaFibo2Pipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline",
-        "ChronoEditPipeline", "CogView4ControlPipeline", "CogView4Pipeline",
+        "BriaFibo2Pipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline",
+        "ChronoEditPipeline", "CogView4ControlPipeline",
         "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosTextToWorldPipeline",
         "CosmosVideoToWorldPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinPipeline",
         "GlmImagePipeline", "HeliosPipeline", "HeliosPyramidPipeline", "JoyImageEditPipeline",
@@ -232,7 +239,7 @@ class TwoCallSteps:
         param = next(self.adapter.engine.model.parameters(), None)
         dtype = param.dtype if param is not None else sample.dtype
         buffer = torch.empty(0, dtype=dtype, device=sample.device)
-        self.pending = (expert, kw, buffer)
+        self.pending = (expert, {key: _as_called(value) for key, value in kw.items()}, buffer)
         return self._wrap(buffer, return_dict)
 
     def _complete(self, expert: int, kw: dict[str, Any], return_dict: bool, step: int) -> Any:
@@ -264,6 +271,18 @@ class TwoCallSteps:
             f"({self.layout.first_branch} first); each step's first call returned a deferred "
             "buffer, filled in place when the second call ran the step")
         return self._wrap(second, return_dict)
+
+
+def _as_called(value: Any) -> Any:
+    """``value`` with its containers copied (dict, list, tuple, nested; tensors and other
+    objects shared): what a deferred call was given, whatever the loop changes in them later."""
+    if isinstance(value, dict):
+        return {k: _as_called(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_called(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_as_called(v) for v in value)
+    return value
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -29,7 +29,7 @@ from hybridiff_rt.engine.branch_layout import (
     split_branch_kwargs,
 )
 from hybridiff_rt.stages import has_stage_adapter
-from hybridiff_rt.testing import build_dit, dit_pipelines, sd_pipeline
+from hybridiff_rt.testing import DIT_INFO, build_dit, dit_pipelines, sd_pipeline
 
 
 @pytest.fixture
@@ -56,14 +56,18 @@ def _dit_cases(seed):
     wan = dit_pipelines.wan_transformer(num_layers=3)
     wan_i2v = dit_pipelines.wan_transformer(in_channels=12)
     cases = {}
-    for name in ("qwen-image", "flux-true-cfg"):  # dual-stream: inputs as their pipelines make them
+    # dual-stream: inputs as their pipelines make them (CogView4: the uncond call's text is
+    # longer than the cond call's, a layout of its own)
+    for name in ("qwen-image", "flux-true-cfg", "cogview4"):
         pipe, kwargs = build_dit(name, seed=seed)
         seen = []
         handle = pipe.transformer.register_forward_pre_hook(
             lambda module, args, kw, seen=seen: seen.append(kw), with_kwargs=True)
-        pipe(num_inference_steps=1, output_type="latent", true_cfg_scale=4.0, **kwargs)
+        pipe(num_inference_steps=1, output_type="latent", **DIT_INFO[name].guidance_kwargs,
+             **kwargs)
         handle.remove()
-        cases[name] = (pipe.transformer, {k: v for k, v in seen[0].items() if k != "return_dict"})
+        call = seen[random.Random(seed).randrange(len(seen))]  # the cond or the uncond call
+        cases[name] = (pipe.transformer, {k: v for k, v in call.items() if k != "return_dict"})
     return cases | {
         "pixart": (pixart, {"hidden_states": _randn(gen, batch, 4, 8, 8),
                             "encoder_hidden_states": _randn(gen, batch, 6, 32),
@@ -153,7 +157,7 @@ def test_which_denoisers_have_a_stage_adapter(seed):
     cases = _dit_cases(seed)
     assert all(has_stage_adapter(model) for model, _ in cases.values())
     assert has_stage_adapter(sd_pipeline(seed=seed).unet)
-    for name in ("auraflow", "hunyuan-dit"):
+    for name in ("auraflow", "hunyuan-dit", "chroma"):
         model = build_dit(name, seed=seed)[0].transformer
         assert not has_stage_adapter(model)
         with pytest.raises(hr.UnsupportedModelError, match="cannot stage"):
@@ -255,19 +259,14 @@ def test_world_of_one_returns_the_models_own_output_class(seed):
 
 # ---------------------------------------------------------------------------- two-call guards
 def test_unverified_two_call_pipelines_are_refused_at_parallelize(seed):
-    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FluxPipeline
+    from diffusers import ChromaImg2ImgPipeline, FluxPipeline
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        chroma = ChromaTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-            axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=16,
-            approximator_layers=1)
-    pipe = ChromaPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
-                          transformer=chroma)
-    with pytest.raises(hr.UnsupportedModelError, match="ChromaPipeline calls its denoiser once "
-                                                       "per guidance branch"):
+    chroma = build_dit("chroma", seed=seed)[0].transformer
+    # the text-to-image Chroma loop is verified, its image-to-image sibling's is not
+    pipe = ChromaImg2ImgPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                 transformer=chroma)
+    with pytest.raises(hr.UnsupportedModelError, match="ChromaImg2ImgPipeline calls its "
+                                                       "denoiser once per guidance branch"):
         hr.parallelize(pipe)
     assert "forward" not in vars(chroma)  # nothing was wrapped
 
@@ -311,3 +310,60 @@ def test_a_call_outside_the_pairing_is_an_error(seed, when, message):
                  generator=torch.Generator().manual_seed(seed),
                  callback_on_step_end=_extra_call(when, kwargs["prompt_embeds"]), **kwargs)
     parallel.restore()
+
+
+class _BranchRecorder:
+    """Stands in for the adapter and engine around TwoCallSteps: records the per-branch
+    arguments a step is run with and predicts ``sample + sum of the image embeddings``."""
+
+    sample_key, output_kind, _next_step = "hidden_states", None, 0
+
+    def __init__(self) -> None:
+        self.engine, self.model = self, torch.nn.Linear(2, 2)
+        self.pipe = type("ChromaLike", (), {"do_classifier_free_guidance": True})()
+        self.report = type("Report", (), {"note": staticmethod(lambda text: None)})()
+        self.branches: list[tuple[dict, dict]] = []
+
+    def _planned_calls(self) -> int:
+        return 1
+
+    def predict_branches(self, uncond_kw, cond_kw, **_):
+        self.branches.append((uncond_kw, cond_kw))
+        return tuple(kw["hidden_states"] + sum(e.sum() for e in
+                                               kw["joint_attention_kwargs"]["image_embeds"])
+                     for kw in (uncond_kw, cond_kw))
+
+
+def test_a_deferred_call_keeps_its_arguments_as_the_loop_passed_them(seed):
+    """Chroma's loop writes the negative IP-Adapter embeddings into the dict it passes to both
+    calls between them; the deferred cond call must still run with the positive ones."""
+    from hybridiff_rt.two_call import TWO_CALL_PIPELINES, TwoCallSteps
+
+    def forward(hidden_states, timestep, encoder_hidden_states, joint_attention_kwargs=None,
+                return_dict=True):
+        raise AssertionError("the protocol runs the branches through the engine")
+
+    gen = torch.Generator().manual_seed(seed)
+    sample, timestep = torch.randn(1, 4, 2, generator=gen), torch.tensor([0.5])
+    positive, negative = torch.randn(1, 3, generator=gen), torch.randn(1, 3, generator=gen)
+    recorder = _BranchRecorder()
+    steps = TwoCallSteps(recorder, TWO_CALL_PIPELINES["ChromaPipeline"], [forward])
+    steps.begin({"guidance_scale": 4.0})
+    shared = {"image_embeds": [positive], "scale": 1.0}
+    (first,) = steps.forward(0, (), {"hidden_states": sample, "timestep": timestep,
+                                     "encoder_hidden_states": torch.ones(1, 2, 8),
+                                     "joint_attention_kwargs": shared, "return_dict": False})
+    assert first.numel() == 0  # deferred
+    shared["image_embeds"][0] = negative  # in place, in the list both calls were given
+    shared["scale"] = 0.0
+    (second,) = steps.forward(0, (), {"hidden_states": sample, "timestep": timestep,
+                                      "encoder_hidden_states": torch.zeros(1, 2, 8),
+                                      "joint_attention_kwargs": shared, "return_dict": False})
+    (uncond_kw, cond_kw), = recorder.branches
+    assert cond_kw["joint_attention_kwargs"]["image_embeds"][0] is positive
+    assert cond_kw["joint_attention_kwargs"]["scale"] == 1.0
+    assert uncond_kw["joint_attention_kwargs"]["image_embeds"][0] is negative
+    assert torch.equal(cond_kw["encoder_hidden_states"], torch.ones(1, 2, 8))
+    assert torch.equal(first, sample + positive.sum())  # the buffer holds the cond prediction
+    assert torch.equal(second, sample + negative.sum())
+    steps.end()

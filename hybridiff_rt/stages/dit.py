@@ -80,6 +80,10 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
         flow=("hidden_states", "encoder_hidden_states"),
         returns=("encoder_hidden_states", "hidden_states"),
         refused=("controlnet_block_samples", "controlnet_single_block_samples")),
+    # dual-stream blocks that return (hidden, encoder), in that order
+    "CogView4Transformer2DModel": DiTFamily(
+        blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
+        returns=("hidden_states", "encoder_hidden_states")),
 }
 
 

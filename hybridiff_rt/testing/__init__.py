@@ -8,8 +8,9 @@
   from the same tiny components, with the inputs each needs (:func:`add_ip_adapter` gives a
   U-Net a seeded random IP-Adapter); :data:`INFO` and :func:`count_denoiser_calls` say
   how often, and on what batch, each one calls its denoiser.
-* :data:`DIT_BUILDERS` / :func:`build_dit`: tiny PixArt-Sigma, Sana, Wan 2.1 / 2.2, Qwen-Image
-  and Flux pipelines with precomputed prompt embeddings (:mod:`.dit_pipelines`).
+* :data:`DIT_BUILDERS` / :func:`build_dit`: tiny PixArt-Sigma, Sana, AuraFlow, HunyuanDiT,
+  Wan 2.1 / 2.2, Lumina2, Qwen-Image, Flux, CogView4 and Chroma pipelines with precomputed prompt
+  embeddings (:mod:`.dit_pipelines`).
 * :data:`UNET_KIN_BUILDERS` / :func:`build_unet_kin`: tiny DeepFloyd IF and Kandinsky 2.2
   pipelines, U-Nets of block types the stage adapter does not stage, and
   :func:`instruct_pix2pix` (three guidance branches) (:mod:`.unet_pipelines`).

@@ -1,7 +1,8 @@
 """Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT, Wan 2.1 /
-2.2 text-to-video, Wan image-to-video, Lumina2, Qwen-Image, Flux), built offline.
+2.2 text-to-video, Wan image-to-video, Lumina2, Qwen-Image, Flux, CogView4, Chroma), built
+offline.
 
-These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL) have no cheap in-memory
+These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
 ``tokenizer=None`` and ``vae=None`` (a tiny VAE where the pipeline encodes an image) and returns,
 with it, call arguments holding seeded random *precomputed* prompt embeddings (and masks /
@@ -308,6 +309,52 @@ def flux(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def cogview4(seed: int = 0, size: str = "tiny"):
+    """CogView4Pipeline (dual-stream blocks returning (hidden, encoder); size and crop
+    conditioning; two calls per step, cond first), 64 px -> 8 x 8 latents, its flow-matching
+    scheduler (dynamic shift, linear time shift). The negative prompt is 4 tokens longer than the
+    prompt, as CogView4's padding to multiples of 16 tokens can make it."""
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel
+
+    layers = {"tiny": 2, "small": 6}[size]
+    with seeded(seed):
+        transformer = CogView4Transformer2DModel(
+            patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=8,
+            num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,
+            pos_embed_max_size=16, sample_size=8, rope_axes_dim=(4, 4))
+    scheduler = flow_match_scheduler(1.0, base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                     use_dynamic_shifting=True, time_shift_type="linear")
+    pipe = CogView4Pipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                            scheduler=scheduler)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 12, 32),
+              "negative_prompt_embeds": _embeds(gen, 1, 16, 32), "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
+def chroma(seed: int = 0, size: str = "tiny"):
+    """ChromaPipeline (Flux-like blocks modulated per block from one pooled table, attention
+    masks; two calls per step, cond first), 64 px -> 16 tokens."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel
+
+    layers = {"tiny": 1, "small": 3}[size]
+    with seeded(seed):
+        transformer = ChromaTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+            axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=16,
+            approximator_layers=1)
+    pipe = ChromaPipeline(scheduler=flow_match_scheduler(), vae=None, text_encoder=None,
+                          tokenizer=None, transformer=transformer)
+    gen = torch.Generator().manual_seed(seed + 1)
+    mask = torch.ones(1, 6)
+    mask[:, 4:] = 0  # padded prompt tokens, as the T5 tokenizer leaves them
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32), "prompt_attention_mask": mask,
+              "negative_prompt_attention_mask": torch.ones(1, 6), "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
 #: name -> builder ``fn(seed=0, size="tiny") -> (pipe, call_kwargs)``
 DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = OrderedDict([
     ("pixart-sigma", pixart_sigma),
@@ -320,6 +367,8 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("lumina2", lumina2),
     ("qwen-image", qwen_image),
     ("flux-true-cfg", flux),
+    ("cogview4", cogview4),
+    ("chroma", chroma),
 ])
 
 DIT_INFO: dict[str, DiTInfo] = {
@@ -336,6 +385,8 @@ DIT_INFO: dict[str, DiTInfo] = {
                                                        "cfg_trunc_ratio": 0.7}),
     "qwen-image": DiTInfo("QwenImagePipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
+    "cogview4": DiTInfo("CogView4Pipeline", "two-call", {"guidance_scale": 5.0}),
+    "chroma": DiTInfo("ChromaPipeline", "two-call", {"guidance_scale": 4.0}),
 }
 
 
