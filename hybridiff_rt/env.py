@@ -40,6 +40,11 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("HYBRIDIFF_RT_IPC_STAGING", "auto", "runtime",
              "auto | device | host: how the CUDA IPC transport stages transfers between two "
              "GPUs (host forces pinned host memory even where peer access exists)."),
+    Variable("HYBRIDIFF_RT_RANKS_START", "auto", "runtime",
+             "auto | spawn: how hybridiff_rt.testing.run_ranks (the tests, the CPU demo and "
+             "benchmarks) starts local ranks: forked from a server that imported torch and "
+             "diffusers once (auto, where the platform has a forkserver), or each a fresh "
+             "interpreter (spawn)."),
     Variable("HYBRIDIFF_RT_FAKE_CUDA_TESTS", "0", "tests",
              "1: the IPC host tests also build the transfer engine against the fake CUDA runtime "
              "(csrc/testing/fake_cudart.cpp) and run it between two processes, no GPU needed."),

@@ -77,9 +77,13 @@ def test_a_changed_environment_restarts_the_server_and_an_env_argument_spawns(mo
     assert ranks.start_method({name: other}) == "spawn"
     for facts in all_ok(run_ranks(_rank_facts, [name], env={name: other})):
         assert facts["env"][name] == other and facts["parent"] == os.getpid()  # spawned by us
-    monkeypatch.setenv("HYBRIDIFF_RT_RANKS_START", "spawn")
+    monkeypatch.setenv("HYBRIDIFF_RT_RANKS_START", " Spawn ")
     assert ranks.start_method() == "spawn"
     assert all(f["parent"] == os.getpid() for f in all_ok(run_ranks(_rank_facts, [])))
+    monkeypatch.setenv("HYBRIDIFF_RT_RANKS_START", "fork")
+    with pytest.raises(ValueError, match="HYBRIDIFF_RT_RANKS_START='fork': set it to auto or "
+                                         "spawn"):
+        run_ranks(_rank_facts, [])
 
 
 @pytest.mark.parametrize("start", ["default", "spawn"])

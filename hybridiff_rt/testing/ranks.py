@@ -33,6 +33,8 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
+from .. import env as variables
+
 #: Modules the forkserver imports before forking ranks (a module missing here is skipped): torch
 #: and the diffusers / transformers modules that the bundled tiny pipelines pull in.
 PRELOAD: tuple[str, ...] = (
@@ -106,8 +108,10 @@ def start_method(env: dict | None = None) -> str:
     docstring). A running forkserver whose environment is out of date is stopped here, so that
     the next rank starts a new one under the current environment."""
     global _forkserver_environment
-    if (os.environ.get("HYBRIDIFF_RT_RANKS_START", "").strip().lower() == "spawn" or env
-            or "forkserver" not in mp.get_all_start_methods()):
+    chosen = variables.read("HYBRIDIFF_RT_RANKS_START").lower()
+    if chosen not in ("auto", "spawn"):
+        raise ValueError(f"HYBRIDIFF_RT_RANKS_START={chosen!r}: set it to auto or spawn, or unset it")
+    if chosen == "spawn" or env or "forkserver" not in mp.get_all_start_methods():
         return "spawn"
     lasting = _lasting_environment()
     if _forkserver_environment is None:
