@@ -53,7 +53,7 @@ fresh_tree() {  # fresh_tree NAME -> a new copy of the tree (its own build/ fold
   rm -rf "$WORK/src-$1"; cp -a "$WORK/tree" "$WORK/src-$1"; echo "$WORK/src-$1"
 }
 
-log() { printf '\n==== %s\n' "$*"; }
+log() { printf '\n==== %s  [%s]\n' "$*" "$(date -u +%H:%M:%S)"; }
 # pip of this machine names index folders that may not exist: drop those warnings only.
 quiet_pip() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 

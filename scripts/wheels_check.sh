@@ -70,7 +70,7 @@ for whl in "${wheels[@]}"; do
   name="$(basename "$whl")"
   local_tag="$(sed -E 's/^hybridiff_rt-[^+]*\+([a-z0-9]+)-.*/\1/' <<<"$name")"   # cu130 / cu128 / cpu
   pytag="$(sed -E 's/.*-cp([0-9]+)-cp[0-9]+-.*/\1/' <<<"$name")"
-  printf '\n==== %s\n' "$name"
+  printf '\n==== %s  [%s]\n' "$name" "$(date -u +%H:%M:%S)"
   py="$(find_python "$pytag")" || { RESULT[$name]="SKIP (no python ${pytag})"; continue; }
   venv="$WORK/venv-${name%.whl}"
   "$py" -m venv "$venv"
@@ -137,7 +137,7 @@ sdists=("$DIST"/hybridiff_rt-*.tar.gz)
 if [[ ${#sdists[@]} -gt 0 ]]; then
   sdist="${sdists[0]}"; name="$(basename "$sdist")"
   version="$(sed -E 's/^hybridiff_rt-(.*)\.tar\.gz$/\1/' <<<"$name")"
-  printf '\n==== %s\n' "$name"
+  printf '\n==== %s  [%s]\n' "$name" "$(date -u +%H:%M:%S)"
   venv="$WORK/venv-sdist"; vpy="$venv/bin/python"
   if ! py="$(find_python 311)"; then
     RESULT[$name]="SKIP (no python 3.11)"
