@@ -452,6 +452,26 @@ def test_sd3_staged_forward_is_bit_exact(name, optional, seed):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("name", ["sd3", "sd35"])
+def test_sd3_ip_adapter_is_bit_exact(name, seed):
+    from hybridiff_rt.testing import add_ip_adapter
+
+    model = add_ip_adapter(make_sd3(name), seed % 1000, image_dim=16, tokens=4)
+    staged = st.stage_denoiser(model)
+    kw = sd3_inputs(name)
+    kw["joint_attention_kwargs"] = {"ip_adapter_image_embeds": torch.randn(2, 3, 16)}
+    shared = dict(kw["joint_attention_kwargs"])
+    out = staged.forward(**kw)
+    # the caller's dict is left as it was (the model's forward works on a copy as well)
+    assert kw["joint_attention_kwargs"].keys() == shared.keys()
+    assert kw["joint_attention_kwargs"]["ip_adapter_image_embeds"] is shared["ip_adapter_image_embeds"]
+    assert_bit_equal(reference(model, kw), out, seed)
+    # the image tokens reach the joint attention: other image embeddings, another prediction
+    kw["joint_attention_kwargs"] = {"ip_adapter_image_embeds": torch.randn(2, 3, 16)}
+    assert not torch.equal(staged.forward(**kw), out)
+
+
+@torch.no_grad()
 def test_sd3_optional_inputs_matter_and_last_layer_skip_is_exact(seed):
     model = make_sd3("sd35")
     staged = st.stage_denoiser(model)

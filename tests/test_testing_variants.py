@@ -45,7 +45,7 @@ def test_names_and_info_agree():
         "sdxl-controlnet", "sdxl-t2i-adapter", "sdxl-pag", "sdxl-ip-adapter", "sdxl-heun",
         "sdxl-denoising-end",
         "sdxl-img2img-denoising-start", "sd3", "sd3-img2img", "sd3-inpaint", "sd3-controlnet",
-        "sd3-skip-layer-guidance"]
+        "sd3-skip-layer-guidance", "sd3-ip-adapter"]
     assert set(INFO) == set(VARIANTS)
     table = V.__doc__
     for name, info in INFO.items():

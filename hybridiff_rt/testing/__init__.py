@@ -6,8 +6,8 @@
 * :data:`VARIANTS` / :func:`build_variant`: every diffusers pipeline variant of those families
   (img2img, inpaint, ControlNet, T2I-Adapter, IP-Adapter, PAG, Heun, skip-layer guidance, ...)
   from the same tiny components, with the inputs each needs (:func:`add_ip_adapter` gives a
-  U-Net a seeded random IP-Adapter); :data:`INFO` and :func:`count_denoiser_calls` say
-  how often, and on what batch, each one calls its denoiser.
+  U-Net or an SD3 transformer a seeded random IP-Adapter); :data:`INFO` and
+  :func:`count_denoiser_calls` say how often, and on what batch, each one calls its denoiser.
 * :data:`DIT_BUILDERS` / :func:`build_dit`: tiny PixArt-Sigma, Sana, AuraFlow, HunyuanDiT,
   Wan 2.1 / 2.2, Lumina2, Qwen-Image, Flux, CogView4 and Chroma pipelines with precomputed prompt
   embeddings (:mod:`.dit_pipelines`).

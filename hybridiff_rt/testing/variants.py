@@ -47,6 +47,7 @@ sd3-img2img  (strength 0.5)    2              2 / 4                   2
 sd3-inpaint  (strength 0.75)   3              2 / 4                   3
 sd3-controlnet                 4              2 / 4                   4
 sd3-skip-layer-guidance        6              2,2,1,2,1,2 / 4,4,2,... 4
+sd3-ip-adapter                 4              2 / 4                   4
 ============================== ============== ======================= ===============
 
 Notes for a runtime that splits the denoiser across ranks:
@@ -203,14 +204,23 @@ def _make_t2i_adapter(unet, seed: int):
                           adapter_type="full_adapter_xl")
 
 
-def add_ip_adapter(unet, seed: int, image_dim: int = 16, tokens: int = 4):
-    """Give ``unet`` a seeded random IP-Adapter, laid out as diffusers' ``load_ip_adapter``
-    lays out a real one: IP-Adapter attention processors (extra key/value projections of the
-    image tokens) on every cross-attention, and an image projection of ``image_dim``-wide CLIP
-    image embeddings to ``tokens`` tokens as ``encoder_hid_proj``. Returns ``unet``."""
+def add_ip_adapter(model, seed: int, image_dim: int = 16, tokens: int = 4):
+    """Give ``model`` (a ``UNet2DConditionModel`` or an ``SD3Transformer2DModel``) a seeded random
+    IP-Adapter, laid out as diffusers' ``load_ip_adapter`` lays out a real one, projecting
+    ``image_dim``-wide image embeddings to ``tokens`` image tokens. Returns ``model``.
+
+    * U-Net: IP-Adapter attention processors (extra key/value projections of the image tokens)
+      on every cross-attention, and an ``ImageProjection`` as ``encoder_hid_proj``; it reads
+      ``added_cond_kwargs["image_embeds"]`` (a list of (2B, 1, image_dim) tensors).
+    * SD3 transformer: ``SD3IPAdapterJointAttnProcessor2_0`` on every joint attention, and an
+      ``IPAdapterTimeImageProjection`` (timestep-conditioned resampler) as ``image_proj``; it reads
+      ``joint_attention_kwargs["ip_adapter_image_embeds"]`` ((2B, N, image_dim))."""
+    if type(model).__name__ == "SD3Transformer2DModel":
+        return _add_sd3_ip_adapter(model, seed, image_dim, tokens)
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 
+    unet = model
     config = unet.config
     widths = list(config.block_out_channels)
     processors = {}
@@ -234,6 +244,27 @@ def add_ip_adapter(unet, seed: int, image_dim: int = 16, tokens: int = 4):
     unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
     unet.config.encoder_hid_dim_type = "ip_image_proj"
     return unet
+
+
+def _add_sd3_ip_adapter(transformer, seed: int, image_dim: int, tokens: int,
+                        resampler_width: int = 32):
+    """SD3's layout (``SD3Transformer2DLoadersMixin._load_ip_adapter_weights``): the resampler's
+    time embedding (``resampler_width`` wide) also conditions each processor's image-token norm."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    config = transformer.config
+    inner = config.attention_head_dim * config.num_attention_heads
+    with seeded(seed):
+        transformer.set_attn_processor({
+            name: SD3IPAdapterJointAttnProcessor2_0(
+                hidden_size=inner, ip_hidden_states_dim=inner, head_dim=config.attention_head_dim,
+                timesteps_emb_dim=resampler_width, scale=1.0)
+            for name in transformer.attn_processors})
+        transformer.image_proj = IPAdapterTimeImageProjection(
+            embed_dim=image_dim, output_dim=inner, hidden_dim=resampler_width, depth=1,
+            dim_head=16, heads=2, num_queries=tokens, timestep_in_dim=16)
+    return transformer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +414,15 @@ def _sd3_skip_layer_guidance(seed: int = 0):
                                      "skip_layer_guidance_stop": 0.6}
 
 
+def _sd3_ip_adapter(seed: int = 0):
+    # one tensor of image features, [negative; positive] stacked (SD3's pipeline chunks it in two)
+    pipe = sd3_pipeline(seed=seed)
+    add_ip_adapter(pipe.transformer, seed + 1)
+    with seeded(seed + 2):
+        embeds = torch.randn(2, 3, 16)
+    return pipe, {"ip_adapter_image_embeds": embeds}
+
+
 #: name -> builder ``fn(seed=0) -> (pipe, call_kwargs)``, in a stable order.
 VARIANTS: OrderedDict[str, Builder] = OrderedDict([
     ("sd", _sd),
@@ -404,6 +444,7 @@ VARIANTS: OrderedDict[str, Builder] = OrderedDict([
     ("sd3-inpaint", _sd3_inpaint),
     ("sd3-controlnet", _sd3_controlnet),
     ("sd3-skip-layer-guidance", _sd3_skip_layer_guidance),
+    ("sd3-ip-adapter", _sd3_ip_adapter),
 ])
 
 
@@ -440,6 +481,7 @@ INFO: dict[str, VariantInfo] = {
     "sd3-skip-layer-guidance": _info(
         "sd3", "StableDiffusion3Pipeline", 6, (2, 2, 1, 2, 1, 2),
         calls_per_step="steps 1 and 2 add a cond-only call (batch B) with skip_layers=[1]"),
+    "sd3-ip-adapter": _info("sd3", "StableDiffusion3Pipeline", 4),
 }
 
 
