@@ -4,7 +4,8 @@ the generic DiT stage adapter.
 One spawn of two ranks runs, for every tiny pipeline of hybridiff_rt.testing.dit_pipelines
 (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT: batched [uncond; cond]; Wan 2.1, Wan 2.2 with
 two experts, Wan image-to-video, Lumina2 (with CFG truncation), Qwen-Image, Flux true CFG,
-CogView4, Chroma: two calls per step):
+CogView4, Chroma, and Flux and Chroma with an IP-Adapter (their loops write the negative image
+embeddings into a dict both calls share, between the calls): two calls per step):
 
 * k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
   call, whole on every rank); equal bit for bit to the exact serial
@@ -13,7 +14,7 @@ CogView4, Chroma: two calls per step):
   two-call protocol must change nothing at all); batched pipelines also within BATCH_TOLERANCE
   (relative to the largest magnitude) of the ordinary batch-2 pipeline;
 * k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, Wan 2.1 T2V and I2V,
-  Qwen-Image, Flux, CogView4): the modes follow the schedule and the output equals, bit for bit, a
+  Qwen-Image, Flux with and without an IP-Adapter, CogView4): the modes follow the schedule and the output equals, bit for bit, a
   one-process emulation of the same schedule (per-branch calls on CBP steps, the staged model on
   the stale boundary on pipelined steps);
 * k>0 for the others (AuraFlow, HunyuanDiT, Chroma: no adapter; Wan 2.2: two experts): CBP
@@ -38,9 +39,11 @@ STEPS_PIPELINED = 6
 #: slope_eps 0 never fires: tau1 = tau_cap = 2, pipelined steps 3 and 4, CBP again at step 5
 PIPELINED = {"window": 1, "slope_eps": 0.0, "k": 2, "tau_cap": 2}
 WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "wan2.1": "reuse", "wan2.1-i2v": "off",
-                "qwen-image": "reuse", "flux-true-cfg": "off", "cogview4": "reuse"}
+                "qwen-image": "reuse", "flux-true-cfg": "off", "cogview4": "reuse",
+                "flux-ip-adapter": "reuse"}
 CBP_ONLY_NOTES = {"wan2.2": "2 expert denoisers", "auraflow": "has no stage adapter",
-                  "hunyuan-dit": "has no stage adapter", "chroma": "has no stage adapter"}
+                  "hunyuan-dit": "has no stage adapter", "chroma": "has no stage adapter",
+                  "chroma-ip-adapter": "has no stage adapter"}
 #: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
 #: difference relative to the largest magnitude of the plain result (random models drive the
 #: latents to magnitudes of hundreds; measured: 3e-7 of that for Sana, 1.2e-5 for HunyuanDiT,

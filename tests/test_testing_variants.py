@@ -116,3 +116,11 @@ def test_control_branches_are_not_zero():
                  generator=torch.Generator().manual_seed(0), output_type="latent",
                  controlnet_conditioning_scale=scale, **kwargs).images for scale in (0.0, 1.0)]
     assert not torch.allclose(outs[0], outs[1])
+
+
+def test_add_ip_adapter_refuses_a_model_without_a_known_layout():
+    from hybridiff_rt.testing import add_ip_adapter, dit_pipelines
+
+    with pytest.raises(ValueError, match="no IP-Adapter layout for a PixArtTransformer2DModel; "
+                                         "known: UNet2DConditionModel"):
+        add_ip_adapter(dit_pipelines.pixart_transformer(), seed=0)

@@ -6,7 +6,7 @@
 * :data:`VARIANTS` / :func:`build_variant`: every diffusers pipeline variant of those families
   (img2img, inpaint, ControlNet, T2I-Adapter, IP-Adapter, PAG, Heun, skip-layer guidance, ...)
   from the same tiny components, with the inputs each needs (:func:`add_ip_adapter` gives a
-  U-Net or an SD3 transformer a seeded random IP-Adapter); :data:`INFO` and
+  U-Net, an SD3, Flux or Chroma transformer a seeded random IP-Adapter); :data:`INFO` and
   :func:`count_denoiser_calls` say how often, and on what batch, each one calls its denoiser.
 * :data:`DIT_BUILDERS` / :func:`build_dit`: tiny PixArt-Sigma, Sana, AuraFlow, HunyuanDiT,
   Wan 2.1 / 2.2, Lumina2, Qwen-Image, Flux, CogView4 and Chroma pipelines with precomputed prompt
@@ -39,6 +39,7 @@ from .pipelines import (
     seeded,
     vae,
 )
+from .ip_adapters import add_ip_adapter
 from .ranks import Outcome, all_ok, free_port, run_ranks
 from .reference import hidden_imports_env, per_branch_forward
 from .unet_pipelines import UNET_KIN_BUILDERS, build_unet_kin, instruct_pix2pix
@@ -47,7 +48,6 @@ from .variants import (
     VARIANTS,
     DenoiserCalls,
     VariantInfo,
-    add_ip_adapter,
     build_variant,
     count_denoiser_calls,
     denoiser,

@@ -1,6 +1,6 @@
 """Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT, Wan 2.1 /
-2.2 text-to-video, Wan image-to-video, Lumina2, Qwen-Image, Flux, CogView4, Chroma), built
-offline.
+2.2 text-to-video, Wan image-to-video, Lumina2, Qwen-Image, Flux, CogView4, Chroma; Flux and
+Chroma also with an IP-Adapter), built offline.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -355,6 +355,29 @@ def chroma(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def _with_ip_adapter(built: tuple[Any, dict[str, Any]], seed: int):
+    """A Flux-layout IP-Adapter on ``built``'s transformer, and seeded positive and negative
+    image embeddings (one IP-Adapter, one image, 16 features) in its call arguments."""
+    from .ip_adapters import add_ip_adapter
+
+    pipe, kwargs = built
+    add_ip_adapter(pipe.transformer, seed + 3)
+    gen = torch.Generator().manual_seed(seed + 4)
+    return pipe, dict(kwargs, ip_adapter_image_embeds=[torch.randn(1, 1, 16, generator=gen)],
+                      negative_ip_adapter_image_embeds=[torch.randn(1, 1, 16, generator=gen)])
+
+
+def flux_ip_adapter(seed: int = 0, size: str = "tiny"):
+    """:func:`flux` with an IP-Adapter: its loop writes the negative image embeddings into the
+    ``joint_attention_kwargs`` dict both calls get, between the cond and the uncond call."""
+    return _with_ip_adapter(flux(seed, size), seed)
+
+
+def chroma_ip_adapter(seed: int = 0, size: str = "tiny"):
+    """:func:`chroma` with an IP-Adapter (the same loop pattern as :func:`flux_ip_adapter`)."""
+    return _with_ip_adapter(chroma(seed, size), seed)
+
+
 #: name -> builder ``fn(seed=0, size="tiny") -> (pipe, call_kwargs)``
 DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = OrderedDict([
     ("pixart-sigma", pixart_sigma),
@@ -369,6 +392,8 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("flux-true-cfg", flux),
     ("cogview4", cogview4),
     ("chroma", chroma),
+    ("flux-ip-adapter", flux_ip_adapter),
+    ("chroma-ip-adapter", chroma_ip_adapter),
 ])
 
 DIT_INFO: dict[str, DiTInfo] = {
@@ -387,6 +412,8 @@ DIT_INFO: dict[str, DiTInfo] = {
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "cogview4": DiTInfo("CogView4Pipeline", "two-call", {"guidance_scale": 5.0}),
     "chroma": DiTInfo("ChromaPipeline", "two-call", {"guidance_scale": 4.0}),
+    "flux-ip-adapter": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
+    "chroma-ip-adapter": DiTInfo("ChromaPipeline", "two-call", {"guidance_scale": 4.0}),
 }
 
 

@@ -81,6 +81,7 @@ from typing import Any
 
 import torch
 
+from .ip_adapters import add_ip_adapter
 from .pipelines import (
     DEFAULT_IMAGE_SIZE,
     SDXL_BETAS,
@@ -202,69 +203,6 @@ def _make_t2i_adapter(unet, seed: int):
     with seeded(seed):
         return T2IAdapter(in_channels=3, channels=widths, num_res_blocks=1, downscale_factor=4,
                           adapter_type="full_adapter_xl")
-
-
-def add_ip_adapter(model, seed: int, image_dim: int = 16, tokens: int = 4):
-    """Give ``model`` (a ``UNet2DConditionModel`` or an ``SD3Transformer2DModel``) a seeded random
-    IP-Adapter, laid out as diffusers' ``load_ip_adapter`` lays out a real one, projecting
-    ``image_dim``-wide image embeddings to ``tokens`` image tokens. Returns ``model``.
-
-    * U-Net: IP-Adapter attention processors (extra key/value projections of the image tokens)
-      on every cross-attention, and an ``ImageProjection`` as ``encoder_hid_proj``; it reads
-      ``added_cond_kwargs["image_embeds"]`` (a list of (2B, 1, image_dim) tensors).
-    * SD3 transformer: ``SD3IPAdapterJointAttnProcessor2_0`` on every joint attention, and an
-      ``IPAdapterTimeImageProjection`` (timestep-conditioned resampler) as ``image_proj``; it reads
-      ``joint_attention_kwargs["ip_adapter_image_embeds"]`` ((2B, N, image_dim))."""
-    if type(model).__name__ == "SD3Transformer2DModel":
-        return _add_sd3_ip_adapter(model, seed, image_dim, tokens)
-    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
-
-    unet = model
-    config = unet.config
-    widths = list(config.block_out_channels)
-    processors = {}
-    with seeded(seed):
-        for name, processor in unet.attn_processors.items():
-            if name.endswith("attn1.processor"):  # self-attention keeps its processor
-                processors[name] = type(processor)()
-                continue
-            if name.startswith("mid_block"):
-                width = widths[-1]
-            elif name.startswith("up_blocks"):
-                width = widths[::-1][int(name.split(".")[1])]
-            else:
-                width = widths[int(name.split(".")[1])]
-            processors[name] = IPAdapterAttnProcessor2_0(
-                hidden_size=width, cross_attention_dim=config.cross_attention_dim, scale=1.0,
-                num_tokens=[tokens])
-        unet.set_attn_processor(processors)
-        projection = ImageProjection(cross_attention_dim=config.cross_attention_dim,
-                                     image_embed_dim=image_dim, num_image_text_embeds=tokens)
-    unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
-    unet.config.encoder_hid_dim_type = "ip_image_proj"
-    return unet
-
-
-def _add_sd3_ip_adapter(transformer, seed: int, image_dim: int, tokens: int,
-                        resampler_width: int = 32):
-    """SD3's layout (``SD3Transformer2DLoadersMixin._load_ip_adapter_weights``): the resampler's
-    time embedding (``resampler_width`` wide) also conditions each processor's image-token norm."""
-    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
-    from diffusers.models.embeddings import IPAdapterTimeImageProjection
-
-    config = transformer.config
-    inner = config.attention_head_dim * config.num_attention_heads
-    with seeded(seed):
-        transformer.set_attn_processor({
-            name: SD3IPAdapterJointAttnProcessor2_0(
-                hidden_size=inner, ip_hidden_states_dim=inner, head_dim=config.attention_head_dim,
-                timesteps_emb_dim=resampler_width, scale=1.0)
-            for name in transformer.attn_processors})
-        transformer.image_proj = IPAdapterTimeImageProjection(
-            embed_dim=image_dim, output_dim=inner, hidden_dim=resampler_width, depth=1,
-            dim_head=16, heads=2, num_queries=tokens, timestep_in_dim=16)
-    return transformer
 
 
 # ---------------------------------------------------------------------------------------------
