@@ -106,6 +106,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "Lumina2Pipeline": TwoCallLayout("cond", _pipeline_flag, step_guided=_lumina2_untruncated),
     "CogView4Pipeline": TwoCallLayout("cond", _pipeline_flag),
     "ChromaPipeline": TwoCallLayout("cond", _pipeline_flag),
+    "ChromaImg2ImgPipeline": TwoCallLayout("cond", _pipeline_flag),
 }
 
 #: Pipelines of diffusers 0.42 whose loops call the denoiser once per guidance branch (found by
@@ -113,7 +114,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
 #: pipeline taking ``true_cfg_scale`` is refused likewise.
 UNVERIFIED_TWO_CALL: dict[str, str] = {
     name: "its two-call loop is not verified by a test" for name in (
-        "BriaFibo2Pipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline",
+        "BriaFibo2Pipeline", "ChromaInpaintPipeline",
         "ChronoEditPipeline", "CogView4ControlPipeline",
         "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosTextToWorldPipeline",
         "CosmosVideoToWorldPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinPipeline",

@@ -259,13 +259,13 @@ def test_world_of_one_returns_the_models_own_output_class(seed):
 
 # ---------------------------------------------------------------------------- two-call guards
 def test_unverified_two_call_pipelines_are_refused_at_parallelize(seed):
-    from diffusers import ChromaImg2ImgPipeline, FluxPipeline
+    from diffusers import ChromaInpaintPipeline, FluxPipeline
 
     chroma = build_dit("chroma", seed=seed)[0].transformer
-    # the text-to-image Chroma loop is verified, its image-to-image sibling's is not
-    pipe = ChromaImg2ImgPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+    # the text-to-image and image-to-image Chroma loops are verified, the inpainting one is not
+    pipe = ChromaInpaintPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
                                  transformer=chroma)
-    with pytest.raises(hr.UnsupportedModelError, match="ChromaImg2ImgPipeline calls its "
+    with pytest.raises(hr.UnsupportedModelError, match="ChromaInpaintPipeline calls its "
                                                        "denoiser once per guidance branch"):
         hr.parallelize(pipe)
     assert "forward" not in vars(chroma)  # nothing was wrapped

@@ -355,6 +355,24 @@ def chroma(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def chroma_img2img(seed: int = 0, size: str = "tiny"):
+    """ChromaImg2ImgPipeline on :func:`chroma`'s transformer, with a tiny VAE (the pipeline
+    encodes the image: 64 px -> 4 x 16 x 16 latents -> 64 tokens) and ``image`` (1, 3, 64, 64)
+    in [0, 1] and ``strength`` 0.6 in its call arguments: with N steps it calls the denoiser on
+    ``int(0.6 N)`` of them. Not in :data:`DIT_BUILDERS` (those run every step)."""
+    from diffusers import ChromaImg2ImgPipeline
+
+    from .pipelines import vae
+
+    base, kwargs = chroma(seed, size)
+    with seeded(seed + 5):
+        autoencoder = vae(4, block_out_channels=(8, 8, 16), shift_factor=0.1, scaling_factor=1.5)
+    pipe = ChromaImg2ImgPipeline(scheduler=base.scheduler, vae=autoencoder, text_encoder=None,
+                                 tokenizer=None, transformer=base.transformer)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 6))
+    return _finish(pipe), dict(kwargs, image=image, strength=0.6)
+
+
 def _with_ip_adapter(built: tuple[Any, dict[str, Any]], seed: int):
     """A Flux-layout IP-Adapter on ``built``'s transformer, and seeded positive and negative
     image embeddings (one IP-Adapter, one image, 16 features) in its call arguments."""
