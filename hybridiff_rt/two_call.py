@@ -105,6 +105,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
                                   scale_argument="true_cfg_scale"),
     "Lumina2Pipeline": TwoCallLayout("cond", _pipeline_flag, step_guided=_lumina2_untruncated),
     "CogView4Pipeline": TwoCallLayout("cond", _pipeline_flag),
+    "CogView4ControlPipeline": TwoCallLayout("cond", _pipeline_flag),
     "ChromaPipeline": TwoCallLayout("cond", _pipeline_flag),
     "ChromaImg2ImgPipeline": TwoCallLayout("cond", _pipeline_flag),
 }
@@ -115,7 +116,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
 UNVERIFIED_TWO_CALL: dict[str, str] = {
     name: "its two-call loop is not verified by a test" for name in (
         "BriaFibo2Pipeline", "ChromaInpaintPipeline",
-        "ChronoEditPipeline", "CogView4ControlPipeline",
+        "ChronoEditPipeline",
         "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosTextToWorldPipeline",
         "CosmosVideoToWorldPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinPipeline",
         "GlmImagePipeline", "HeliosPipeline", "HeliosPyramidPipeline", "JoyImageEditPipeline",

@@ -4,8 +4,9 @@ the generic DiT stage adapter.
 One spawn of two ranks runs, for every tiny pipeline of hybridiff_rt.testing.dit_pipelines
 (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT: batched [uncond; cond]; Wan 2.1, Wan 2.2 with
 two experts, Wan image-to-video, Lumina2 (with CFG truncation), Qwen-Image, Flux true CFG,
-CogView4, Chroma, and Flux and Chroma with an IP-Adapter (their loops write the negative image
-embeddings into a dict both calls share, between the calls): two calls per step):
+CogView4 with and without a control image, Chroma, and Flux and Chroma with an IP-Adapter
+(their loops write the negative image embeddings into a dict both calls share, between the
+calls): two calls per step):
 
 * k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
   call, whole on every rank); equal bit for bit to the exact serial
@@ -14,7 +15,8 @@ embeddings into a dict both calls share, between the calls): two calls per step)
   two-call protocol must change nothing at all); batched pipelines also within BATCH_TOLERANCE
   (relative to the largest magnitude) of the ordinary batch-2 pipeline;
 * k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, Wan 2.1 T2V and I2V,
-  Qwen-Image, Flux with and without an IP-Adapter, CogView4): the modes follow the schedule and the output equals, bit for bit, a
+  Qwen-Image, Flux with and without an IP-Adapter, CogView4 with and without a control image):
+  the modes follow the schedule and the output equals, bit for bit, a
   one-process emulation of the same schedule (per-branch calls on CBP steps, the staged model on
   the stale boundary on pipelined steps);
 * k>0 for the others (AuraFlow, HunyuanDiT, Chroma: no adapter; Wan 2.2: two experts): CBP
@@ -40,7 +42,7 @@ STEPS_PIPELINED = 6
 PIPELINED = {"window": 1, "slope_eps": 0.0, "k": 2, "tau_cap": 2}
 WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "wan2.1": "reuse", "wan2.1-i2v": "off",
                 "qwen-image": "reuse", "flux-true-cfg": "off", "cogview4": "reuse",
-                "flux-ip-adapter": "reuse"}
+                "cogview4-control": "off", "flux-ip-adapter": "reuse"}
 CBP_ONLY_NOTES = {"wan2.2": "2 expert denoisers", "auraflow": "has no stage adapter",
                   "hunyuan-dit": "has no stage adapter", "chroma": "has no stage adapter",
                   "chroma-ip-adapter": "has no stage adapter"}
@@ -57,6 +59,7 @@ def _latents(out):
 
 
 def _call(pipe, name, kwargs, steps, seed, **extra):
+    torch.manual_seed(seed)  # CogView4Control's VAE samples its control latents from it
     call = dict(kwargs, num_inference_steps=steps, output_type="latent",
                 **DIT_INFO[name].guidance_kwargs)
     call.update(extra)

@@ -1,6 +1,6 @@
 """Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT, Wan 2.1 /
-2.2 text-to-video, Wan image-to-video, Lumina2, Qwen-Image, Flux, CogView4, Chroma; Flux and
-Chroma also with an IP-Adapter), built offline.
+2.2 text-to-video, Wan image-to-video, Lumina2, Qwen-Image, Flux, CogView4 (also with a control
+image), Chroma; Flux and Chroma also with an IP-Adapter), built offline.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -332,6 +332,33 @@ def cogview4(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def cogview4_control(seed: int = 0, size: str = "tiny"):
+    """CogView4ControlPipeline: :func:`cogview4`'s layout with 8 input channels (4 latent + 4 of
+    the encoded control image, concatenated by the pipeline at every step), a tiny VAE (64 px ->
+    4 x 8 x 8) and ``control_image`` (1, 3, 64, 64) in [0, 1] in the call arguments. The VAE
+    samples the control latents from the global torch generator: seed it before each call."""
+    from diffusers import CogView4ControlPipeline, CogView4Transformer2DModel
+
+    from .pipelines import vae
+
+    base, kwargs = cogview4(seed, size)
+    config = dict(base.transformer.config)
+    with seeded(seed):
+        transformer = CogView4Transformer2DModel(**{
+            k: config[k] for k in ("patch_size", "out_channels", "num_layers", "attention_head_dim",
+                                   "num_attention_heads", "text_embed_dim", "time_embed_dim",
+                                   "condition_dim", "pos_embed_max_size", "sample_size",
+                                   "rope_axes_dim")}, in_channels=8)
+    with seeded(seed + 5):
+        autoencoder = vae(4, block_out_channels=(8, 8, 16, 16), scaling_factor=1.5)
+    pipe = CogView4ControlPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
+                                   transformer=transformer, scheduler=base.scheduler)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 6))
+    # this pipeline wants prompt and negative embeddings of one shape
+    negative = kwargs["negative_prompt_embeds"][:, :kwargs["prompt_embeds"].shape[1]]
+    return _finish(pipe), dict(kwargs, control_image=image, negative_prompt_embeds=negative)
+
+
 def chroma(seed: int = 0, size: str = "tiny"):
     """ChromaPipeline (Flux-like blocks modulated per block from one pooled table, attention
     masks; two calls per step, cond first), 64 px -> 16 tokens."""
@@ -409,6 +436,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("qwen-image", qwen_image),
     ("flux-true-cfg", flux),
     ("cogview4", cogview4),
+    ("cogview4-control", cogview4_control),
     ("chroma", chroma),
     ("flux-ip-adapter", flux_ip_adapter),
     ("chroma-ip-adapter", chroma_ip_adapter),
@@ -429,6 +457,7 @@ DIT_INFO: dict[str, DiTInfo] = {
     "qwen-image": DiTInfo("QwenImagePipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "cogview4": DiTInfo("CogView4Pipeline", "two-call", {"guidance_scale": 5.0}),
+    "cogview4-control": DiTInfo("CogView4ControlPipeline", "two-call", {"guidance_scale": 5.0}),
     "chroma": DiTInfo("ChromaPipeline", "two-call", {"guidance_scale": 4.0}),
     "flux-ip-adapter": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "chroma-ip-adapter": DiTInfo("ChromaPipeline", "two-call", {"guidance_scale": 4.0}),
