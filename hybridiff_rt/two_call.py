@@ -99,6 +99,7 @@ _WAN = TwoCallLayout("cond", _pipeline_flag, experts=("transformer", "transforme
 TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "WanPipeline": _WAN,
     "WanImageToVideoPipeline": _WAN,
+    "WanVideoToVideoPipeline": TwoCallLayout("cond", _pipeline_flag),
     "QwenImagePipeline": TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
                                        scale_argument="true_cfg_scale"),
     "FluxPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
@@ -115,8 +116,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
 #: pipeline taking ``true_cfg_scale`` is refused likewise.
 UNVERIFIED_TWO_CALL: dict[str, str] = {
     name: "its two-call loop is not verified by a test" for name in (
-        "BriaFibo2Pipeline", "ChromaInpaintPipeline",
-        "ChronoEditPipeline",
+        "BriaFibo2Pipeline", "ChromaInpaintPipeline", "ChronoEditPipeline",
         "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosTextToWorldPipeline",
         "CosmosVideoToWorldPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinPipeline",
         "GlmImagePipeline", "HeliosPipeline", "HeliosPyramidPipeline", "JoyImageEditPipeline",
@@ -125,7 +125,7 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
         "OvisImagePipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
         "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "WanAnimatePipeline",
-        "WanVACEPipeline", "WanVideoToVideoPipeline")
+        "WanVACEPipeline")
 }
 
 

@@ -21,6 +21,8 @@ calls): two calls per step):
   the stale boundary on pipelined steps);
 * k>0 for the others (AuraFlow, HunyuanDiT, Chroma: no adapter; Wan 2.2: two experts): CBP
   throughout with a note saying why;
+* ChromaImg2ImgPipeline and WanVideoToVideoPipeline (from an image or a video, strength 0.6):
+  k=0 equal to the plain pipeline bit for bit on the steps they run, and the input matters;
 * Flux without true CFG: one call per step, run whole on every rank, equal to the plain pipeline;
 * a denoiser that returns a second output is refused at step 0 on both ranks.
 """
@@ -285,32 +287,53 @@ def test_a_denoiser_with_a_second_output_is_refused_at_step_0_on_both_ranks(rank
         assert "returned 2 outputs" in message and modes == []
 
 
-def _rank_chroma_img2img(rank, seed):
+#: pipelines that start from an input (strength 0.6 of 5 steps: 3 guided steps, 6 denoiser
+#: calls): name -> (builder in dit_pipelines, the DIT_INFO entry of their guidance, input name)
+FROM_AN_INPUT = {"chroma-img2img": ("chroma_img2img", "chroma", "image"),
+                 "wan2.1-v2v": ("wan21_v2v", "wan2.1", "video")}
+
+
+def _another(value):
+    """Another input of the same shape: the image mirrored, the video's frames reversed."""
+    return value.flip(-1) if isinstance(value, torch.Tensor) else list(reversed(value))
+
+
+def _rank_from_an_input(rank, seed):
     import hybridiff_rt as hr
     from hybridiff_rt.testing import dit_pipelines
 
     hr.init_distributed()
-    pipe, kwargs = dit_pipelines.chroma_img2img(seed=seed)
-    calls = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
-    runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
-    got = _call(runner, "chroma", kwargs, 5, seed)
-    report = hr.last_report(runner).to_dict()
-    pipe = runner.restore()
-    hook.remove()
-    plain = _call(pipe, "chroma", kwargs, 5, seed)
-    other_image = _call(pipe, "chroma", dict(kwargs, image=kwargs["image"].flip(-1)), 5, seed)
-    return got, plain, other_image, report, len(calls)
+    results = {}
+    for name, (builder, info, key) in FROM_AN_INPUT.items():
+        pipe, kwargs = getattr(dit_pipelines, builder)(seed=seed)
+        calls = []
+        hook = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+        runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
+        got = _call(runner, info, kwargs, 5, seed)
+        report = hr.last_report(runner).to_dict()
+        pipe = runner.restore()
+        hook.remove()
+        plain = _call(pipe, info, kwargs, 5, seed)
+        other = _call(pipe, info, dict(kwargs, **{key: _another(kwargs[key])}), 5, seed)
+        results[name] = (got, plain, other, report, len(calls))
+    return results
 
 
-def test_chroma_img2img_equals_the_plain_pipeline_on_both_ranks():
-    """ChromaImg2ImgPipeline (strength 0.6 of 5 steps: 3 guided steps, 6 denoiser calls) on two
-    ranks equals the plain pipeline bit for bit, and the image matters."""
+@pytest.fixture(scope="module")
+def from_an_input():
     seed = random.randrange(1 << 16)
-    results = all_ok(run_ranks(_rank_chroma_img2img, seed, timeout_s=300))
-    for got, plain, other_image, report, calls in results:
+    return seed, all_ok(run_ranks(_rank_from_an_input, seed, timeout_s=300))
+
+
+@pytest.mark.parametrize("name", list(FROM_AN_INPUT))
+def test_pipelines_from_an_input_equal_the_plain_pipeline_on_both_ranks(from_an_input, name):
+    """ChromaImg2ImgPipeline, WanVideoToVideoPipeline: on two ranks, equal to the plain pipeline
+    bit for bit on the steps their strength leaves, and the input matters."""
+    seed, results = from_an_input
+    for by_rank in results:
+        got, plain, other, report, calls = by_rank[name]
         assert calls == 6  # the parallel run's calls, as the pipeline made them
         assert report["modes"] == ["cbp"] * 3 and report["num_steps"] == 3
-        np.testing.assert_array_equal(got, plain, err_msg=f"seed {seed}")
-        assert not np.array_equal(plain, other_image)
-    assert np.array_equal(results[0][0], results[1][0])
+        np.testing.assert_array_equal(got, plain, err_msg=f"{name} seed {seed}")
+        assert not np.array_equal(plain, other)
+    assert np.array_equal(results[0][name][0], results[1][name][0])

@@ -240,6 +240,29 @@ def wan21_i2v(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def wan21_v2v(seed: int = 0, size: str = "tiny"):
+    """WanVideoToVideoPipeline: :func:`wan21`'s transformer and scheduler, a tiny
+    ``AutoencoderKLWan`` encoding ``video`` (5 frames of 64 px, seeded noise) and ``strength``
+    0.6 in the call arguments: with N steps it calls the denoiser on ``int(0.6 N)`` of them. Not
+    in :data:`DIT_BUILDERS` (those run every step)."""
+    from diffusers import AutoencoderKLWan, WanVideoToVideoPipeline
+    from PIL import Image
+
+    base, kwargs = _wan(seed, size, 1)
+    with seeded(seed + 5):
+        autoencoder = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1],
+                                       num_res_blocks=1, temperal_downsample=[False, True, True],
+                                       latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = WanVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
+                                   transformer=base.transformer, scheduler=base.scheduler)
+    gen = torch.Generator().manual_seed(seed + 6)
+    side, frames = kwargs["height"], kwargs["num_frames"]
+    video = [Image.fromarray((torch.rand(side, side, 3, generator=gen) * 255).round()
+                             .to(torch.uint8).numpy(), mode="RGB") for _ in range(frames)]
+    kwargs = {k: v for k, v in kwargs.items() if k != "num_frames"}
+    return _finish(pipe), dict(kwargs, video=video, strength=0.6)
+
+
 def lumina2(seed: int = 0, size: str = "tiny"):
     """Lumina2Pipeline (Lumina-Image 2.0: two calls per step, CFG renormalised, and truncated to
     cond-only calls after ``cfg_trunc_ratio`` of the steps), 64 px -> 8 x 8 latents."""
