@@ -8,16 +8,17 @@ calls ``fn(rank, *args)`` in each and returns one Outcome per rank. Results trav
 queue that is drained before joining (a join-first parent deadlocks on large results); return
 numpy arrays, bytes or plain Python values, not tensors.
 
-How ranks start: a rank process that imports torch, diffusers and transformers spends about 6 s
-(2-core machine) on imports before it does anything, and the pipelines our tests build take
-0.1 s. So, where the platform has it, ranks are forked from a *forkserver* that imported
-:data:`PRELOAD` once (the first call in a process starts it). The forkserver never runs torch
-operations, initialises CUDA or starts threads, so forking from it is as safe as a fresh
-interpreter. Its modules were imported under the environment it was started with: when
-``os.environ`` has changed since (other than the names in :data:`VOLATILE_ENVIRONMENT`), the
-server is stopped and the next call starts a new one, and a call with an ``env`` argument spawns
-its ranks. A forked rank also takes the caller's current ``os.environ`` before it runs.
-``HYBRIDIFF_RT_RANKS_START=spawn`` spawns every rank (a fresh interpreter each).
+How ranks start: a rank process that imports torch, diffusers and transformers spends 6 to 7.5 s
+on imports before it does anything (measured on a 2-core machine), and building one of our tiny
+pipelines then takes under 0.1 s. So, where the platform has it, ranks are forked from a
+*forkserver* that imported :data:`PRELOAD` once (the first call in a process starts it). The
+forkserver never runs torch operations, initialises CUDA or starts threads, so forking from it
+is as safe as a fresh interpreter. Its modules were imported under the environment it was
+started with: when ``os.environ`` has changed since (other than the names in
+:data:`VOLATILE_ENVIRONMENT`), the server is stopped and the next call starts a new one, and a
+call with an ``env`` argument spawns its ranks. A forked rank also takes the caller's current
+``os.environ`` before it runs. ``HYBRIDIFF_RT_RANKS_START=spawn`` spawns every rank (a fresh
+interpreter each).
 """
 
 from __future__ import annotations
