@@ -111,7 +111,8 @@ def start_method(env: dict | None = None) -> str:
     global _forkserver_environment
     chosen = variables.read("HYBRIDIFF_RT_RANKS_START").lower()
     if chosen not in ("auto", "spawn"):
-        raise ValueError(f"HYBRIDIFF_RT_RANKS_START={chosen!r}: set it to auto or spawn, or unset it")
+        raise ValueError(f"HYBRIDIFF_RT_RANKS_START={chosen!r}: set it to auto or spawn, or "
+                         "unset it")
     if chosen == "spawn" or env or "forkserver" not in mp.get_all_start_methods():
         return "spawn"
     lasting = _lasting_environment()
