@@ -13,21 +13,25 @@
 # the checks that need no torch (its module loads from the installed wheel and reports the CUDA
 # version of its tag) and is reported PARTIAL. The sdist is pip-installed (an isolated build) in
 # a fresh venv and checked the same way (version, build_info, tests/test_extension.py).
+# The artefacts are checked JOBS at a time (default: the number of CPUs), each with its own venv,
+# log and pip cache; the logs are printed in order once all are done.
 # Prints PASS/PARTIAL/FAIL/SKIP per artefact; exits 1 when any fails.
 #
-# usage: scripts/wheels_check.sh [DIST]      env: TORCH_SPEC (default torch==2.13.0), KEEP_WORK=1
+# usage: scripts/wheels_check.sh [DIST]
+# env:   TORCH_SPEC (default torch==2.13.0), JOBS (default nproc), KEEP_WORK=1
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIST="${1:-${DIST:-dist}}"
 case "$DIST" in /*) ;; *) DIST="$ROOT/$DIST" ;; esac
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+JOBS="${JOBS:-$(nproc)}"
 DEPS=(numpy "diffusers>=0.30" transformers tqdm pytest)
 
 WORK="$(mktemp -d /tmp/hybridiff_wheels_check.XXXXXX)"
 if [[ "${KEEP_WORK:-0}" != 1 ]]; then trap 'rm -rf "$WORK"' EXIT; else echo "work folder: $WORK"; fi
 RUN_DIR="$WORK/cwd"   # outside the source tree, empty
-mkdir -p "$RUN_DIR"
+mkdir -p "$RUN_DIR" "$WORK/log" "$WORK/result"
 
 find_python() {  # find_python 311 -> an interpreter of Python 3.11
   local v="${1:0:1}.${1:1}" c
@@ -64,14 +68,15 @@ assert info['version'].endswith('+$2'), info['version']
 PYEOF
 }
 
-declare -A RESULT
-failed=0
-for whl in "${wheels[@]}"; do
+result() { echo "$2" > "$WORK/result/$1"; }  # result NAME TEXT
+
+check_wheel() {  # check_wheel WHEEL: prints its log, records its result
+  local whl="$1" name local_tag pytag py venv vpy torch_version want
   name="$(basename "$whl")"
   local_tag="$(sed -E 's/^hybridiff_rt-[^+]*\+([a-z0-9]+)-.*/\1/' <<<"$name")"   # cu130 / cu128 / cpu
   pytag="$(sed -E 's/.*-cp([0-9]+)-cp[0-9]+-.*/\1/' <<<"$name")"
-  printf '\n==== %s  [%s]\n' "$name" "$(date -u +%H:%M:%S)"
-  py="$(find_python "$pytag")" || { RESULT[$name]="SKIP (no python ${pytag})"; continue; }
+  echo "[started $(date -u +%H:%M:%S)]"
+  py="$(find_python "$pytag")" || { result "$name" "SKIP (no python ${pytag})"; return; }
   venv="$WORK/venv-${name%.whl}"
   "$py" -m venv "$venv"
   vpy="$venv/bin/python"
@@ -82,28 +87,27 @@ for whl in "${wheels[@]}"; do
   if [[ "$torch_version" != *+cpu ]]; then
     # No CPU torch for this interpreter: check what needs no torch (the module loads from the
     # installed wheel, against the CUDA runtime package for +cu12x, and says what it was built for).
-    no_torch=()
+    local no_torch=()
     [[ "$local_tag" == cu12* ]] && no_torch+=(nvidia-cuda-runtime-cu12)
     if quiet_pip "$vpy" -m pip install -q --no-deps "$whl" "${no_torch[@]}" &&
        (cd "$RUN_DIR" && env PYTHONPATH= "$vpy" -c "$(module_check_py "$venv" "$local_tag")"); then
-      RESULT[$name]="PARTIAL (module_build_info:ok; torch-dependent checks skipped: no CPU build of $TORCH_SPEC for cp$pytag here, got '${torch_version:-none}')"
+      result "$name" "PARTIAL (module_build_info:ok; torch-dependent checks skipped: no CPU build of $TORCH_SPEC for cp$pytag here, got '${torch_version:-none}')"
     else
-      RESULT[$name]="FAIL (module_build_info)"; failed=1
+      result "$name" "FAIL (module_build_info)"
     fi
-    continue
+    return
   fi
-  extra=()
+  local extra=()
   [[ "$local_tag" == cu12* ]] && extra+=(nvidia-cuda-runtime-cu12)
   [[ "$whl" == "$demo_wheel" ]] && extra+=(matplotlib)
   if ! quiet_pip "$vpy" -m pip install -q "$TORCH_SPEC" ||
      ! quiet_pip "$vpy" -m pip install -q --no-deps "$whl" ||
      ! quiet_pip "$vpy" -m pip install -q "${DEPS[@]}" "${extra[@]}"; then
-    RESULT[$name]="FAIL (install)"; failed=1; continue
+    result "$name" "FAIL (install)"; return
   fi
   "$vpy" -m pip check 2>&1 | grep -v -i triton || true   # triton is left out on purpose
 
-  steps=()
-  ok=1
+  local steps=() ok=1
   step() {  # step LABEL CMD...: run in RUN_DIR with PYTHONPATH empty, record pass/fail
     local label="$1"; shift
     echo "-- $label"
@@ -119,38 +123,37 @@ want = $want
 assert info['cuda_version'] == want, (info['cuda_version'], want)
 assert info['version'].endswith('+$local_tag'), info['version']
 print('built for CUDA', info['cuda_version'], 'cudart', info.get('cudart'), 'archs', info['archs'])"
-  step info bash -c "set -o pipefail; '$venv/bin/hybridiff-rt' info 2>&1 | tee '$WORK/info.txt'"
+  step info bash -c "set -o pipefail; '$venv/bin/hybridiff-rt' info 2>&1 | tee '$venv/info.txt'"
   step test_extension "$vpy" -m pytest -q -p no:cacheprovider --import-mode=importlib \
        --rootdir "$RUN_DIR" -c /dev/null "$ROOT/tests/test_extension.py"
   if [[ "$whl" == "$demo_wheel" ]]; then
     rm -rf /tmp/democheck
     step demo "$venv/bin/hybridiff-rt" demo --steps 4 --per-prompt 1 --out /tmp/democheck
   fi
-  if [[ $ok == 1 ]]; then RESULT[$name]="PASS (${steps[*]})"; else RESULT[$name]="FAIL (${steps[*]})"; failed=1; fi
-done
+  if [[ $ok == 1 ]]; then result "$name" "PASS (${steps[*]})"; else result "$name" "FAIL (${steps[*]})"; fi
+}
 
 # The sdist, installed by pip as from a package index (find-links: pip then discards an sdist whose
 # built metadata names another version than its file name) with an isolated build, in a fresh
 # venv with the CPU torch: pip accepts it, and the module it compiled works. CUDA is what this machine offers (nvcc -> CUDA engine); one GPU
 # architecture (HYBRIDIFF_RT_CUDA_ARCHS=90) keeps the compile short.
-sdists=("$DIST"/hybridiff_rt-*.tar.gz)
-if [[ ${#sdists[@]} -gt 0 ]]; then
-  sdist="${sdists[0]}"; name="$(basename "$sdist")"
+check_sdist() {  # check_sdist SDIST: prints its log, records its result
+  local sdist="$1" name version venv vpy py tag steps=() ok=1 check cmd
+  name="$(basename "$sdist")"
   version="$(sed -E 's/^hybridiff_rt-(.*)\.tar\.gz$/\1/' <<<"$name")"
-  printf '\n==== %s  [%s]\n' "$name" "$(date -u +%H:%M:%S)"
+  echo "[started $(date -u +%H:%M:%S)]"
   venv="$WORK/venv-sdist"; vpy="$venv/bin/python"
   if ! py="$(find_python 311)"; then
-    RESULT[$name]="SKIP (no python 3.11)"
+    result "$name" "SKIP (no python 3.11)"
   elif ! { "$py" -m venv "$venv" && quiet_pip "$vpy" -m pip install -q --upgrade pip &&
            quiet_pip "$vpy" -m pip install -q "$TORCH_SPEC" &&
            mkdir -p "$WORK/sdist-index" && cp "$sdist" "$WORK/sdist-index/" &&
            (cd "$RUN_DIR" && HYBRIDIFF_RT_CUDA_ARCHS=90 quiet_pip "$vpy" -m pip install -q --no-cache-dir \
               --no-deps --find-links "$WORK/sdist-index" "hybridiff_rt==$version") &&
            quiet_pip "$vpy" -m pip install -q "${DEPS[@]}"; }; then
-    RESULT[$name]="FAIL (pip install of the sdist)"; failed=1
+    result "$name" "FAIL (pip install of the sdist)"
   else
     if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then tag=cu; else tag=cpu; fi
-    steps=(); ok=1
     for check in version build_info test_extension; do
       echo "-- $check"
       case $check in
@@ -160,11 +163,37 @@ if [[ ${#sdists[@]} -gt 0 ]]; then
       esac
       if (cd "$RUN_DIR" && env PYTHONPATH= "${cmd[@]}"); then steps+=("$check:ok"); else steps+=("$check:FAIL"); ok=0; fi
     done
-    if [[ $ok == 1 ]]; then RESULT[$name]="PASS (${steps[*]})"; else RESULT[$name]="FAIL (${steps[*]})"; failed=1; fi
+    if [[ $ok == 1 ]]; then result "$name" "PASS (${steps[*]})"; else result "$name" "FAIL (${steps[*]})"; fi
   fi
-  wheels+=("$sdist")
-fi
+}
 
-printf '\n==== summary\n'
-for whl in "${wheels[@]}"; do printf '%-64s %s\n' "$(basename "$whl")" "${RESULT[$(basename "$whl")]}"; done
+artefacts=("${wheels[@]}")
+sdists=("$DIST"/hybridiff_rt-*.tar.gz)
+[[ ${#sdists[@]} -gt 0 ]] && artefacts+=("${sdists[0]}")
+
+# JOBS checks at a time, each in the background with its own log and pip cache
+running=0
+for artefact in "${artefacts[@]}"; do
+  name="$(basename "$artefact")"
+  if (( running >= JOBS )); then wait -n || true; running=$((running - 1)); fi
+  checker=check_wheel; [[ "$name" == *.tar.gz ]] && checker=check_sdist
+  printf '[%s] checking %s\n' "$(date -u +%H:%M:%S)" "$name"
+  (export PIP_CACHE_DIR="$WORK/pip-cache-$name"; "$checker" "$artefact") > "$WORK/log/$name" 2>&1 &
+  running=$((running + 1))
+done
+wait
+
+failed=0
+for artefact in "${artefacts[@]}"; do
+  name="$(basename "$artefact")"
+  printf '\n==== %s\n' "$name"
+  cat "$WORK/log/$name"
+  [[ -s "$WORK/result/$name" ]] || result "$name" "FAIL (the check ended without a result)"
+  [[ "$(cat "$WORK/result/$name")" == FAIL* ]] && failed=1
+done
+
+printf '\n==== summary  [%s]\n' "$(date -u +%H:%M:%S)"
+for artefact in "${artefacts[@]}"; do
+  printf '%-64s %s\n' "$(basename "$artefact")" "$(cat "$WORK/result/$(basename "$artefact")")"
+done
 exit $failed
