@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .pipelines import flow_match_scheduler, seeded
+from .pipelines import flow_match_scheduler, seeded, vae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +174,24 @@ def wan_transformer(size: str = "tiny", **overrides: Any):
     return WanTransformer3DModel(**kwargs)
 
 
+def wan_vae():
+    """A tiny ``AutoencoderKLWan``: 4 latent channels, 8x spatial and 4x temporal compression
+    (5 frames -> 2)."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                            latents_std=[1.0] * 4)
+
+
+def _random_picture(gen: torch.Generator, side: int):
+    """A ``side`` x ``side`` RGB PIL image of uniform noise drawn from ``gen``."""
+    from PIL import Image
+
+    pixels = (torch.rand(side, side, 3, generator=gen) * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(pixels, mode="RGB")
+
+
 def _wan(seed: int, size: str, experts: int):
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
@@ -214,17 +232,10 @@ def wan21_i2v(seed: int = 0, size: str = "tiny"):
     """WanImageToVideoPipeline without an image encoder (the Wan 2.2 I2V layout: the image enters
     only as conditioning latents concatenated to the noise), a tiny ``AutoencoderKLWan`` to
     encode the first frame, 5 frames of 64 px -> 2 x 8 x 8 latents (4 + 8 input channels)."""
-    from diffusers import (
-        AutoencoderKLWan,
-        UniPCMultistepScheduler,
-        WanImageToVideoPipeline,
-    )
-    from PIL import Image
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
 
     with seeded(seed):
-        autoencoder = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1],
-                                       num_res_blocks=1, temperal_downsample=[False, True, True],
-                                       latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        autoencoder = wan_vae()
         transformer = wan_transformer(size, in_channels=12)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0)
@@ -232,8 +243,7 @@ def wan21_i2v(seed: int = 0, size: str = "tiny"):
                                    transformer=transformer, scheduler=scheduler,
                                    image_encoder=None, image_processor=None)
     gen = torch.Generator().manual_seed(seed + 1)
-    pixels = (torch.rand(64, 64, 3, generator=gen) * 255).round().to(torch.uint8).numpy()
-    kwargs = {"image": Image.fromarray(pixels, mode="RGB"), "prompt": None, "negative_prompt": None,
+    kwargs = {"image": _random_picture(gen, 64), "prompt": None, "negative_prompt": None,
               "prompt_embeds": _embeds(gen, 1, 6, 16),
               "negative_prompt_embeds": _embeds(gen, 1, 6, 16), "height": 64, "width": 64,
               "num_frames": 5}
@@ -245,20 +255,16 @@ def wan21_v2v(seed: int = 0, size: str = "tiny"):
     ``AutoencoderKLWan`` encoding ``video`` (5 frames of 64 px, seeded noise) and ``strength``
     0.6 in the call arguments: with N steps it calls the denoiser on ``int(0.6 N)`` of them. Not
     in :data:`DIT_BUILDERS` (those run every step)."""
-    from diffusers import AutoencoderKLWan, WanVideoToVideoPipeline
-    from PIL import Image
+    from diffusers import WanVideoToVideoPipeline
 
     base, kwargs = _wan(seed, size, 1)
     with seeded(seed + 5):
-        autoencoder = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1],
-                                       num_res_blocks=1, temperal_downsample=[False, True, True],
-                                       latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        autoencoder = wan_vae()
     pipe = WanVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
                                    transformer=base.transformer, scheduler=base.scheduler)
     gen = torch.Generator().manual_seed(seed + 6)
     side, frames = kwargs["height"], kwargs["num_frames"]
-    video = [Image.fromarray((torch.rand(side, side, 3, generator=gen) * 255).round()
-                             .to(torch.uint8).numpy(), mode="RGB") for _ in range(frames)]
+    video = [_random_picture(gen, side) for _ in range(frames)]
     kwargs = {k: v for k, v in kwargs.items() if k != "num_frames"}
     return _finish(pipe), dict(kwargs, video=video, strength=0.6)
 
@@ -332,19 +338,29 @@ def flux(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
-def cogview4(seed: int = 0, size: str = "tiny"):
-    """CogView4Pipeline (dual-stream blocks returning (hidden, encoder); size and crop
-    conditioning; two calls per step, cond first), 64 px -> 8 x 8 latents, its flow-matching
-    scheduler (dynamic shift, linear time shift). The negative prompt is 4 tokens longer than the
-    prompt, as CogView4's padding to multiples of 16 tokens can make it."""
-    from diffusers import CogView4Pipeline, CogView4Transformer2DModel
+def cogview4_transformer(size: str = "tiny", **overrides: Any):
+    """A ``CogView4Transformer2DModel`` (dual-stream blocks returning (hidden, encoder); size and
+    crop conditioning) on 4 latent channels, patch 2, text width 32; ``overrides`` replace any
+    constructor argument."""
+    from diffusers import CogView4Transformer2DModel
 
-    layers = {"tiny": 2, "small": 6}[size]
+    kwargs = {"patch_size": 2, "in_channels": 4, "out_channels": 4,
+              "num_layers": {"tiny": 2, "small": 6}[size], "attention_head_dim": 8,
+              "num_attention_heads": 2, "text_embed_dim": 32, "time_embed_dim": 16,
+              "condition_dim": 8, "pos_embed_max_size": 16, "sample_size": 8,
+              "rope_axes_dim": (4, 4)}
+    kwargs.update(overrides)
+    return CogView4Transformer2DModel(**kwargs)
+
+
+def cogview4(seed: int = 0, size: str = "tiny"):
+    """CogView4Pipeline (two calls per step, cond first), 64 px -> 8 x 8 latents, its
+    flow-matching scheduler (dynamic shift, linear time shift). The negative prompt is 4 tokens
+    longer than the prompt, as CogView4's padding to multiples of 16 tokens can make it."""
+    from diffusers import CogView4Pipeline
+
     with seeded(seed):
-        transformer = CogView4Transformer2DModel(
-            patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=8,
-            num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,
-            pos_embed_max_size=16, sample_size=8, rope_axes_dim=(4, 4))
+        transformer = cogview4_transformer(size)
     scheduler = flow_match_scheduler(1.0, base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
                                      use_dynamic_shifting=True, time_shift_type="linear")
     pipe = CogView4Pipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
@@ -360,18 +376,11 @@ def cogview4_control(seed: int = 0, size: str = "tiny"):
     the encoded control image, concatenated by the pipeline at every step), a tiny VAE (64 px ->
     4 x 8 x 8) and ``control_image`` (1, 3, 64, 64) in [0, 1] in the call arguments. The VAE
     samples the control latents from the global torch generator: seed it before each call."""
-    from diffusers import CogView4ControlPipeline, CogView4Transformer2DModel
-
-    from .pipelines import vae
+    from diffusers import CogView4ControlPipeline
 
     base, kwargs = cogview4(seed, size)
-    config = dict(base.transformer.config)
     with seeded(seed):
-        transformer = CogView4Transformer2DModel(**{
-            k: config[k] for k in ("patch_size", "out_channels", "num_layers", "attention_head_dim",
-                                   "num_attention_heads", "text_embed_dim", "time_embed_dim",
-                                   "condition_dim", "pos_embed_max_size", "sample_size",
-                                   "rope_axes_dim")}, in_channels=8)
+        transformer = cogview4_transformer(size, in_channels=8)
     with seeded(seed + 5):
         autoencoder = vae(4, block_out_channels=(8, 8, 16, 16), scaling_factor=1.5)
     pipe = CogView4ControlPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
@@ -411,8 +420,6 @@ def chroma_img2img(seed: int = 0, size: str = "tiny"):
     in [0, 1] and ``strength`` 0.6 in its call arguments: with N steps it calls the denoiser on
     ``int(0.6 N)`` of them. Not in :data:`DIT_BUILDERS` (those run every step)."""
     from diffusers import ChromaImg2ImgPipeline
-
-    from .pipelines import vae
 
     base, kwargs = chroma(seed, size)
     with seeded(seed + 5):

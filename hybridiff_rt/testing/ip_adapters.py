@@ -28,17 +28,16 @@ def add_ip_adapter(model, seed: int, image_dim: int = 16, tokens: int = 4):
         ValueError: another model class.
     """
     kind = type(model).__name__
-    if kind == "SD3Transformer2DModel":
-        return _add_sd3_ip_adapter(model, seed, image_dim, tokens)
-    if kind in ("FluxTransformer2DModel", "ChromaTransformer2DModel"):
-        return _add_flux_ip_adapter(model, seed, image_dim, tokens)
-    if kind != "UNet2DConditionModel":
-        raise ValueError(f"no IP-Adapter layout for a {kind}; known: UNet2DConditionModel, "
-                         "SD3Transformer2DModel, FluxTransformer2DModel, ChromaTransformer2DModel")
+    if kind not in _LAYOUTS:
+        raise ValueError(f"no IP-Adapter layout for a {kind}; known: {', '.join(_LAYOUTS)}")
+    return _LAYOUTS[kind](model, seed, image_dim, tokens)
+
+
+def _add_unet_ip_adapter(unet, seed: int, image_dim: int, tokens: int):
+    """The U-Net layout (``UNet2DConditionLoadersMixin._load_ip_adapter_weights``)."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 
-    unet = model
     config = unet.config
     widths = list(config.block_out_channels)
     processors = {}
@@ -107,3 +106,10 @@ def _add_flux_ip_adapter(transformer, seed: int, image_dim: int, tokens: int):
                                      num_image_text_embeds=tokens)
     transformer.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
     return transformer
+
+
+#: model class name -> how its IP-Adapter is laid out
+_LAYOUTS = {"UNet2DConditionModel": _add_unet_ip_adapter,
+            "SD3Transformer2DModel": _add_sd3_ip_adapter,
+            "FluxTransformer2DModel": _add_flux_ip_adapter,
+            "ChromaTransformer2DModel": _add_flux_ip_adapter}
