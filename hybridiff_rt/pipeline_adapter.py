@@ -7,11 +7,18 @@ custom sampling loop uses) and returns the doubled prediction, so the pipeline c
 branches and steps its scheduler itself, identically on every rank. Pipelines that call their
 denoiser once per branch (Wan, Qwen-Image, Flux true CFG) go through the two-call protocol of
 :mod:`hybridiff_rt.two_call` instead.
+
+Pipelines may share one denoiser, as diffusers' ``from_pipe`` and ``Pipeline(**pipe.components)``
+make them do (text-to-image and img2img on the same U-Net): each may be parallelized, and the
+denoiser's proxy hands every call to the wrapper whose call is running.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +32,74 @@ from .two_call import TwoCallSteps, experts_of, two_call_layout
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 _PROXY_MARK = "_hybridiff_rt_pipeline"
+_NO_FORWARD = object()
+_ALREADY = ("this pipeline's denoiser is already parallelized; call the object hr.parallelize "
+            "returned the first time")
+
+
+class SharedForward:
+    """The forward proxy installed on one denoiser, shared by every ParallelPipeline that wraps a
+    pipeline holding it (a model's ``_hybridiff_rt_pipeline`` attribute).
+
+    Each wrapper registers a handler (its batch-splitting forward, or the two-call protocol's for
+    one expert). A call of ``model.forward`` goes to the handler of the one wrapper whose call is
+    running; outside any such call it is refused, because every rank must take part in each
+    step. The forward the model had before (its class's, or an instance-level one such as an
+    offloading hook's) is put back when the last wrapper unregisters.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.previous = model.__dict__.get("forward", _NO_FORWARD)
+        self.handlers: dict[int, tuple[Any, Callable[..., Any]]] = {}
+        #: what inspect.signature(model.forward) tells a pipeline that asks which inputs it takes
+        self.__signature__ = inspect.signature(model.forward)
+        model.forward = self
+        setattr(model, _PROXY_MARK, self)
+
+    @staticmethod
+    def of(model: torch.nn.Module) -> "SharedForward | None":
+        mark = getattr(model, _PROXY_MARK, None)
+        return mark if isinstance(mark, SharedForward) else None
+
+    @contextlib.contextmanager
+    def unpatched(self) -> Iterator[None]:
+        """Within the block ``model.forward`` is the forward the model had before the proxy (a
+        new wrapper's engine takes that one, never the proxy)."""
+        self._put_back()
+        try:
+            yield
+        finally:
+            self.model.forward = self
+
+    def register(self, wrapper: Any, handler: Callable[..., Any]) -> None:
+        self.handlers[id(wrapper)] = (wrapper, handler)
+
+    def unregister(self, wrapper: Any) -> None:
+        """Drop ``wrapper``'s handler; the last one out removes the proxy."""
+        self.handlers.pop(id(wrapper), None)
+        if not self.handlers and getattr(self.model, _PROXY_MARK, None) is self:
+            self._put_back()
+            delattr(self.model, _PROXY_MARK)
+
+    def wraps(self, pipe: Any) -> bool:
+        return any(wrapper.pipe is pipe for wrapper, _ in self.handlers.values())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        running = [handler for wrapper, handler in self.handlers.values() if wrapper._in_call]
+        if len(running) != 1:
+            raise HybridError("the denoiser of a parallelized pipeline was called outside a call "
+                              "of the pipeline hr.parallelize returned; call that object (every "
+                              "rank must take part in each step)" if not running else
+                              "two parallelized pipelines sharing this denoiser are in a call at "
+                              "once; call them one after the other")
+        return running[0](*args, **kwargs)
+
+    def _put_back(self) -> None:
+        if self.previous is _NO_FORWARD:
+            self.model.__dict__.pop("forward", None)
+        else:
+            self.model.forward = self.previous
 
 
 class ParallelPipeline:
@@ -42,12 +117,14 @@ class ParallelPipeline:
                 "supports diffusers pipelines whose denoiser is pipe.unet or pipe.transformer "
                 "(StableDiffusionXLPipeline, StableDiffusion3Pipeline, PixArtSigmaPipeline, "
                 "WanPipeline, ...)")
+        if isinstance(pipe, ParallelPipeline):
+            raise HybridError(_ALREADY)
         layout = two_call_layout(pipe)
         experts = experts_of(pipe, layout) if layout is not None else [(name, getattr(pipe, name))]
         model = experts[0][1]
-        if any(getattr(m, _PROXY_MARK, None) is not None for _, m in experts):
-            raise HybridError("this pipeline's denoiser is already parallelized; call the object "
-                              "hr.parallelize returned the first time")
+        proxies = [SharedForward.of(m) for _, m in experts]
+        if any(p is not None and p.wraps(pipe) for p in proxies):
+            raise HybridError(_ALREADY)
         no_stages = None
         if len(experts) > 1:
             no_stages = (f"{type(pipe).__name__} switches between {len(experts)} expert denoisers "
@@ -59,22 +136,27 @@ class ParallelPipeline:
                          "image, uncond); CBP splits its rows exactly, but no [uncond; cond] pair "
                          "exists whose discrepancy could time pipelined steps")
         object.__setattr__(self, "pipe", pipe)
-        object.__setattr__(self, "engine", HybridDenoiser(model, cfg, no_stages_reason=no_stages))
+        with contextlib.ExitStack() as unpatched:  # the engine takes the model's own forward
+            for proxy in proxies:
+                if proxy is not None:
+                    unpatched.enter_context(proxy.unpatched())
+            object.__setattr__(self, "engine",
+                               HybridDenoiser(model, cfg, no_stages_reason=no_stages))
+            forwards = [m.forward for _, m in experts]
         object.__setattr__(self, "_in_call", False)
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_experts", [m for _, m in experts])
         object.__setattr__(self, "_call_args", {})
-        object.__setattr__(self, "_signature", inspect.signature(model.forward))
+        object.__setattr__(self, "_signature", inspect.signature(forwards[0]))
         two_call = None
         if layout is not None:
-            two_call = TwoCallSteps(self, layout, [m.forward for _, m in experts])
-            for index, (_, expert) in enumerate(experts):
-                expert.forward = self._expert_proxy(index)
-                setattr(expert, _PROXY_MARK, self)
+            two_call = TwoCallSteps(self, layout, forwards)
+            handlers = [self._expert_proxy(index) for index in range(len(experts))]
         else:
-            model.forward = self._proxy_forward
-            setattr(model, _PROXY_MARK, self)
+            handlers = [self._proxy_forward]
         object.__setattr__(self, "_two_call", two_call)
+        for (_, expert), proxy, handler in zip(experts, proxies, handlers):
+            (proxy or SharedForward(expert)).register(self, handler)
 
     @property
     def report(self) -> RunReport:
@@ -108,15 +190,8 @@ class ParallelPipeline:
 
     def _expert_proxy(self, index: int):
         def forward(*args: Any, **kwargs: Any) -> Any:
-            self._check_in_call()
             return self._two_call.forward(index, args, kwargs)
         return forward
-
-    def _check_in_call(self) -> None:
-        if not self._in_call:
-            raise HybridError("the denoiser of a parallelized pipeline was called outside a call "
-                              "of the pipeline hr.parallelize returned; call that object (every "
-                              "rank must take part in each step)")
 
     def _guided(self) -> bool:
         """Whether this call stacks guidance branches: the pipeline's own
@@ -142,9 +217,9 @@ class ParallelPipeline:
         """Remove the forward proxy, release the runtime's transport and process group, and
         return the plain pipeline. This object is unusable afterwards."""
         for model in self._experts:
-            if getattr(model, _PROXY_MARK, None) is self:
-                del model.forward
-                delattr(model, _PROXY_MARK)
+            proxy = SharedForward.of(model)
+            if proxy is not None:
+                proxy.unregister(self)
         self.engine.close()
         return self.pipe
 
@@ -184,7 +259,20 @@ class ParallelPipeline:
         return max(1, len(scheduler.timesteps) - int(begin))
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.pipe, name)
+        value = getattr(self.pipe, name)
+        if inspect.ismethod(value) and value.__self__ is self.pipe:
+            return self._returning_self(value)
+        return value
+
+    def _returning_self(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        """``method`` of the wrapped pipeline, except that where it returns the pipeline itself
+        (``to``, ``half``-style methods) it returns this wrapper, so ``pipe = pipe.to(device)``
+        keeps the parallelized pipeline."""
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = method(*args, **kwargs)
+            return self if out is self.pipe else out
+        return call
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.pipe, name, value)
@@ -194,7 +282,6 @@ class ParallelPipeline:
                f"{self.engine.world_size})"
 
     def _proxy_forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._check_in_call()
         kw = dict(self._signature.bind(*args, **kwargs).arguments)
         engine = self.engine
         step = engine._next_step

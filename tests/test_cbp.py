@@ -181,3 +181,41 @@ def test_dead_or_hung_peer_raises_timeout_on_survivor(how):
     assert not survivor.ok and survivor.error.startswith("PeerTimeoutError after"), survivor
     waited = float(survivor.error.split("after ")[1].split(" s")[0])
     assert waited < timeout_s + 15, f"survivor needed {waited} s to notice"
+
+
+def _rank_shared_denoiser(rank, seed):
+    """Text-to-image and img2img pipelines sharing one SDXL U-Net (from_pipe), both
+    parallelized, called in turn; then each per-branch serial reference."""
+    import hybridiff_rt as hr
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from hybridiff_rt import testing
+
+    hr.init_distributed()
+    pipe = testing.build("sdxl", seed=seed)
+    sibling = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+    picture = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    cases = {"text": (pipe, dict(prompt="a fox", guidance_scale=5.0)),
+             "image": (sibling, dict(prompt="a fox", guidance_scale=4.0, image=picture,
+                                     strength=0.6))}
+    wrappers = {name: hr.parallelize(p, hr.HybridConfig(k=0)) for name, (p, _) in cases.items()}
+    out = {}
+    for name in ("image", "text", "image"):
+        out[name] = _call(wrappers[name], seed + 1, **cases[name][1])
+        out[name + " modes"] = list(hr.last_report(wrappers[name]).modes)
+    for wrapper in wrappers.values():
+        wrapper.restore()
+    undo = per_branch_forward(pipe.unet)
+    for name, (p, kwargs) in cases.items():
+        out[name + " reference"] = _call(p, seed + 1, **kwargs)
+    undo()
+    return out
+
+
+def test_pipelines_sharing_a_denoiser_each_run_cbp_exactly():
+    results = all_ok(run_ranks(_rank_shared_denoiser, random.randrange(1 << 16)))
+    r0, r1 = results
+    for name, modes in (("text", ["cbp"] * STEPS), ("image", ["cbp"] * 3)):  # 0.6 of 5 steps
+        assert np.array_equal(r0[name], r1[name]), f"{name}: ranks differ"
+        np.testing.assert_array_equal(r0[name], r0[name + " reference"], err_msg=name)
+        assert r0[name + " modes"] == r1[name + " modes"] == modes

@@ -4,7 +4,8 @@ This process has no torchrun variables, so every wrapper is a serial wrapper: it
 runs the pipeline's batch-2 call through a HybridDenoiser, which must give the plain pipeline's
 output bit for bit. Checked here: output equality, restore(), the refusals (wrapping twice, the
 denoiser called outside a call of the wrapper, last_report of other objects), attribute
-pass-through, the return_dict forms of the proxy (UNet and SD3 output classes) and calls without
+pass-through (methods that return the pipeline return the wrapper), pipelines sharing one
+denoiser, the return_dict forms of the proxy (UNet and SD3 output classes) and calls without
 classifier-free guidance. The two-rank behaviour of the same wrapper is in test_cbp.py and
 test_hybrid.py.
 """
@@ -216,6 +217,84 @@ def test_attribute_reads_and_writes_go_to_the_wrapped_pipeline(seed):
         parallel.no_such_attribute  # noqa: B018
     assert repr(parallel) == "ParallelPipeline(StableDiffusionPipeline, rank=0/1)"
     parallel.restore()
+
+
+def test_methods_that_return_the_pipeline_return_the_wrapper(seed):
+    """``pipe = pipe.to(device)`` after parallelize keeps the parallelized pipeline."""
+    pipe = testing.build("sd", seed=seed)
+    parallel = hr.parallelize(pipe, hr.HybridConfig(k=0))
+    moved = parallel.to("cpu")
+    assert moved is parallel
+    assert parallel.to(dtype=torch.float32) is parallel and pipe.unet.dtype == torch.float32
+    assert parallel.to.__name__ == "to"  # still the pipeline's method, wrapped
+    embeds = parallel.encode_prompt("a kite", "cpu", 1, False)  # other results pass unchanged
+    assert isinstance(embeds, tuple) and torch.is_tensor(embeds[0])
+    np.testing.assert_array_equal(_call(moved, seed, guidance_scale=3.0),
+                                  _call(parallel, seed, guidance_scale=3.0))
+    assert hr.last_report(moved).modes == ["serial"] * STEPS
+    parallel.restore()
+
+
+# ------------------------------------------------------------------- pipelines sharing a denoiser
+def test_pipelines_sharing_a_denoiser_can_each_be_parallelized(seed):
+    """diffusers' from_pipe and Pipeline(**pipe.components) share the U-Net between pipelines:
+    each wrapper gets the denoiser calls of its own calls, in any order, with its own report,
+    and the last restore() puts the model's own forward back."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = testing.build("sd", seed=seed)
+    sibling = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    assert sibling.unet is pipe.unet
+    picture = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    img2img = dict(image=picture, strength=0.5, num_inference_steps=4)
+    plain = _call(pipe, seed, guidance_scale=3.0)
+    plain_sibling = _call(sibling, seed, guidance_scale=3.0, **img2img)
+
+    text = hr.parallelize(pipe, hr.HybridConfig(k=0))
+    image = hr.parallelize(sibling, hr.HybridConfig(k=0))
+    for _ in range(2):  # interleaved calls
+        np.testing.assert_array_equal(_call(image, seed, guidance_scale=3.0, **img2img),
+                                      plain_sibling)
+        np.testing.assert_array_equal(_call(text, seed, guidance_scale=3.0), plain)
+    assert hr.last_report(text).modes == ["serial"] * STEPS
+    assert hr.last_report(image).modes == ["serial"] * 2  # strength 0.5 of 4 steps
+    with pytest.raises(hr.HybridError, match="already parallelized"):
+        hr.parallelize(sibling)  # the same pipeline twice is still refused
+    with pytest.raises(hr.HybridError, match="called outside a call"):
+        sibling(prompt="a cup", num_inference_steps=2, output_type="latent", **{
+            k: v for k, v in img2img.items() if k != "num_inference_steps"})
+    text.restore()  # the sibling's wrapper keeps working
+    np.testing.assert_array_equal(_call(image, seed, guidance_scale=3.0, **img2img),
+                                  plain_sibling)
+    with pytest.raises(hr.HybridError, match="called outside a call"):
+        _call(pipe, seed, guidance_scale=3.0)  # the unwrapped pipeline meets the proxy
+    image.restore()
+    assert "forward" not in vars(pipe.unet) and not hasattr(pipe.unet, "_hybridiff_rt_pipeline")
+    np.testing.assert_array_equal(_call(pipe, seed, guidance_scale=3.0), plain)
+
+
+def test_restore_puts_back_an_instance_level_forward(seed):
+    """A forward set on the model instance (as offloading hooks do) is what the engine runs and
+    what restore() leaves in place; inspect.signature of the proxy is the model's."""
+    import functools
+    import inspect
+
+    pipe = testing.build("sd", seed=seed)
+    calls = []
+    original = pipe.unet.forward
+
+    @functools.wraps(original)  # as accelerate's hooks wrap it
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    pipe.unet.forward = hooked
+    parallel = hr.parallelize(pipe, hr.HybridConfig(k=0))
+    assert "added_cond_kwargs" in inspect.signature(pipe.unet.forward).parameters
+    _call(parallel, seed, guidance_scale=3.0)
+    assert len(calls) == STEPS
+    parallel.restore()
+    assert pipe.unet.forward is hooked
 
 
 # ------------------------------------------------------------------------- the forward proxy
