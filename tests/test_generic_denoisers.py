@@ -56,18 +56,26 @@ def _dit_cases(seed):
     wan = dit_pipelines.wan_transformer(num_layers=3)
     wan_i2v = dit_pipelines.wan_transformer(in_channels=12)
     cases = {}
-    # dual-stream: inputs as their pipelines make them (CogView4: the uncond call's text is
-    # longer than the cond call's, a layout of its own)
-    for name in ("qwen-image", "flux-true-cfg", "cogview4"):
-        pipe, kwargs = build_dit(name, seed=seed)
-        seen = []
-        handle = pipe.transformer.register_forward_pre_hook(
-            lambda module, args, kw, seen=seen: seen.append(kw), with_kwargs=True)
+    # dual-stream (and AuraFlow's and Chroma's dual- then single-stream, Chroma's per-block
+    # modulation, Lumina2's refiners before its layers): inputs as their pipelines make them
+    # (CogView4: the uncond call's text is longer than the cond call's, a layout of its own)
+    for name in ("qwen-image", "flux-true-cfg", "cogview4", "auraflow", "lumina2", "chroma"):
+        pipe, kwargs = build_dit(name, seed=seed, size="small" if name == "chroma" else "tiny")
+        model, seen = pipe.transformer, []
+        handle = model.register_forward_pre_hook(
+            lambda module, args, kw, seen=seen: seen.append((args, kw)), with_kwargs=True)
         pipe(num_inference_steps=1, output_type="latent", **DIT_INFO[name].guidance_kwargs,
              **kwargs)
         handle.remove()
-        call = seen[random.Random(seed).randrange(len(seen))]  # the cond or the uncond call
-        cases[name] = (pipe.transformer, {k: v for k, v in call.items() if k != "return_dict"})
+        args, kw = seen[random.Random(seed).randrange(len(seen))]  # the cond or the uncond call
+        call = dict(inspect.signature(model.forward).bind(*args, **kw).arguments)
+        cases[name] = (model, {k: v for k, v in call.items() if k != "return_dict"})
+    # Lumina2 with texts of different lengths in one batch: its layers get an attention mask
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, random.Random(seed).randrange(1, 6):] = 0
+    cases["lumina2-masked"] = (build_dit("lumina2", seed=seed)[0].transformer, {
+        "hidden_states": _randn(gen, 2, 4, 8, 8), "timestep": torch.rand(2, generator=gen),
+        "encoder_hidden_states": _randn(gen, 2, 6, 16), "encoder_attention_mask": mask})
     return cases | {
         "pixart": (pixart, {"hidden_states": _randn(gen, batch, 4, 8, 8),
                             "encoder_hidden_states": _randn(gen, batch, 6, 32),
@@ -92,9 +100,9 @@ def test_staged_dit_equals_the_models_forward_bit_for_bit(seed):
     for name, (model, kw) in _dit_cases(seed).items():
         staged = hr.stage_denoiser(model)
         lists = [getattr(model, attr) for attr in staged.family.blocks]
-        assert staged.unit_names == [f"{attr}.{i}" for attr, blocks in
-                                     zip(staged.family.blocks, lists)
-                                     for i in range(len(blocks))] + ["out"], name
+        assert [n for n in staged.unit_names if not n.startswith("into.")] == [
+            f"{attr}.{i}" for attr, blocks in zip(staged.family.blocks, lists)
+            for i in range(len(blocks))] + ["out"], name
         with torch.no_grad():
             expected = model(**kw, return_dict=False)[0]
             ctx = staged.prepare(**kw)
@@ -102,9 +110,42 @@ def test_staged_dit_equals_the_models_forward_bit_for_bit(seed):
             boundary = staged.run(ctx.initial_state, ctx, 0, cut)
             got = staged.finish(staged.run(boundary, staged.prepare(**kw), cut, None), ctx)
         assert torch.equal(got, expected), f"{name} (seed {seed}, cut {cut})"
-        assert set(boundary) == set(staged.family.returns)  # a cut before the out unit
+        # a cut before the out unit: the state a block list returns or takes
+        assert tuple(sorted(boundary)) in {
+            tuple(sorted(names)) for attr in staged.family.blocks
+            for names in (staged.family.flow_of(attr), staged.family.returns_of(attr))}, name
         for attr, blocks in zip(staged.family.blocks, lists):
             assert getattr(model, attr) is blocks  # the real blocks are back
+
+
+@pytest.mark.parametrize("joint, single", [(2, 3), (2, 0), (0, 2)])
+def test_auraflow_at_every_cut_and_with_a_block_list_left_empty(seed, joint, single):
+    """AuraFlow joins text and image tokens between its two block lists (the into. unit makes
+    that join with the model's own code); a list its configuration leaves empty is skipped."""
+    from diffusers import AuraFlowTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=joint,
+        num_single_dit_layers=single, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, out_channels=4, pos_embed_max_size=64)
+    gen = torch.Generator().manual_seed(seed)
+    batch = random.Random(seed).choice([1, 2])
+    kw = {"hidden_states": _randn(gen, batch, 4, 8, 8),
+          "encoder_hidden_states": _randn(gen, batch, 6, 32),
+          "timestep": torch.rand(batch, generator=gen) * 1000}
+    staged = hr.stage_denoiser(model)
+    expected_names = ([f"joint_transformer_blocks.{i}" for i in range(joint)]
+                      + (["into.single_transformer_blocks"] if joint and single else [])
+                      + [f"single_transformer_blocks.{i}" for i in range(single)] + ["out"])
+    assert staged.unit_names == expected_names
+    with torch.no_grad():
+        expected = model(**kw, return_dict=False)[0]
+        for cut in range(len(staged.units) + 1):
+            ctx = staged.prepare(**kw)
+            boundary = staged.run(ctx.initial_state, ctx, 0, cut)
+            got = staged.finish(staged.run(boundary, staged.prepare(**kw), cut, None), ctx)
+            assert torch.equal(got, expected), f"cut {cut} (seed {seed})"
 
 
 def test_a_failed_forward_puts_the_real_blocks_back(seed):
@@ -157,11 +198,10 @@ def test_which_denoisers_have_a_stage_adapter(seed):
     cases = _dit_cases(seed)
     assert all(has_stage_adapter(model) for model, _ in cases.values())
     assert has_stage_adapter(sd_pipeline(seed=seed).unet)
-    for name in ("auraflow", "hunyuan-dit", "chroma"):
-        model = build_dit(name, seed=seed)[0].transformer
-        assert not has_stage_adapter(model)
-        with pytest.raises(hr.UnsupportedModelError, match="cannot stage"):
-            hr.stage_denoiser(model)
+    model = build_dit("hunyuan-dit", seed=seed)[0].transformer
+    assert not has_stage_adapter(model)
+    with pytest.raises(hr.UnsupportedModelError, match="cannot stage"):
+        hr.stage_denoiser(model)
 
 
 # ------------------------------------------------------------------ what is read from the model

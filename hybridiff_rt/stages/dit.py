@@ -9,20 +9,25 @@ are and which block arguments flow; no model-specific code is written.
 The adapter runs the model's own forward for the prologue and the epilogue, with each block list
 temporarily replaced by stand-ins:
 
-* ``prepare``: the model's forward runs until its first block would be called; the stand-in
-  records that call's arguments and stops the forward. The flow arguments are the initial state;
-  every other argument (time embedding, rotary tables, masks, text context) is the step context
-  handed to every block of that list. (With several lists, the stand-ins of the earlier lists
-  pass their flow through unchanged so that the first call of the last list is reached.)
+* ``prepare``: the model's forward runs with stand-ins that record each block call's arguments
+  and pass the flow through unchanged. The first block's flow arguments are the initial state;
+  every other argument of block I (time embedding or its per-block slice, rotary tables, masks,
+  text context) is block I's step context.
 * ``units``: ``<list>.I`` calls the real block I with the recorded context and the flowing
   state; the last unit, ``out``, runs the model's forward again with stand-ins that return the
   final state, so the epilogue runs exactly as in the model (the prologue is recomputed there; it
   is the cheap part of the model). ``finish`` returns its ``"sample"``.
+* Where a list's blocks carry other arguments than the list before returns (AuraFlow joins the
+  text and image tokens into one sequence for its single-stream blocks), a unit ``into.<list>``
+  runs the model's forward up to that list's first block, with the earlier blocks returning the
+  state, and takes that block's flow arguments: the forward's own code between the lists makes
+  the next list's state.
 
 Running all units therefore equals the model's own forward bit for bit, for model classes whose
-forward hands every block of a list the same non-flow arguments and does nothing between blocks
-(checked for each family by tests/test_generic_denoisers.py). Forward arguments that would make
-the forward do something between blocks (ControlNet residuals) are refused per family. As a
+forward does nothing to the flow between the blocks of a list (it may compute each block's
+non-flow arguments there, as Chroma slices its modulation table per block), checked for each
+family by tests/test_generic_denoisers.py. Forward arguments that would make the forward act on
+the flow between blocks (ControlNet residuals) are refused per family. As a
 guard against a description that does not fit (another diffusers version of the class), the
 first ``prepare`` for each input layout runs the units once and compares them with the model's
 own forward bit for bit; a mismatch raises UnsupportedModelError, which the runtime turns into a
@@ -56,18 +61,32 @@ class DiTFamily:
         returns: what a block returns, in order, as names in ``flow`` (one name: a tensor).
         refused: forward arguments the units do not reproduce (the forward would apply them
             between blocks); a call that passes one of them (not None) is refused.
+        per_list: ``flow`` and ``returns`` of the lists whose blocks differ from the others,
+            by list attribute: ``{attribute: (flow, returns)}``.
     """
 
     blocks: tuple[str, ...]
     flow: tuple[str, ...] = ("hidden_states",)
     returns: tuple[str, ...] = ("hidden_states",)
     refused: tuple[str, ...] = ()
+    per_list: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = dataclasses.field(
+        default_factory=dict)
+
+    def flow_of(self, blocks: str) -> tuple[str, ...]:
+        """The flow arguments of the blocks of list ``blocks``."""
+        return self.per_list.get(blocks, (self.flow, self.returns))[0]
+
+    def returns_of(self, blocks: str) -> tuple[str, ...]:
+        """What a block of list ``blocks`` returns, as names."""
+        return self.per_list.get(blocks, (self.flow, self.returns))[1]
 
 
 #: class name -> description. A new DiT family is one entry here plus a test that its staged
 #: forward equals its own forward (tests/test_generic_denoisers.py).
 DIT_FAMILIES: dict[str, DiTFamily] = {
     "PixArtTransformer2DModel": DiTFamily(blocks=("transformer_blocks",)),
+    # the context and noise refiners run before the joint layers: part of the prologue
+    "Lumina2Transformer2DModel": DiTFamily(blocks=("layers",)),
     "SanaTransformer2DModel": DiTFamily(blocks=("transformer_blocks",),
                                         refused=("controlnet_block_samples",)),
     "WanTransformer3DModel": DiTFamily(blocks=("blocks",)),
@@ -84,6 +103,19 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     "CogView4Transformer2DModel": DiTFamily(
         blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
         returns=("hidden_states", "encoder_hidden_states")),
+    # dual-stream blocks, then single-stream blocks on the joined [text; image] sequence
+    "AuraFlowTransformer2DModel": DiTFamily(
+        blocks=("joint_transformer_blocks", "single_transformer_blocks"),
+        flow=("hidden_states", "encoder_hidden_states"),
+        returns=("encoder_hidden_states", "hidden_states"),
+        per_list={"single_transformer_blocks": (("hidden_states",), ("hidden_states",))}),
+    # Flux-like lists, joined as AuraFlow's; each block gets its own slice of one modulation table
+    "ChromaTransformer2DModel": DiTFamily(
+        blocks=("transformer_blocks", "single_transformer_blocks"),
+        flow=("hidden_states", "encoder_hidden_states"),
+        returns=("encoder_hidden_states", "hidden_states"),
+        refused=("controlnet_block_samples", "controlnet_single_block_samples"),
+        per_list={"single_transformer_blocks": (("hidden_states",), ("hidden_states",))}),
 }
 
 
@@ -126,27 +158,66 @@ class DiTContext(StageContext):
     Attributes:
         initial_state: the flow arguments of the first block, e.g.
             ``{"hidden_states": (B, N, D)}``.
-        block_kwargs: per block list, the non-flow keyword arguments its blocks are called with.
+        block_kwargs: per block list, per block, the non-flow keyword arguments the forward
+            calls that block with.
         forward_kwargs: the model's forward arguments of this step (for the epilogue).
     """
 
-    block_kwargs: list[dict[str, Any]]
+    block_kwargs: list[list[dict[str, Any]]]
     forward_kwargs: dict[str, Any]
 
 
 class DiTBlock(Unit):
-    """``<list>[index]`` called with its list's context and the flowing state."""
+    """``<list>[index]`` called with its own recorded context and the flowing state."""
 
-    def __init__(self, block: torch.nn.Module, list_index: int, name: str,
-                 family: DiTFamily) -> None:
-        self.name, self.block, self.list_index, self.family = name, block, list_index, family
+    def __init__(self, block: torch.nn.Module, list_index: int, index: int, name: str,
+                 flow: tuple[str, ...], returns: tuple[str, ...]) -> None:
+        self.name, self.block, self.list_index, self.index = name, block, list_index, index
+        self.flow, self.returns = flow, returns
 
     def __call__(self, state: State, ctx: DiTContext) -> State:
-        kwargs = dict(ctx.block_kwargs[self.list_index])
-        kwargs.update({k: state[k] for k in self.family.flow})
+        kwargs = dict(ctx.block_kwargs[self.list_index][self.index])
+        kwargs.update({k: state[k] for k in self.flow})
         out = self.block(**kwargs)
-        values = (out,) if len(self.family.returns) == 1 else tuple(out)
-        return dict(zip(self.family.returns, values))
+        values = (out,) if len(self.returns) == 1 else tuple(out)
+        return dict(zip(self.returns, values))
+
+
+class IntoList(Unit):
+    """``into.<list>``: the state after the blocks of list ``list_index - 1`` -> the flow
+    arguments of list ``list_index``'s first block, made by the model's own forward (its code
+    between the two lists) with the earlier blocks returning that state."""
+
+    def __init__(self, staged: StagedDiT, list_index: int) -> None:
+        self.staged, self.list_index = staged, list_index
+        self.name = f"into.{staged._lists[list_index][0]}"
+
+    def __call__(self, state: State, ctx: DiTContext) -> State:
+        staged, target = self.staged, self.list_index
+        before = staged._returns[target - 1]
+        if set(state) != set(before):
+            raise ShapeError(f"{self.name} expects the state after the blocks before it "
+                             f"({sorted(before)}), got keys {sorted(state)}")
+        values = tuple(state[k] for k in before)
+        result = values[0] if len(values) == 1 else values
+        entered: dict[str, Any] = {}
+
+        def action(li: int, index: int, args: tuple, kw: dict) -> Any:
+            if li == target - 1:
+                return result
+            if li < target - 1:
+                return staged._pass_through(li, args, kw)
+            entered.update(staged._bind_block_call(li, args, kw))
+            raise _Stop
+
+        try:
+            staged._run_forward({**ctx.forward_kwargs, "return_dict": False}, action)
+        except _Stop:
+            pass
+        else:
+            raise ShapeError(f"{type(staged.model).__name__}'s forward returned without calling "
+                             f"{staged._lists[target][0]}; the DiT description is wrong")
+        return {k: entered[k] for k in staged._flows[target]}
 
 
 class Epilogue(Unit):
@@ -157,14 +228,18 @@ class Epilogue(Unit):
         self.name, self.staged = "out", staged
 
     def __call__(self, state: State, ctx: DiTContext) -> State:
-        returns = self.staged.family.returns
+        staged = self.staged
+        returns, last = staged._returns[-1], len(staged._lists) - 1
         if set(state) != set(returns):
             raise ShapeError(f"the out unit expects the state after the last block "
                              f"({sorted(returns)}), got keys {sorted(state)}")
         values = tuple(state[k] for k in returns)
         result = values[0] if len(values) == 1 else values
-        out = self.staged._run_forward({**ctx.forward_kwargs, "return_dict": False},
-                                       lambda li, i, a, k: result)
+        # earlier lists pass their flow through, so what the forward computes between the lists
+        # (token counts, joins) is what it computed in prepare; the last list returns the state
+        out = staged._run_forward(
+            {**ctx.forward_kwargs, "return_dict": False},
+            lambda li, i, a, k: result if li == last else staged._pass_through(li, a, k))
         return {"sample": out[0]}
 
 
@@ -183,13 +258,22 @@ class StagedDiT(StagedDenoiser):
         self._lists = []
         for attr in family.blocks:
             blocks = getattr(model, attr, None)
-            if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
-                raise UnsupportedModelError(f"{type(model).__name__}.{attr} is not a non-empty "
-                                            "ModuleList of blocks; the DiT description is wrong")
-            self._lists.append((attr, blocks))
-        self.units: list[Unit] = [
-            DiTBlock(block, li, f"{attr}.{i}", family)
-            for li, (attr, blocks) in enumerate(self._lists) for i, block in enumerate(blocks)]
+            if not isinstance(blocks, torch.nn.ModuleList):
+                raise UnsupportedModelError(f"{type(model).__name__}.{attr} is not a ModuleList "
+                                            "of blocks; the DiT description is wrong")
+            if len(blocks):  # an empty list never runs (a configuration without those blocks)
+                self._lists.append((attr, blocks))
+        if not self._lists:
+            raise UnsupportedModelError(f"{type(model).__name__} has no blocks in "
+                                        f"{', '.join(family.blocks)}: nothing to stage")
+        self._flows = [family.flow_of(attr) for attr, _ in self._lists]
+        self._returns = [family.returns_of(attr) for attr, _ in self._lists]
+        self.units: list[Unit] = []
+        for li, (attr, blocks) in enumerate(self._lists):
+            if li and set(self._flows[li]) != set(self._returns[li - 1]):
+                self.units.append(IntoList(self, li))
+            self.units.extend(DiTBlock(block, li, i, f"{attr}.{i}", self._flows[li],
+                                       self._returns[li]) for i, block in enumerate(blocks))
         self.units.append(Epilogue(self))
         self._checked: set[tuple] = set()  # input layouts already checked against the forward
 
@@ -225,11 +309,21 @@ class StagedDiT(StagedDenoiser):
                                             "needs blocks called with named arguments")
             else:
                 named[name] = value
-        missing = [k for k in self.family.flow if k not in named]
+        missing = [k for k in self._flows[li] if k not in named]
         if missing:
             raise UnsupportedModelError(f"{type(block).__name__} was called without the flow "
                                         f"arguments {missing}; the DiT description is wrong")
         return named
+
+    def _pass_through(self, li: int, args: tuple, kwargs: dict,
+                      named: dict[str, Any] | None = None) -> Any:
+        """What a stand-in of list ``li`` returns to let the forward go on unchanged: its flow
+        arguments as the block's returns (the blocks of a list keep their flow's shapes).
+        ``named``: the call's arguments already bound by :meth:`_bind_block_call`."""
+        if named is None:
+            named = self._bind_block_call(li, args, kwargs)
+        values = tuple(named[k] for k in self._returns[li])
+        return values[0] if len(values) == 1 else values
 
     # ----------------------------------------------------------------------------- contract
     def prepare(self, **denoiser_kwargs: Any) -> DiTContext:
@@ -244,29 +338,23 @@ class StagedDiT(StagedDenoiser):
                 raise UnsupportedModelError(
                     f"{type(self.model).__name__} with {name}=...: the forward applies it between "
                     "blocks, which the staged DiT does not reproduce; run without it or with k=0")
-        recorded: list[dict[str, Any] | None] = [None] * len(self._lists)
-        last = len(self._lists) - 1
+        recorded: list[list[dict[str, Any] | None]] = [[None] * len(blocks)
+                                                        for _, blocks in self._lists]
 
         def record(li: int, index: int, args: tuple, kw: dict) -> Any:
-            if index == 0:
-                recorded[li] = self._bind_block_call(li, args, kw)
-            if li == last:
-                raise _Stop
-            named = self._bind_block_call(li, args, kw)  # earlier lists: pass the flow through
-            values = tuple(named[k] for k in self.family.returns)
-            return values[0] if len(values) == 1 else values
+            recorded[li][index] = named = self._bind_block_call(li, args, kw)
+            return self._pass_through(li, args, kw, named)
 
-        try:
-            self._run_forward({**kwargs, "return_dict": False}, record)
-        except _Stop:
-            pass
-        else:
-            raise ShapeError(f"{type(self.model).__name__}'s forward returned without calling its "
-                             "blocks; the DiT description is wrong")
-        first = recorded[0]
-        block_kwargs = [{k: v for k, v in r.items() if k not in self.family.flow}
-                        for r in recorded]
-        ctx = DiTContext(initial_state={k: first[k] for k in self.family.flow},
+        self._run_forward({**kwargs, "return_dict": False}, record)
+        missing = [f"{attr}.{i}" for (attr, _), calls in zip(self._lists, recorded)
+                   for i, call in enumerate(calls) if call is None]
+        if missing:
+            raise ShapeError(f"{type(self.model).__name__}'s forward did not call "
+                             f"{', '.join(missing)} on these inputs; the DiT description does not "
+                             "fit them")
+        block_kwargs = [[{k: v for k, v in call.items() if k not in flow} for call in calls]
+                        for calls, flow in zip(recorded, self._flows)]
+        ctx = DiTContext(initial_state={k: recorded[0][0][k] for k in self._flows[0]},
                          block_kwargs=block_kwargs, forward_kwargs=kwargs)
         layout = _layout(kwargs)
         if layout not in self._checked:
