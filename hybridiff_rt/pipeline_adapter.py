@@ -111,6 +111,10 @@ class ParallelPipeline:
 
     def __init__(self, pipe: Any, cfg: HybridConfig | None = None) -> None:
         name = next((a for a in DENOISER_ATTRIBUTES if getattr(pipe, a, None) is not None), None)
+        if name is None and isinstance(pipe, torch.nn.Module):
+            raise UnsupportedModelError(
+                f"hr.parallelize takes a diffusers pipeline, got the model {type(pipe).__name__}; "
+                "for a denoiser in your own sampling loop use hr.HybridDenoiser(model, cfg)")
         if name is None:
             raise UnsupportedModelError(
                 f"{type(pipe).__name__} has no .unet or .transformer denoiser; hybridiff_rt "

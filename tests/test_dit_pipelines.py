@@ -24,6 +24,8 @@ calls): two calls per step):
   throughout with a note saying why;
 * ChromaImg2ImgPipeline and WanVideoToVideoPipeline (from an image or a video, strength 0.6):
   k=0 equal to the plain pipeline bit for bit on the steps they run, and the input matters;
+* ChromaImg2ImgPipeline and a ChromaPipeline made from it with from_pipe (one transformer), both
+  parallelized and called in turn: each equal to its plain pipeline bit for bit;
 * Flux without true CFG: one call per step, run whole on every rank, equal to the plain pipeline;
 * a denoiser that returns a second output is refused at step 0 on both ranks.
 """
@@ -341,3 +343,40 @@ def test_pipelines_from_an_input_equal_the_plain_pipeline_on_both_ranks(from_an_
         np.testing.assert_array_equal(got, plain, err_msg=f"{name} seed {seed}")
         assert not np.array_equal(plain, other)
     assert np.array_equal(results[0][name][0], results[1][name][0])
+
+
+def _rank_shared_transformer(rank, seed):
+    """ChromaImg2ImgPipeline and a ChromaPipeline made from it (from_pipe: one transformer),
+    both parallelized and called in turn; then the plain pipelines."""
+    import hybridiff_rt as hr
+    from diffusers import ChromaPipeline
+
+    from hybridiff_rt.testing import dit_pipelines
+
+    hr.init_distributed()
+    image_pipe, image_kwargs = dit_pipelines.chroma_img2img(seed=seed)
+    text_pipe = ChromaPipeline.from_pipe(image_pipe)
+    text_kwargs = {k: v for k, v in image_kwargs.items() if k not in ("image", "strength")}
+    cases = {"image": (image_pipe, image_kwargs, "chroma"),
+             "text": (text_pipe, text_kwargs, "chroma")}
+    wrappers = {name: hr.parallelize(pipe, hr.HybridConfig(k=0))
+                for name, (pipe, _, _) in cases.items()}
+    out = {}
+    for name in ("image", "text", "image"):
+        _, kwargs, info = cases[name]
+        out[name] = _call(wrappers[name], info, kwargs, 5, seed)
+        out[name + " modes"] = list(hr.last_report(wrappers[name]).modes)
+    for wrapper in wrappers.values():
+        wrapper.restore()
+    for name, (pipe, kwargs, info) in cases.items():
+        out[name + " plain"] = _call(pipe, info, kwargs, 5, seed)
+    return out
+
+
+def test_two_call_pipelines_sharing_a_transformer_each_run_cbp_exactly():
+    seed = random.randrange(1 << 16)
+    r0, r1 = all_ok(run_ranks(_rank_shared_transformer, seed, timeout_s=300))
+    for name, steps in (("image", 3), ("text", 5)):  # strength 0.6 of 5 steps: 3
+        assert np.array_equal(r0[name], r1[name]), f"{name}: ranks differ"
+        np.testing.assert_array_equal(r0[name], r0[name + " plain"], err_msg=f"{name} {seed}")
+        assert r0[name + " modes"] == r1[name + " modes"] == ["cbp"] * steps

@@ -184,6 +184,10 @@ def test_pipeline_without_a_denoiser_is_refused():
     for pipe in (types.SimpleNamespace(), types.SimpleNamespace(unet=None, transformer=None)):
         with pytest.raises(hr.UnsupportedModelError, match=r"no \.unet or \.transformer"):
             hr.parallelize(pipe)
+    model = torch.nn.Linear(2, 2)  # a bare model: the message names the custom-loop API
+    with pytest.raises(hr.UnsupportedModelError, match=r"takes a diffusers pipeline, got the "
+                                                       r"model Linear.*hr\.HybridDenoiser"):
+        hr.parallelize(model)
 
 
 def test_last_report_refuses_anything_but_a_wrapper_or_a_denoiser(seed):
