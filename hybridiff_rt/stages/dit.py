@@ -266,6 +266,9 @@ class StagedDiT(StagedDenoiser):
         if not self._lists:
             raise UnsupportedModelError(f"{type(model).__name__} has no blocks in "
                                         f"{', '.join(family.blocks)}: nothing to stage")
+        #: the forward signature of each list's block class (bound at every block call)
+        self._block_signatures = [inspect.signature(type(blocks[0]).forward)
+                                  for _, blocks in self._lists]
         self._flows = [family.flow_of(attr) for attr, _ in self._lists]
         self._returns = [family.returns_of(attr) for attr, _ in self._lists]
         self.units: list[Unit] = []
@@ -296,9 +299,10 @@ class StagedDiT(StagedDenoiser):
     def _bind_block_call(self, li: int, args: tuple, kwargs: dict) -> dict[str, Any]:
         """A block call's arguments by parameter name (``**kwargs`` of the block expanded)."""
         block = self._lists[li][1][0]
-        bound = inspect.signature(type(block).forward).bind(block, *args, **kwargs).arguments
+        signature = self._block_signatures[li]
+        bound = signature.bind(block, *args, **kwargs).arguments
         bound.pop("self", None)
-        params = inspect.signature(type(block).forward).parameters
+        params = signature.parameters
         named: dict[str, Any] = {}
         for name, value in bound.items():
             kind = params[name].kind
