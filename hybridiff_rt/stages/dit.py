@@ -17,6 +17,10 @@ temporarily replaced by stand-ins:
   state; the last unit, ``out``, runs the model's forward again with stand-ins that return the
   final state, so the epilogue runs exactly as in the model (the prologue is recomputed there; it
   is the cheap part of the model). ``finish`` returns its ``"sample"``.
+* A block argument that is the output of an earlier block (HunyuanDiT's long skip connections)
+  is found in ``prepare``: the stand-ins return fresh views of their flow, so such an argument is
+  one of those views. The state then carries that output from its block to the block that takes
+  it (the *carried* entries of the state), as a U-Net's state carries its skip tensors.
 * Where a list's blocks carry other arguments than the list before returns (AuraFlow joins the
   text and image tokens into one sequence for its single-stream blocks), a unit ``into.<list>``
   runs the model's forward up to that list's first block, with the earlier blocks returning the
@@ -34,7 +38,8 @@ own forward bit for bit; a mismatch raises UnsupportedModelError, which the runt
 CBP-only run with a note.
 
 State names are the flow argument names of the blocks, e.g. ``"hidden_states"`` (B, N, D) with
-N tokens and D the inner dimension; after ``out`` the state is ``{"sample": prediction}`` (the
+N tokens and D the inner dimension, plus ``"<list>.<I>:<name>"`` for a carried output of block I
+until the last block that takes it; after ``out`` the state is ``{"sample": prediction}`` (the
 shape of the model's output).
 """
 
@@ -90,6 +95,8 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     "SanaTransformer2DModel": DiTFamily(blocks=("transformer_blocks",),
                                         refused=("controlnet_block_samples",)),
     "WanTransformer3DModel": DiTFamily(blocks=("blocks",)),
+    # long skip connections: the second half of the blocks takes outputs of the first (carried)
+    "HunyuanDiT2DModel": DiTFamily(blocks=("blocks",), refused=("controlnet_block_samples",)),
     # dual-stream (MMDiT) blocks carry the text tokens too and return (encoder, hidden)
     "QwenImageTransformer2DModel": DiTFamily(
         blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
@@ -159,12 +166,18 @@ class DiTContext(StageContext):
         initial_state: the flow arguments of the first block, e.g.
             ``{"hidden_states": (B, N, D)}``.
         block_kwargs: per block list, per block, the non-flow keyword arguments the forward
-            calls that block with.
+            calls that block with (carried ones left out).
         forward_kwargs: the model's forward arguments of this step (for the epilogue).
+        carried: per block list, per block, ``{argument: (state key, last use)}`` for the
+            arguments that are an earlier block's output; the last user drops the key.
+        kept: per block list, per block, ``{returned name: state key}`` for the outputs a later
+            block takes.
     """
 
     block_kwargs: list[list[dict[str, Any]]]
     forward_kwargs: dict[str, Any]
+    carried: list[list[dict[str, tuple[str, bool]]]]
+    kept: list[list[dict[str, str]]]
 
 
 class DiTBlock(Unit):
@@ -176,11 +189,17 @@ class DiTBlock(Unit):
         self.flow, self.returns = flow, returns
 
     def __call__(self, state: State, ctx: DiTContext) -> State:
-        kwargs = dict(ctx.block_kwargs[self.list_index][self.index])
+        li, i = self.list_index, self.index
+        kwargs = dict(ctx.block_kwargs[li][i])
         kwargs.update({k: state[k] for k in self.flow})
+        riding = {k: v for k, v in state.items() if k not in self.flow}  # carried outputs
+        for argument, (key, last_use) in ctx.carried[li][i].items():
+            kwargs[argument] = riding.pop(key) if last_use else riding[key]
         out = self.block(**kwargs)
         values = (out,) if len(self.returns) == 1 else tuple(out)
-        return dict(zip(self.returns, values))
+        new = dict(zip(self.returns, values))
+        riding.update({key: new[name] for name, key in ctx.kept[li][i].items()})
+        return {**new, **riding}
 
 
 class IntoList(Unit):
@@ -195,9 +214,10 @@ class IntoList(Unit):
     def __call__(self, state: State, ctx: DiTContext) -> State:
         staged, target = self.staged, self.list_index
         before = staged._returns[target - 1]
-        if set(state) != set(before):
+        if not set(before) <= set(state):
             raise ShapeError(f"{self.name} expects the state after the blocks before it "
                              f"({sorted(before)}), got keys {sorted(state)}")
+        riding = {k: v for k, v in state.items() if k not in before}  # carried outputs
         values = tuple(state[k] for k in before)
         result = values[0] if len(values) == 1 else values
         entered: dict[str, Any] = {}
@@ -217,7 +237,7 @@ class IntoList(Unit):
         else:
             raise ShapeError(f"{type(staged.model).__name__}'s forward returned without calling "
                              f"{staged._lists[target][0]}; the DiT description is wrong")
-        return {k: entered[k] for k in staged._flows[target]}
+        return {**{k: entered[k] for k in staged._flows[target]}, **riding}
 
 
 class Epilogue(Unit):
@@ -319,6 +339,10 @@ class StagedDiT(StagedDenoiser):
                                         f"arguments {missing}; the DiT description is wrong")
         return named
 
+    def _carried_key(self, li: int, index: int, name: str) -> str:
+        """The state key of output ``name`` of block ``index`` of list ``li`` while carried."""
+        return f"{self._lists[li][0]}.{index}:{name}"
+
     def _pass_through(self, li: int, args: tuple, kwargs: dict,
                       named: dict[str, Any] | None = None) -> Any:
         """What a stand-in of list ``li`` returns to let the forward go on unchanged: its flow
@@ -344,10 +368,21 @@ class StagedDiT(StagedDenoiser):
                     "blocks, which the staged DiT does not reproduce; run without it or with k=0")
         recorded: list[list[dict[str, Any] | None]] = [[None] * len(blocks)
                                                         for _, blocks in self._lists]
+        producer: dict[int, tuple[int, int, str]] = {}  # id of a returned view -> its block
+        views: list[torch.Tensor] = []  # kept alive, so that no id is reused during the forward
 
         def record(li: int, index: int, args: tuple, kw: dict) -> Any:
             recorded[li][index] = named = self._bind_block_call(li, args, kw)
-            return self._pass_through(li, args, kw, named)
+            out = self._pass_through(li, args, kw, named)
+            values = (out,) if len(self._returns[li]) == 1 else tuple(out)
+            fresh = []
+            for name, value in zip(self._returns[li], values):
+                if isinstance(value, torch.Tensor):
+                    value = value.view_as(value)  # a new object: its users can be told apart
+                    producer[id(value)] = (li, index, name)
+                    views.append(value)
+                fresh.append(value)
+            return fresh[0] if len(fresh) == 1 else tuple(fresh)
 
         self._run_forward({**kwargs, "return_dict": False}, record)
         missing = [f"{attr}.{i}" for (attr, _), calls in zip(self._lists, recorded)
@@ -356,10 +391,24 @@ class StagedDiT(StagedDenoiser):
             raise ShapeError(f"{type(self.model).__name__}'s forward did not call "
                              f"{', '.join(missing)} on these inputs; the DiT description does not "
                              "fit them")
-        block_kwargs = [[{k: v for k, v in call.items() if k not in flow} for call in calls]
-                        for calls, flow in zip(recorded, self._flows)]
+        # non-flow arguments that are an earlier block's output: carried in the state
+        sources = [[{k: producer[id(v)] for k, v in call.items()
+                     if k not in flow and isinstance(v, torch.Tensor) and id(v) in producer}
+                    for call in calls] for calls, flow in zip(recorded, self._flows)]
+        last_user = {source: (li, i) for li, calls in enumerate(sources)
+                     for i, taken in enumerate(calls) for source in taken.values()}
+        kept: list[list[dict[str, str]]] = [[{} for _ in calls] for calls in recorded]
+        for li, i, name in last_user:
+            kept[li][i][name] = self._carried_key(li, i, name)
+        carried = [[{arg: (self._carried_key(*source), last_user[source] == (li, i))
+                     for arg, source in taken.items()} for i, taken in enumerate(calls)]
+                   for li, calls in enumerate(sources)]
+        block_kwargs = [[{k: v for k, v in call.items() if k not in flow and k not in taken}
+                         for call, taken in zip(calls, taken_here)]
+                        for calls, flow, taken_here in zip(recorded, self._flows, sources)]
         ctx = DiTContext(initial_state={k: recorded[0][0][k] for k in self._flows[0]},
-                         block_kwargs=block_kwargs, forward_kwargs=kwargs)
+                         block_kwargs=block_kwargs, forward_kwargs=kwargs, carried=carried,
+                         kept=kept)
         layout = _layout(kwargs)
         if layout not in self._checked:
             self._check_against_forward(ctx)

@@ -135,13 +135,14 @@ def auraflow(seed: int = 0, size: str = "tiny"):
 
 
 def hunyuan_dit(seed: int = 0, size: str = "tiny"):
-    """HunyuanDiTPipeline (DiT with long skip connections, CLIP + T5 text, learned sigma, rotary
-    table passed to the denoiser), 64 px -> 8 x 8 latents."""
+    """HunyuanDiTPipeline (DiT with long skip connections: of its 6 blocks, blocks 4 and 5 take
+    the outputs of blocks 1 and 0; CLIP + T5 text, learned sigma, rotary table passed to the
+    denoiser), 64 px -> 8 x 8 latents."""
     from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
 
     with seeded(seed):
         transformer = HunyuanDiT2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+            sample_size=8, patch_size=2, in_channels=4, num_layers=6, attention_head_dim=8,
             num_attention_heads=2, cross_attention_dim=32, cross_attention_dim_t5=32,
             pooled_projection_dim=16, hidden_size=16, text_len=6, text_len_t5=6,
             learn_sigma=True)
