@@ -137,6 +137,11 @@ def _layout(value: Any) -> tuple:
     return (type(value).__name__,)
 
 
+def _block_output(values: tuple) -> Any:
+    """``values`` as a block returns them: the tensor itself for one name, else the tuple."""
+    return values[0] if len(values) == 1 else values
+
+
 def dit_family(model: torch.nn.Module) -> DiTFamily | None:
     """The description of ``model``'s class (exact class name match), or None."""
     return DIT_FAMILIES.get(type(model).__name__)
@@ -218,8 +223,7 @@ class IntoList(Unit):
             raise ShapeError(f"{self.name} expects the state after the blocks before it "
                              f"({sorted(before)}), got keys {sorted(state)}")
         riding = {k: v for k, v in state.items() if k not in before}  # carried outputs
-        values = tuple(state[k] for k in before)
-        result = values[0] if len(values) == 1 else values
+        result = _block_output(tuple(state[k] for k in before))
         entered: dict[str, Any] = {}
 
         def action(li: int, index: int, args: tuple, kw: dict) -> Any:
@@ -253,8 +257,7 @@ class Epilogue(Unit):
         if set(state) != set(returns):
             raise ShapeError(f"the out unit expects the state after the last block "
                              f"({sorted(returns)}), got keys {sorted(state)}")
-        values = tuple(state[k] for k in returns)
-        result = values[0] if len(values) == 1 else values
+        result = _block_output(tuple(state[k] for k in returns))
         # earlier lists pass their flow through, so what the forward computes between the lists
         # (token counts, joins) is what it computed in prepare; the last list returns the state
         out = staged._run_forward(
@@ -343,15 +346,11 @@ class StagedDiT(StagedDenoiser):
         """The state key of output ``name`` of block ``index`` of list ``li`` while carried."""
         return f"{self._lists[li][0]}.{index}:{name}"
 
-    def _pass_through(self, li: int, args: tuple, kwargs: dict,
-                      named: dict[str, Any] | None = None) -> Any:
+    def _pass_through(self, li: int, args: tuple, kwargs: dict) -> Any:
         """What a stand-in of list ``li`` returns to let the forward go on unchanged: its flow
-        arguments as the block's returns (the blocks of a list keep their flow's shapes).
-        ``named``: the call's arguments already bound by :meth:`_bind_block_call`."""
-        if named is None:
-            named = self._bind_block_call(li, args, kwargs)
-        values = tuple(named[k] for k in self._returns[li])
-        return values[0] if len(values) == 1 else values
+        arguments as the block's returns (the blocks of a list keep their flow's shapes)."""
+        named = self._bind_block_call(li, args, kwargs)
+        return _block_output(tuple(named[k] for k in self._returns[li]))
 
     # ----------------------------------------------------------------------------- contract
     def prepare(self, **denoiser_kwargs: Any) -> DiTContext:
@@ -373,16 +372,15 @@ class StagedDiT(StagedDenoiser):
 
         def record(li: int, index: int, args: tuple, kw: dict) -> Any:
             recorded[li][index] = named = self._bind_block_call(li, args, kw)
-            out = self._pass_through(li, args, kw, named)
-            values = (out,) if len(self._returns[li]) == 1 else tuple(out)
-            fresh = []
-            for name, value in zip(self._returns[li], values):
+            fresh = []  # the flow passed through, as the block's returns
+            for name in self._returns[li]:
+                value = named[name]
                 if isinstance(value, torch.Tensor):
                     value = value.view_as(value)  # a new object: its users can be told apart
                     producer[id(value)] = (li, index, name)
                     views.append(value)
                 fresh.append(value)
-            return fresh[0] if len(fresh) == 1 else tuple(fresh)
+            return _block_output(tuple(fresh))
 
         self._run_forward({**kwargs, "return_dict": False}, record)
         missing = [f"{attr}.{i}" for (attr, _), calls in zip(self._lists, recorded)
