@@ -15,8 +15,8 @@ calls): two calls per step):
   two-call protocol must change nothing at all); batched pipelines also within BATCH_TOLERANCE
   (relative to the largest magnitude) of the ordinary batch-2 pipeline;
 * k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT with
-  its long skip connections, Wan 2.1 T2V and I2V, Lumina2, Qwen-Image, Flux and Chroma with and without an IP-Adapter, CogView4 with and
-  without a control image):
+  its long skip connections, Wan 2.1 T2V and I2V, Lumina2, Qwen-Image, Flux and Chroma with and
+  without an IP-Adapter, CogView4 with and without a control image):
   the modes follow the schedule and the output equals, bit for bit, a
   one-process emulation of the same schedule (per-branch calls on CBP steps, the staged model on
   the stale boundary on pipelined steps);
@@ -45,9 +45,8 @@ STEPS_K0 = 3
 STEPS_PIPELINED = 6
 #: slope_eps 0 never fires: tau1 = tau_cap = 2, pipelined steps 3 and 4, CBP again at step 5
 PIPELINED = {"window": 1, "slope_eps": 0.0, "k": 2, "tau_cap": 2}
-WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse",
-                "hunyuan-dit": "off", "wan2.1": "reuse",
-                "wan2.1-i2v": "off", "lumina2": "reuse", "qwen-image": "reuse",
+WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hunyuan-dit": "off",
+                "wan2.1": "reuse", "wan2.1-i2v": "off", "lumina2": "reuse", "qwen-image": "reuse",
                 "flux-true-cfg": "off", "cogview4": "reuse", "cogview4-control": "off",
                 "chroma": "off", "flux-ip-adapter": "reuse", "chroma-ip-adapter": "reuse"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
@@ -358,19 +357,17 @@ def _rank_shared_transformer(rank, seed):
     image_pipe, image_kwargs = dit_pipelines.chroma_img2img(seed=seed)
     text_pipe = ChromaPipeline.from_pipe(image_pipe)
     text_kwargs = {k: v for k, v in image_kwargs.items() if k not in ("image", "strength")}
-    cases = {"image": (image_pipe, image_kwargs, "chroma"),
-             "text": (text_pipe, text_kwargs, "chroma")}
+    cases = {"image": (image_pipe, image_kwargs), "text": (text_pipe, text_kwargs)}
     wrappers = {name: hr.parallelize(pipe, hr.HybridConfig(k=0))
-                for name, (pipe, _, _) in cases.items()}
+                for name, (pipe, _) in cases.items()}
     out = {}
-    for name in ("image", "text", "image"):
-        _, kwargs, info = cases[name]
-        out[name] = _call(wrappers[name], info, kwargs, 5, seed)
+    for name in ("image", "text", "image"):  # guidance as DIT_INFO["chroma"] gives it
+        out[name] = _call(wrappers[name], "chroma", cases[name][1], 5, seed)
         out[name + " modes"] = list(hr.last_report(wrappers[name]).modes)
     for wrapper in wrappers.values():
         wrapper.restore()
-    for name, (pipe, kwargs, info) in cases.items():
-        out[name + " plain"] = _call(pipe, info, kwargs, 5, seed)
+    for name, (pipe, kwargs) in cases.items():
+        out[name + " plain"] = _call(pipe, "chroma", kwargs, 5, seed)
     return out
 
 
