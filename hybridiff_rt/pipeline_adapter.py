@@ -130,11 +130,7 @@ class ParallelPipeline:
         if any(p is not None and p.wraps(pipe) for p in proxies):
             raise HybridError(_ALREADY)
         no_stages = None
-        if len(experts) > 1:
-            no_stages = (f"{type(pipe).__name__} switches between {len(experts)} expert denoisers "
-                         f"({', '.join(a for a, _ in experts)}), and stale activations cannot "
-                         "cross experts")
-        elif _image_guided(pipe):
+        if _image_guided(pipe):
             no_stages = (f"{type(pipe).__name__} guides with an image branch besides text "
                          "(image_guidance_scale): its batch stacks three guidance branches (text, "
                          "image, uncond); CBP splits its rows exactly, but no [uncond; cond] pair "
@@ -145,7 +141,8 @@ class ParallelPipeline:
                 if proxy is not None:
                     unpatched.enter_context(proxy.unpatched())
             object.__setattr__(self, "engine",
-                               HybridDenoiser(model, cfg, no_stages_reason=no_stages))
+                               HybridDenoiser(model, cfg, no_stages_reason=no_stages,
+                                              experts=[m for _, m in experts[1:]]))
             forwards = [m.forward for _, m in experts]
         object.__setattr__(self, "_in_call", False)
         object.__setattr__(self, "_model", model)

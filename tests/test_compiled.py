@@ -127,6 +127,37 @@ def test_a_second_expert_gets_its_own_graphed_callable_never_the_first_ones():
     assert calls["denoiser"]["replays"] == 2 and calls["denoiser 2"]["replays"] == 2
 
 
+def test_each_experts_stage_replays_its_own_graph():
+    """Two experts of one class have the same unit ranges (Wan 2.2's pipelined steps run the
+    stages of the expert the pipeline called): a stage of the second expert must replay its own
+    graph, never the one captured for the same range of the first expert."""
+    from hybridiff_rt import testing
+    from hybridiff_rt.engine.compiled import Accelerator, stage_function
+
+    seed = random.randrange(1 << 16)
+    models = testing.sd_pipeline(seed=seed).unet, testing.sd_pipeline(seed=seed + 1).unet
+    staged = [hr.stage_denoiser(m) for m in models]
+    g = torch.Generator().manual_seed(seed)
+    kw = {"sample": torch.randn(1, 4, 16, 16, generator=g), "timestep": torch.tensor(700),
+          "encoder_hidden_states": torch.randn(1, 8, 32, generator=g)}
+    stop = len(staged[0].units)
+    notes = []
+    graphs.emulate_on_cpu(True)
+    try:
+        accel = Accelerator(hr.HybridConfig(cuda_graphs="on"), torch.device("cpu"), notes.append)
+        calls = [accel.stage_call(s, 0, stop, last=True) for s in staged]
+        with torch.no_grad():
+            outs = [call(dict(kw), None) for call in calls + calls]
+    finally:
+        graphs.emulate_on_cpu(False)
+    with torch.no_grad():
+        expected = [stage_function(s, 0, stop, True)(dict(kw), None) for s in staged]
+    assert calls[0] is not calls[1] and notes == []  # replayed, no eager fallback
+    assert not torch.equal(expected[0], expected[1])
+    for out, want in zip(outs, expected + expected):
+        assert torch.equal(out, want)
+
+
 def test_graphs_fall_back_eagerly_with_a_note_on_changing_layouts_and_failed_captures():
     g = torch.Generator().manual_seed(random.randrange(1 << 30))
     notes = []

@@ -48,11 +48,11 @@ PIPELINED = {"window": 1, "slope_eps": 0.0, "k": 2, "tau_cap": 2}
 WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hunyuan-dit": "off",
                 "wan2.1": "reuse", "wan2.1-i2v": "off", "lumina2": "reuse", "qwen-image": "reuse",
                 "flux-true-cfg": "off", "cogview4": "reuse", "cogview4-control": "off",
-                "chroma": "off", "flux-ip-adapter": "reuse", "chroma-ip-adapter": "reuse"}
+                "chroma": "off", "flux-ip-adapter": "reuse", "chroma-ip-adapter": "reuse",
+                "wan2.2": "reuse"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
-CBP_ONLY_NOTES = {"wan2.2": "2 expert denoisers"}
 #: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
 #: difference relative to the largest magnitude of the plain result (random models drive the
 #: latents to magnitudes of hundreds; measured: 3e-7 of that for Sana, up to 2.3e-5 for the
@@ -73,67 +73,76 @@ def _call(pipe, name, kwargs, steps, seed, **extra):
     return _latents(pipe(generator=torch.Generator().manual_seed(seed), **call))
 
 
-def emulate(pipe, name, kwargs, tau1, tau2, cut, policy, seed):
+def emulate(pipe, name, kwargs, tau1, tau2, cut, policy, seed, steps=STEPS_PIPELINED):
     """One process: the same schedule as a two-rank hybrid run (CBP = per-branch calls; steps
-    tau1+1..tau2 = the staged cond model, fill step fresh, later steps on the stale boundary)."""
+    tau1+1..tau2 = the staged cond model, fill step fresh, later steps on the stale boundary).
+    With two experts (Wan 2.2) each step runs the expert the pipeline called, and a pipelined
+    step whose expert differs from the previous step's is a fill step too."""
     import hybridiff_rt as hr
     from hybridiff_rt.engine.batch import join_cfg_batch
     from hybridiff_rt.engine.branch_layout import split_branch_kwargs
 
-    model = pipe.transformer
-    staged = hr.stage_denoiser(model)
-    original = model.forward
-    signature = inspect.signature(original)
-    memory = {"step": 0, "stale": None, "difference": None, "cond": None}
+    memory = {"step": 0, "stale": None, "difference": None, "cond": None, "expert": None}
 
-    def pipelined_cond(cond_kw, step):
+    def pipelined_cond(staged, cond_kw, step):
         ctx = staged.prepare(**cond_kw)
         boundary = staged.run(ctx.initial_state, ctx, 0, cut)
-        source = boundary if step == tau1 + 1 else memory["stale"]
-        memory["stale"] = boundary
+        fresh = step == tau1 + 1 or memory["expert"] is not staged
+        source = boundary if fresh else memory["stale"]
+        memory["stale"], memory["expert"] = boundary, staged
         return staged.finish(staged.run(source, ctx, cut, None), ctx)
 
     def synth_uncond(cond):
         return cond - memory["difference"] if policy == "reuse" else cond
 
-    def batched(*args, **kw_in):
-        kw = dict(signature.bind(*args, **kw_in).arguments)
-        kw.pop("return_dict", None)
-        step = memory["step"]
-        memory["step"] += 1
-        uncond_kw, cond_kw = split_branch_kwargs(kw, kw["hidden_states"].shape[0])
-        if tau1 < step <= tau2:
-            cond = pipelined_cond(cond_kw, step)
-            uncond = synth_uncond(cond)
-        else:
-            uncond = original(**uncond_kw, return_dict=False)[0]
-            cond = original(**cond_kw, return_dict=False)[0]
-            memory["difference"] = cond - uncond
-        return (join_cfg_batch(uncond, cond),)
+    def emulated_forward(model):
+        staged = hr.stage_denoiser(model)
+        original = model.forward
+        signature = inspect.signature(original)
 
-    def two_call(*args, **kw_in):  # cond call first, then the uncond call of the same step
-        kw = dict(signature.bind(*args, **kw_in).arguments)
-        kw.pop("return_dict", None)
-        step = memory["step"]
-        if memory["cond"] is None:  # the cond call
+        def batched(*args, **kw_in):
+            kw = dict(signature.bind(*args, **kw_in).arguments)
+            kw.pop("return_dict", None)
+            step = memory["step"]
+            memory["step"] += 1
+            uncond_kw, cond_kw = split_branch_kwargs(kw, kw["hidden_states"].shape[0])
             if tau1 < step <= tau2:
-                memory["cond"] = pipelined_cond(kw, step)
+                cond = pipelined_cond(staged, cond_kw, step)
+                uncond = synth_uncond(cond)
             else:
-                memory["cond"] = original(**kw, return_dict=False)[0]
-            return (memory["cond"],)
-        cond, memory["cond"] = memory["cond"], None
-        memory["step"] += 1
-        if tau1 < step <= tau2:
-            return (synth_uncond(cond),)
-        uncond = original(**kw, return_dict=False)[0]
-        memory["difference"] = cond - uncond
-        return (uncond,)
+                uncond = original(**uncond_kw, return_dict=False)[0]
+                cond = original(**cond_kw, return_dict=False)[0]
+                memory["difference"] = cond - uncond
+            return (join_cfg_batch(uncond, cond),)
 
-    model.forward = batched if DIT_INFO[name].guidance == "batched" else two_call
+        def two_call(*args, **kw_in):  # cond call first, then the uncond call of the same step
+            kw = dict(signature.bind(*args, **kw_in).arguments)
+            kw.pop("return_dict", None)
+            step = memory["step"]
+            if memory["cond"] is None:  # the cond call
+                if tau1 < step <= tau2:
+                    memory["cond"] = pipelined_cond(staged, kw, step)
+                else:
+                    memory["cond"] = original(**kw, return_dict=False)[0]
+                return (memory["cond"],)
+            cond, memory["cond"] = memory["cond"], None
+            memory["step"] += 1
+            if tau1 < step <= tau2:
+                return (synth_uncond(cond),)
+            uncond = original(**kw, return_dict=False)[0]
+            memory["difference"] = cond - uncond
+            return (uncond,)
+
+        return batched if DIT_INFO[name].guidance == "batched" else two_call
+
+    models = [getattr(pipe, attr) for attr in DIT_INFO[name].experts]
+    for model in models:
+        model.forward = emulated_forward(model)
     try:
-        return _call(pipe, name, kwargs, STEPS_PIPELINED, seed, **PIPELINED_CALL.get(name, {}))
+        return _call(pipe, name, kwargs, steps, seed, **PIPELINED_CALL.get(name, {}))
     finally:
-        del model.forward
+        for model in models:
+            del model.forward
 
 
 def _rank_dit(rank, seed):
@@ -166,15 +175,15 @@ def _rank_dit(rank, seed):
                     cell["reference"] = _call(pipe, name, kwargs, STEPS_K0, seed)
                 finally:
                     undo()
-        if name in WITH_ADAPTER or name in CBP_ONLY_NOTES:
-            policy = WITH_ADAPTER.get(name, "off")
+        if name in WITH_ADAPTER:
+            policy = WITH_ADAPTER[name]
             runner = hr.parallelize(pipe, hr.HybridConfig(**PIPELINED, pipeline_guidance=policy))
             cell["k2"] = _call(runner, name, kwargs, STEPS_PIPELINED, seed,
                                **PIPELINED_CALL.get(name, {}))
             report = hr.last_report(runner).to_dict()
             cell["k2_report"] = report
             pipe = runner.restore()
-            if rank == 0 and name in WITH_ADAPTER:
+            if rank == 0:
                 cut = report["extra"]["pipeline"]["plan"]["cuts"][1]
                 cell["emulated"] = emulate(pipe, name, kwargs, report["tau1"], report["tau2"],
                                            cut, policy, seed)
@@ -265,15 +274,67 @@ def test_pipelined_steps_match_a_one_process_emulation(ranks, name):
     np.testing.assert_array_equal(a["k2"], a["emulated"], err_msg=f"{name} seed {seed}")
 
 
-@pytest.mark.parametrize("name", list(CBP_ONLY_NOTES))
-def test_k_above_zero_without_an_adapter_runs_cbp_with_a_note(ranks, name):
-    _, (r0, r1) = ranks
-    for cell in (r0[name], r1[name]):
-        report = cell["k2_report"]
+#: Wan 2.2 with its expert switch inside the pipelined phase: 8 steps (timesteps 999, 954, 900,
+#: 833, 750, 643, 500, 301), boundary_ratio 0.8 (t >= 800 on transformer), pipelined steps 3, 4, 5:
+#: step 3 runs transformer (fill), step 4 transformer_2 (fill again), step 5 on step 4's boundary
+WAN22_SWITCH_STEPS = 8
+WAN22_SWITCH = {"window": 1, "slope_eps": 0.0, "k": 3, "tau_cap": 2, "pipeline_guidance": "reuse"}
+
+
+def _rank_wan22_switch(rank, seed):
+    import hybridiff_rt as hr
+    from hybridiff_rt.testing import build_dit
+
+    hr.init_distributed()
+    pipe, kwargs = build_dit("wan2.2", seed=seed)
+    pipe.register_to_config(boundary_ratio=0.8)
+    runner = hr.parallelize(pipe, hr.HybridConfig(**WAN22_SWITCH))
+    out = _call(runner, "wan2.2", kwargs, WAN22_SWITCH_STEPS, seed)
+    report = hr.last_report(runner).to_dict()
+    pipe = runner.restore()
+    timesteps = [int(t) for t in pipe.scheduler.timesteps]
+    emulated = None
+    if rank == 0:
+        cut = report["extra"]["pipeline"]["plan"]["cuts"][1]
+        emulated = emulate(pipe, "wan2.2", kwargs, report["tau1"], report["tau2"], cut,
+                           WAN22_SWITCH["pipeline_guidance"], seed, steps=WAN22_SWITCH_STEPS)
+    return out, report, emulated, timesteps
+
+
+def test_wan22_pipelined_phase_starts_over_when_the_expert_changes():
+    seed = random.randrange(1 << 16)
+    (out, report, emulated, timesteps), (other, other_report, _, _) = all_ok(
+        run_ranks(_rank_wan22_switch, seed, timeout_s=300))
+    switch = 0.8 * 1000
+    assert timesteps[3] >= switch > timesteps[4], timesteps  # the premise: experts change at 4
+    assert np.array_equal(out, other), "the ranks differ"
+    assert report["modes"] == other_report["modes"] == (
+        ["cbp"] * 3 + ["pipeline"] * 3 + ["cbp"] * 2)
+    restarts = [n for n in report["notes"] if "started over with a fill step" in n]
+    assert len(restarts) == 1 and restarts[0].startswith("pipelined step 4 "), report["notes"]
+    np.testing.assert_array_equal(out, emulated, err_msg=f"seed {seed}")
+
+
+def _rank_wan22_on_four(rank, seed):
+    import hybridiff_rt as hr
+    from hybridiff_rt.testing import build_dit
+
+    hr.init_distributed()
+    pipe, kwargs = build_dit("wan2.2", seed=seed)
+    runner = hr.parallelize(pipe, hr.HybridConfig(**PIPELINED))
+    out = _call(runner, "wan2.2", kwargs, STEPS_PIPELINED, seed)
+    return out, hr.last_report(runner).to_dict()
+
+
+def test_wan22_on_four_ranks_runs_cbp_with_a_note():
+    """On 2N > 2 ranks the stage chain runs one staged denoiser: two experts run CBP only."""
+    seed = random.randrange(1 << 16)
+    results = all_ok(run_ranks(_rank_wan22_on_four, seed, world_size=4, timeout_s=300), 4)
+    for out, report in results:
         assert report["modes"] == ["cbp"] * STEPS_PIPELINED
-        assert any("no pipelined steps in this run" in n and CBP_ONLY_NOTES[name] in n
-                   for n in report["notes"]), report["notes"]
-    assert np.array_equal(r0[name]["k2"], r1[name]["k2"])
+        assert any("no pipelined steps in this run" in n and "on 4 ranks stale activations "
+                   "cannot cross experts" in n for n in report["notes"]), report["notes"]
+        np.testing.assert_array_equal(out, results[0][0])
 
 
 def test_flux_without_true_cfg_runs_whole_on_every_rank(ranks):
@@ -297,6 +358,8 @@ def test_a_denoiser_with_a_second_output_is_refused_at_step_0_on_both_ranks(rank
 #: calls): name -> (builder in dit_pipelines, the DIT_INFO entry of their guidance, input name)
 FROM_AN_INPUT = {"chroma-img2img": ("chroma_img2img", "chroma", "image"),
                  "wan2.1-v2v": ("wan21_v2v", "wan2.1", "video")}
+#: their pipelined runs: strength 0.6 of 10 steps leaves 6, as many as STEPS_PIPELINED
+FROM_AN_INPUT_PIPELINED_STEPS = 10
 
 
 def _another(value):
@@ -322,6 +385,18 @@ def _rank_from_an_input(rank, seed):
         plain = _call(pipe, info, kwargs, 5, seed)
         other = _call(pipe, info, dict(kwargs, **{key: _another(kwargs[key])}), 5, seed)
         results[name] = (got, plain, other, report, len(calls))
+        # pipelined: the schedule counts the steps the strength leaves, not num_inference_steps
+        runner = hr.parallelize(pipe, hr.HybridConfig(**PIPELINED,
+                                                      pipeline_guidance=WITH_ADAPTER[info]))
+        pipelined = _call(runner, info, kwargs, FROM_AN_INPUT_PIPELINED_STEPS, seed)
+        report = hr.last_report(runner).to_dict()
+        pipe = runner.restore()
+        emulated = None
+        if rank == 0:
+            cut = report["extra"]["pipeline"]["plan"]["cuts"][1]
+            emulated = emulate(pipe, info, kwargs, report["tau1"], report["tau2"], cut,
+                               WITH_ADAPTER[info], seed, steps=FROM_AN_INPUT_PIPELINED_STEPS)
+        results[name + " pipelined"] = (pipelined, report, emulated)
     return results
 
 
@@ -343,6 +418,21 @@ def test_pipelines_from_an_input_equal_the_plain_pipeline_on_both_ranks(from_an_
         np.testing.assert_array_equal(got, plain, err_msg=f"{name} seed {seed}")
         assert not np.array_equal(plain, other)
     assert np.array_equal(results[0][name][0], results[1][name][0])
+
+
+@pytest.mark.parametrize("name", list(FROM_AN_INPUT))
+def test_pipelines_from_an_input_pipeline_the_steps_their_strength_leaves(from_an_input, name):
+    """Pipelined (k = 2) on two ranks: the schedule runs over the 6 steps that strength 0.6 of
+    10 leaves, and the result equals a one-process emulation of that schedule bit for bit."""
+    seed, (r0, r1) = from_an_input
+    (got, report, emulated), (other_rank, _, _) = r0[name + " pipelined"], r1[name + " pipelined"]
+    assert np.array_equal(got, other_rank), f"{name}: the ranks differ"
+    tau1 = PIPELINED["tau_cap"]
+    assert report["num_steps"] == STEPS_PIPELINED
+    assert (report["tau1"], report["tau2"]) == (tau1, tau1 + PIPELINED["k"])
+    assert report["modes"] == ["pipeline" if tau1 < i <= tau1 + PIPELINED["k"] else "cbp"
+                               for i in range(STEPS_PIPELINED)]
+    np.testing.assert_array_equal(got, emulated, err_msg=f"{name} seed {seed}")
 
 
 def _rank_shared_transformer(rank, seed):

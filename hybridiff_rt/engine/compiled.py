@@ -195,8 +195,9 @@ class Accelerator:
 
     def stage_call(self, staged: StagedDenoiser, start: int, stop: int,
                    last: bool) -> Callable[[dict, Any], Any]:
-        """``call(kw, state)``: one stage of the pipeline, accelerated (cached per range)."""
-        key = ("stage", start, stop, last)
+        """``call(kw, state)``: one stage of the pipeline, accelerated (cached per staged
+        denoiser and range: two experts of one class have the same ranges, not the same weights)."""
+        key = ("stage", id(staged), start, stop, last)
         if key not in self._calls:
             self._calls[key] = self._wrap(stage_function(staged, start, stop, last),
                                           f"stage units {start}..{stop - 1}")

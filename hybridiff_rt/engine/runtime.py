@@ -17,7 +17,7 @@ import json
 import math
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -106,7 +106,12 @@ class HybridDenoiser:
         cfg: HybridConfig (default: HybridConfig()).
         transport: a Transport to use instead of the one ``cfg.transport`` selects.
         no_stages_reason: run CBP only (no stage pipeline) for this reason, noted in the report
-            when ``k > 0`` (e.g. a pipeline that switches between expert denoisers).
+            when ``k > 0``.
+        experts: other denoisers of the same class the caller may run on some steps (Wan 2.2's
+            low-noise transformer), each passed per step as ``forward=expert.forward``; on two
+            ranks each gets its own staged denoiser, and a pipelined phase that meets another
+            expert than the one its stale boundary came from starts over with a fill step (on
+            2N > 2 ranks such a run is CBP only, with a note).
 
     Call once per step, on every rank, with identical arguments::
 
@@ -119,7 +124,8 @@ class HybridDenoiser:
     """
 
     def __init__(self, model: torch.nn.Module, cfg: HybridConfig | None = None, *,
-                 transport: Transport | None = None, no_stages_reason: str | None = None) -> None:
+                 transport: Transport | None = None, no_stages_reason: str | None = None,
+                 experts: Sequence[torch.nn.Module] = ()) -> None:
         self.family = model_family(model)
         self.model = model
         self.cfg = require_config(cfg)
@@ -136,8 +142,21 @@ class HybridDenoiser:
         if no_stages_reason is None and not has_stage_adapter(model):
             self._no_stages_reason = (f"{type(model).__name__} has no stage adapter "
                                       "(hybridiff_rt.stages)")
+        if experts and self.world_size > 2 and self._no_stages_reason is None:
+            self._no_stages_reason = (f"the pipeline switches between {len(experts) + 1} expert "
+                                      f"denoisers, and on {self.world_size} ranks stale "
+                                      "activations cannot cross experts (2 ranks can)")
         wants_stages = self.world_size > 1 and self.cfg.k > 0 and self._no_stages_reason is None
         self._staged = self._stage_or_note(model) if wants_stages else None
+        #: the staged denoiser of each other expert, by the forward the caller passes for it
+        self._expert_stages: dict[Callable[..., Any], StagedDenoiser] = {}
+        for expert in experts if self._staged is not None else ():
+            staged = self._stage_or_note(expert)
+            if staged is None:
+                self._staged = None
+                break
+            self._expert_stages[expert.forward] = staged
+        self._pipeline_builds = 0  # stage pipelines set up in this run (store keys)
         self._pipeline: StagePipeline | None = None
         # cuts re-planned from measured stage times (engine/rebalance.py), kept across runs:
         # the open phase, the closed one whose medians the next phase gathers, and per chain
@@ -198,6 +217,7 @@ class HybridDenoiser:
         self._schedule: SwitchSchedule | None = None
         self._scale = None
         self._next_step = 0
+        self._pipeline_builds = 0
         self._agreed = False
         self._last_difference: torch.Tensor | None = None
         self._context = dict(context or {})
@@ -299,7 +319,7 @@ class HybridDenoiser:
                     self._start_run(uncond_kw, cond_kw, guidance_scale)
                 mode = "serial" if self.world_size == 1 else self._schedule.mode(step)
                 if mode == "pipeline":
-                    uncond_pred, cond_pred = self._pipeline_step(cond_kw, step)
+                    uncond_pred, cond_pred = self._pipeline_step(cond_kw, step, forward)
                     measured = math.nan
                 else:
                     if mode == "serial":
@@ -569,12 +589,29 @@ class HybridDenoiser:
             self._last_difference = cond_pred - uncond_pred
         return measured
 
-    def _pipeline_step(self, cond_kw: Kwargs, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One stale-activation pipelined step; returns (synthesised uncond, cond prediction)."""
+    def _pipeline_step(self, cond_kw: Kwargs, step: int,
+                       forward: Callable[..., Any] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One stale-activation pipelined step; returns (synthesised uncond, cond prediction).
+
+        ``forward``: the expert the caller runs at this step (None: the model). A phase whose
+        stale boundary came from another expert starts over here with a fill step."""
+        staged = self._staged_for(forward)
         first = step == self._schedule.tau1 + 1
         more_follow = step < self._schedule.tau2
+        # (2N > 2 ranks never get experts: ScaleOut runs the model's one staged denoiser)
+        if (not first and self._scale is None and self._pipeline is not None
+                and self._pipeline.staged is not staged):
+            self._pipeline.drain()  # the boundaries in flight belong to the other expert
+            self._pipeline = None
+            if self._phase is not None:
+                self._close_phase(step - 1)
+            first = True
+            self._report.note(f"pipelined step {step} ran another expert denoiser than step "
+                              f"{step - 1}: its stale boundary could not be used, so the "
+                              "pipelined phase started over with a fill step")
         if first:
-            self._pipeline = self._build_pipeline(cond_kw)
+            self._pipeline = self._build_pipeline(cond_kw, staged)
         cond_pred = self._pipeline.step(cond_kw, step, first=first, more_follow=more_follow)
         if not more_follow:
             self._pipeline.drain()
@@ -588,7 +625,18 @@ class HybridDenoiser:
             return cond_pred - self._last_difference, cond_pred
         return cond_pred, cond_pred
 
-    def _build_pipeline(self, cond_kw: Kwargs) -> StagePipeline:
+    def _staged_for(self, forward: Callable[..., Any] | None) -> StagedDenoiser:
+        """The staged denoiser of the expert whose forward the caller passed (None: the model)."""
+        if forward is None or forward == self._raw_forward:
+            return self._staged
+        if forward not in self._expert_stages:
+            raise HybridError(
+                "a pipelined step was asked to run a forward that is neither the model's nor one "
+                "of the experts given to HybridDenoiser(experts=...); pass the other denoisers "
+                "there to pipeline them")
+        return self._expert_stages[forward]
+
+    def _build_pipeline(self, cond_kw: Kwargs, staged: StagedDenoiser) -> StagePipeline:
         """Profile the units (rank 0, cached per model/shape/device), share the profile through
         the store, measure the link with a boundary-sized transfer, and set up this rank's stage.
         Every rank plans from rank 0's profile and link figure, so every rank cuts identically.
@@ -597,9 +645,10 @@ class HybridDenoiser:
         if self._scale is not None:
             return self._scale.build_pipeline(cond_kw)
         store = default_store()
-        key = f"hybridiff_rt/profile/{self._instance}/{self._run_index}"
+        self._pipeline_builds += 1
+        key = f"hybridiff_rt/profile/{self._instance}/{self._run_index}/{self._pipeline_builds}"
         started = time.perf_counter()
-        profile = shared_profile(self._staged, cond_kw, store=store, key=key,
+        profile = shared_profile(staged, cond_kw, store=store, key=key,
                                  publish=self.rank == 0, timeout_s=self.cfg.handshake_timeout_s,
                                  what=f"rank {self.rank}: the stage profile from rank 0")
         transport = self._get_transport()
@@ -622,8 +671,8 @@ class HybridDenoiser:
                 "nominal": f"({transport.name}'s nominal figure; nothing to measure)",
             }[link_source])
         start, stop = plan.stage_range(self.rank)
-        run_stage = self._stage_call(start, stop, self.rank == self.world_size - 1)
-        return StagePipeline(self._staged, plan, profile.boundary_layouts, transport, self.rank,
+        run_stage = self._stage_call(start, stop, self.rank == self.world_size - 1, staged)
+        return StagePipeline(staged, plan, profile.boundary_layouts, transport, self.rank,
                              self.world_size, run_stage=run_stage, timer=self._timer)
 
     def _plan_stages(self, profile: UnitProfile, stages: int, bytes_per_ms: float | list[float],
@@ -666,12 +715,14 @@ class HybridDenoiser:
                                  "chain measured in the last pipelined phase")
         self._calibration.learn(phase, medians)
 
-    def _stage_call(self, start: int, stop: int, last: bool) -> Callable[..., Any] | None:
-        """The compiled or graph-replayed stage of units ``start .. stop-1`` (None when nothing
-        is compiled or replayed: the StagePipeline then runs the eager stage)."""
+    def _stage_call(self, start: int, stop: int, last: bool,
+                    staged: StagedDenoiser | None = None) -> Callable[..., Any] | None:
+        """The compiled or graph-replayed stage of units ``start .. stop-1`` of ``staged``
+        (default: the model's) (None when nothing is compiled or replayed: the StagePipeline then
+        runs the eager stage)."""
         if not self._accel.enabled:
             return None
-        return self._accel.stage_call(self._staged, start, stop, last=last)
+        return self._accel.stage_call(staged or self._staged, start, stop, last=last)
 
     def _link_figure(self, transport: Transport, nbytes: int, store: Any,
                      key: str) -> tuple[float, str]:
