@@ -15,15 +15,16 @@ calls): two calls per step):
   two-call protocol must change nothing at all); batched pipelines also within BATCH_TOLERANCE
   (relative to the largest magnitude) of the ordinary batch-2 pipeline;
 * k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT with
-  its long skip connections, Wan 2.1 T2V and I2V, Lumina2, Qwen-Image, Flux and Chroma with and
-  without an IP-Adapter, CogView4 with and without a control image):
-  the modes follow the schedule and the output equals, bit for bit, a
-  one-process emulation of the same schedule (per-branch calls on CBP steps, the staged model on
-  the stale boundary on pipelined steps);
-* k>0 for Wan 2.2 (two experts): CBP
-  throughout with a note saying why;
+  its long skip connections, Wan 2.1 T2V and I2V, Wan 2.2 with two experts, Lumina2, Qwen-Image,
+  Flux and Chroma with and without an IP-Adapter, CogView4 with and without a control image):
+  the modes follow the schedule and the output equals, bit for bit, a one-process emulation of
+  the same schedule (per-branch calls on CBP steps, the staged model on the stale boundary on
+  pipelined steps; Wan 2.2: the expert the pipeline called);
+* Wan 2.2 with its expert switch inside the pipelined phase: the phase starts over with a fill
+  step at the switch, equal to the emulation; on four ranks: CBP throughout with a note;
 * ChromaImg2ImgPipeline and WanVideoToVideoPipeline (from an image or a video, strength 0.6):
-  k=0 equal to the plain pipeline bit for bit on the steps they run, and the input matters;
+  k=0 equal to the plain pipeline bit for bit on the steps they run, and the input matters; k=2
+  over the steps the strength leaves, equal to the emulation;
 * ChromaImg2ImgPipeline and a ChromaPipeline made from it with from_pipe (one transformer), both
   parallelized and called in turn: each equal to its plain pipeline bit for bit;
 * Flux without true CFG: one call per step, run whole on every rank, equal to the plain pipeline;
