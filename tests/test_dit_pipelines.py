@@ -74,9 +74,11 @@ def _call(pipe, name, kwargs, steps, seed, **extra):
     return _latents(pipe(generator=torch.Generator().manual_seed(seed), **call))
 
 
-def emulate(pipe, name, kwargs, tau1, tau2, cut, policy, seed, steps=STEPS_PIPELINED):
-    """One process: the same schedule as a two-rank hybrid run (CBP = per-branch calls; steps
-    tau1+1..tau2 = the staged cond model, fill step fresh, later steps on the stale boundary).
+def emulate(pipe, name, kwargs, tau1, tau2, cuts, policy, seed, steps=STEPS_PIPELINED):
+    """One process: the same schedule as a hybrid run whose stage chain is cut at ``cuts`` (the
+    report's plan: two stages on two ranks, one per rank in the layer-wise layout). CBP steps =
+    per-branch calls; steps tau1+1..tau2 = the staged cond model, the fill step fresh (its stages
+    in sequence), later steps with stage j on the boundary stage j-1 made one step earlier.
     With two experts (Wan 2.2) each step runs the expert the pipeline called, and a pipelined
     step whose expert differs from the previous step's is a fill step too."""
     import hybridiff_rt as hr
@@ -87,11 +89,14 @@ def emulate(pipe, name, kwargs, tau1, tau2, cut, policy, seed, steps=STEPS_PIPEL
 
     def pipelined_cond(staged, cond_kw, step):
         ctx = staged.prepare(**cond_kw)
-        boundary = staged.run(ctx.initial_state, ctx, 0, cut)
-        fresh = step == tau1 + 1 or memory["expert"] is not staged
-        source = boundary if fresh else memory["stale"]
-        memory["stale"], memory["expert"] = boundary, staged
-        return staged.finish(staged.run(source, ctx, cut, None), ctx)
+        fill = step == tau1 + 1 or memory["expert"] is not staged
+        fresh = []
+        for j in range(len(cuts) - 1):
+            source = (ctx.initial_state if j == 0 else
+                      fresh[j - 1] if fill else memory["stale"][j - 1])
+            fresh.append(staged.run(source, ctx, cuts[j], cuts[j + 1]))
+        memory["stale"], memory["expert"] = fresh, staged
+        return staged.finish(fresh[-1], ctx)
 
     def synth_uncond(cond):
         return cond - memory["difference"] if policy == "reuse" else cond
@@ -185,9 +190,9 @@ def _rank_dit(rank, seed):
             cell["k2_report"] = report
             pipe = runner.restore()
             if rank == 0:
-                cut = report["extra"]["pipeline"]["plan"]["cuts"][1]
+                cuts = report["extra"]["pipeline"]["plan"]["cuts"]
                 cell["emulated"] = emulate(pipe, name, kwargs, report["tau1"], report["tau2"],
-                                           cut, policy, seed)
+                                           cuts, policy, seed)
         if name == "flux-true-cfg":  # no true CFG: one call per step, whole on every rank
             runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
             cell["unguided"] = _call(runner, name, kwargs, STEPS_K0, seed, true_cfg_scale=1.0)
@@ -282,60 +287,65 @@ WAN22_SWITCH_STEPS = 8
 WAN22_SWITCH = {"window": 1, "slope_eps": 0.0, "k": 3, "tau_cap": 2, "pipeline_guidance": "reuse"}
 
 
-def _rank_wan22_switch(rank, seed):
+def _rank_wan22_switch(rank, seed, layouts, size):
+    """One Wan 2.2 run per ``scale_out`` layout on this rank: ``[(latents, report), ...]``, and
+    on rank 0 the one-process emulation of each run's schedule and cut, plus the timesteps."""
     import hybridiff_rt as hr
     from hybridiff_rt.testing import build_dit
 
     hr.init_distributed()
-    pipe, kwargs = build_dit("wan2.2", seed=seed)
+    pipe, kwargs = build_dit("wan2.2", seed=seed, size=size)
     pipe.register_to_config(boundary_ratio=0.8)
-    runner = hr.parallelize(pipe, hr.HybridConfig(**WAN22_SWITCH))
-    out = _call(runner, "wan2.2", kwargs, WAN22_SWITCH_STEPS, seed)
-    report = hr.last_report(runner).to_dict()
-    pipe = runner.restore()
-    timesteps = [int(t) for t in pipe.scheduler.timesteps]
-    emulated = None
+    runs, emulated = [], []
+    for layout in layouts:
+        runner = hr.parallelize(pipe, hr.HybridConfig(**WAN22_SWITCH, scale_out=layout))
+        runs.append((_call(runner, "wan2.2", kwargs, WAN22_SWITCH_STEPS, seed),
+                     hr.last_report(runner).to_dict()))
+        pipe = runner.restore()
     if rank == 0:
-        cut = report["extra"]["pipeline"]["plan"]["cuts"][1]
-        emulated = emulate(pipe, "wan2.2", kwargs, report["tau1"], report["tau2"], cut,
-                           WAN22_SWITCH["pipeline_guidance"], seed, steps=WAN22_SWITCH_STEPS)
-    return out, report, emulated, timesteps
+        for _, report in runs:
+            emulated.append(emulate(pipe, "wan2.2", kwargs, report["tau1"], report["tau2"],
+                                    report["extra"]["pipeline"]["plan"]["cuts"],
+                                    WAN22_SWITCH["pipeline_guidance"], seed,
+                                    steps=WAN22_SWITCH_STEPS))
+    return runs, emulated, [int(t) for t in pipe.scheduler.timesteps]
+
+
+def _check_wan22_switch(results, layouts, stages, seed):
+    """Every rank returns the same latents and modes, the phase restarts once at step 4 (one
+    fill step per expert), and each layout's run equals the emulation of its cut."""
+    runs0, emulated, timesteps = results[0]
+    assert timesteps[3] >= 0.8 * 1000 > timesteps[4], timesteps  # the premise: experts change at 4
+    for i, layout in enumerate(layouts):
+        for runs, _, _ in results:
+            out, report = runs[i]
+            assert np.array_equal(out, runs0[i][0]), f"{layout}: the ranks differ (seed {seed})"
+            assert report["modes"] == ["cbp"] * 3 + ["pipeline"] * 3 + ["cbp"] * 2
+            restarts = [n for n in report["notes"] if "started over with a fill step" in n]
+            assert len(restarts) == 1 and restarts[0].startswith("pipelined step 4 "), \
+                report["notes"]
+        cuts = runs0[i][1]["extra"]["pipeline"]["plan"]["cuts"]
+        assert len(cuts) == stages[i] + 1, (layout, cuts)
+        np.testing.assert_array_equal(runs0[i][0], emulated[i], err_msg=f"{layout} seed {seed}")
 
 
 def test_wan22_pipelined_phase_starts_over_when_the_expert_changes():
     seed = random.randrange(1 << 16)
-    (out, report, emulated, timesteps), (other, other_report, _, _) = all_ok(
-        run_ranks(_rank_wan22_switch, seed, timeout_s=300))
-    switch = 0.8 * 1000
-    assert timesteps[3] >= switch > timesteps[4], timesteps  # the premise: experts change at 4
-    assert np.array_equal(out, other), "the ranks differ"
-    assert report["modes"] == other_report["modes"] == (
-        ["cbp"] * 3 + ["pipeline"] * 3 + ["cbp"] * 2)
-    restarts = [n for n in report["notes"] if "started over with a fill step" in n]
-    assert len(restarts) == 1 and restarts[0].startswith("pipelined step 4 "), report["notes"]
-    np.testing.assert_array_equal(out, emulated, err_msg=f"seed {seed}")
+    results = all_ok(run_ranks(_rank_wan22_switch, seed, ("auto",), "tiny", timeout_s=300))
+    _check_wan22_switch(results, ("auto",), (2,), seed)
 
 
-def _rank_wan22_on_four(rank, seed):
-    import hybridiff_rt as hr
-    from hybridiff_rt.testing import build_dit
-
-    hr.init_distributed()
-    pipe, kwargs = build_dit("wan2.2", seed=seed)
-    runner = hr.parallelize(pipe, hr.HybridConfig(**PIPELINED))
-    out = _call(runner, "wan2.2", kwargs, STEPS_PIPELINED, seed)
-    return out, hr.last_report(runner).to_dict()
-
-
-def test_wan22_on_four_ranks_runs_cbp_with_a_note():
-    """On 2N > 2 ranks the stage chain runs one staged denoiser: two experts run CBP only."""
+def test_wan22_on_four_ranks_pipelines_each_expert_in_both_layouts():
+    """On 2N > 2 ranks the pair's (or the world's) stage chain is set up again for the other
+    expert: one image pipelines over pair 0 (two stages; pair 1 idles) or over the four ranks
+    (layer-wise, one stage each: the small 6-block transformer)."""
     seed = random.randrange(1 << 16)
-    results = all_ok(run_ranks(_rank_wan22_on_four, seed, world_size=4, timeout_s=300), 4)
-    for out, report in results:
-        assert report["modes"] == ["cbp"] * STEPS_PIPELINED
-        assert any("no pipelined steps in this run" in n and "on 4 ranks stale activations "
-                   "cannot cross experts" in n for n in report["notes"]), report["notes"]
-        np.testing.assert_array_equal(out, results[0][0])
+    layouts = ("pairs", "layers")
+    results = all_ok(run_ranks(_rank_wan22_switch, seed, layouts, "small", world_size=4,
+                               timeout_s=420), 4)
+    _check_wan22_switch(results, layouts, (2, 4), seed)
+    for runs, _, _ in results:
+        assert [report["layout"]["layout"] for _, report in runs] == list(layouts)
 
 
 def test_flux_without_true_cfg_runs_whole_on_every_rank(ranks):
@@ -394,8 +404,8 @@ def _rank_from_an_input(rank, seed):
         pipe = runner.restore()
         emulated = None
         if rank == 0:
-            cut = report["extra"]["pipeline"]["plan"]["cuts"][1]
-            emulated = emulate(pipe, info, kwargs, report["tau1"], report["tau2"], cut,
+            cuts = report["extra"]["pipeline"]["plan"]["cuts"]
+            emulated = emulate(pipe, info, kwargs, report["tau1"], report["tau2"], cuts,
                                WITH_ADAPTER[info], seed, steps=FROM_AN_INPUT_PIPELINED_STEPS)
         results[name + " pipelined"] = (pipelined, report, emulated)
     return results

@@ -108,10 +108,10 @@ class HybridDenoiser:
         no_stages_reason: run CBP only (no stage pipeline) for this reason, noted in the report
             when ``k > 0``.
         experts: other denoisers of the same class the caller may run on some steps (Wan 2.2's
-            low-noise transformer), each passed per step as ``forward=expert.forward``; on two
-            ranks each gets its own staged denoiser, and a pipelined phase that meets another
-            expert than the one its stale boundary came from starts over with a fill step (on
-            2N > 2 ranks such a run is CBP only, with a note).
+            low-noise transformer), each passed per step as ``forward=expert.forward``; each
+            gets its own staged denoiser, and a pipelined phase that meets another expert than
+            the one its stale boundary came from starts over with a fill step (on 2N > 2 ranks
+            the pair's or the world's stage chain is planned again for that expert).
 
     Call once per step, on every rank, with identical arguments::
 
@@ -142,10 +142,6 @@ class HybridDenoiser:
         if no_stages_reason is None and not has_stage_adapter(model):
             self._no_stages_reason = (f"{type(model).__name__} has no stage adapter "
                                       "(hybridiff_rt.stages)")
-        if experts and self.world_size > 2 and self._no_stages_reason is None:
-            self._no_stages_reason = (f"the pipeline switches between {len(experts) + 1} expert "
-                                      f"denoisers, and on {self.world_size} ranks stale "
-                                      "activations cannot cross experts (2 ranks can)")
         wants_stages = self.world_size > 1 and self.cfg.k > 0 and self._no_stages_reason is None
         self._staged = self._stage_or_note(model) if wants_stages else None
         #: the staged denoiser of each other expert, by the forward the caller passes for it
@@ -544,7 +540,9 @@ class HybridDenoiser:
                                            transport.link_name(1 - self.rank)}
             return
         self._scale = ScaleOut(layout=layout, transport=transport, cfg=self.cfg,
-                               staged=self._staged, report=self._report, run_model=self._run_model,
+                               staged=self._staged,
+                               expert_stages=tuple(self._expert_stages.values()),
+                               report=self._report, run_model=self._run_model,
                                output_kind=lambda: self.output_kind.to_text(),
                                key=f"hybridiff_rt/scale/{self._instance}/{self._run_index}",
                                device=model_device(self.model, self.dist.device),
@@ -598,8 +596,7 @@ class HybridDenoiser:
         staged = self._staged_for(forward)
         first = step == self._schedule.tau1 + 1
         more_follow = step < self._schedule.tau2
-        # (2N > 2 ranks never get experts: ScaleOut runs the model's one staged denoiser)
-        if (not first and self._scale is None and self._pipeline is not None
+        if (not first and self._pipeline is not None
                 and self._pipeline.staged is not staged):
             self._pipeline.drain()  # the boundaries in flight belong to the other expert
             self._pipeline = None
@@ -642,7 +639,7 @@ class HybridDenoiser:
         On 2N > 2 ranks ScaleOut sets up the pairs' or the world's stage chain instead."""
         self._learn_from_closed_phase()
         if self._scale is not None:
-            return self._scale.build_pipeline(cond_kw)
+            return self._scale.build_pipeline(cond_kw, staged)
         store = default_store()
         self._pipeline_builds += 1
         key = f"hybridiff_rt/profile/{self._instance}/{self._run_index}/{self._pipeline_builds}"

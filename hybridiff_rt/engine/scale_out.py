@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -51,11 +51,14 @@ from .world import RankLayout, choose_layout, deal, place_pairs
 Kwargs = dict[str, Any]
 class _ChainPipeline:
     """The pipelined steps of one rank: its chain's StagePipeline (None when its pair has no
-    image) plus, in "pairs" layout, the all-gather that gives every rank the whole batch."""
+    image) plus, in "pairs" layout, the all-gather that gives every rank the whole batch.
+    ``staged``: the staged denoiser (expert) the chain was set up for, on every rank."""
 
-    def __init__(self, owner: ScaleOut, inner: StagePipeline | None) -> None:
+    def __init__(self, owner: ScaleOut, inner: StagePipeline | None,
+                 staged: StagedDenoiser) -> None:
         self._owner = owner
         self._inner = inner
+        self.staged = staged
 
     def step(self, cond_kw: Kwargs, step: int, *, first: bool, more_follow: bool) -> torch.Tensor:
         owner = self._owner
@@ -92,6 +95,8 @@ class ScaleOut:
         transport: the job's transport (all ranks).
         cfg: the run's HybridConfig.
         staged: the staged denoiser (None when the run cannot pipeline).
+        expert_stages: the staged denoisers of the other experts (Wan 2.2's second
+            transformer), each pipelined over the same chain when a step runs it.
         report: the run's RunReport (layout, link bytes, modelled speed-up and notes go there).
         run_model: ``kw -> prediction`` (the model's forward, first output).
         output_kind: ``() -> text`` of how the model returns its prediction
@@ -100,8 +105,8 @@ class ScaleOut:
             the model themselves (:attr:`peer_output_kind`).
         key: a store key prefix unique to this run.
         device: where the model's tensors live (buffers of idle ranks and link probes).
-        stage_call: ``(start, stop, last) -> run_stage`` for the StagePipeline: the runtime's
-            compiled or graph-replayed stage, or None for the eager one.
+        stage_call: ``(start, stop, last, staged) -> run_stage`` for the StagePipeline: the
+            runtime's compiled or graph-replayed stage of ``staged``, or None for the eager one.
         timer: the run's ``engine.timing.StepTimer`` (compute / transfer / wait of each step).
         plan_stages: ``(profile, stages, bytes_per_ms, *, stage, chain) -> (plan, costs)``, the
             runtime's planner (the pinned ``stage_cuts``, the eager profile, or with
@@ -110,9 +115,11 @@ class ScaleOut:
 
     def __init__(self, *, layout: RankLayout, transport: Transport, cfg: HybridConfig,
                  staged: StagedDenoiser | None, report: RunReport,
+                 expert_stages: Sequence[StagedDenoiser] = (),
                  run_model: Callable[[Kwargs], torch.Tensor], output_kind: Callable[[], str],
                  key: str, device: torch.device,
-                 stage_call: Callable[[int, int, bool], Callable[..., Any] | None],
+                 stage_call: Callable[[int, int, bool, StagedDenoiser],
+                                      Callable[..., Any] | None],
                  timer: StepTimer,
                  plan_stages: Callable[..., tuple[Any, UnitProfile]]) -> None:
         self.device = device
@@ -125,6 +132,9 @@ class ScaleOut:
         self.layout = layout
         self.cfg = cfg
         self.staged = staged
+        self.expert_stages = tuple(expert_stages)
+        #: pipelines set up in this run (each expert change sets up another: its store keys)
+        self._builds = 0
         self.report = report
         self.run_model = run_model
         self.key = key
@@ -174,8 +184,10 @@ class ScaleOut:
                              "each branch group; pipelined steps run the whole batch over "
                              f"{self.layout.world_size} stages")
         self.record_links()
-        units = len(self.staged.units) if self.staged is not None else 0
-        if self.staged is not None and self.layout_name == "layers" and units < stages:
+        if self.staged is None or self.layout_name != "layers":
+            return ""
+        units = min(len(staged.units) for staged in (self.staged, *self.expert_stages))
+        if units < stages:
             return (f"the layer-wise layout needs one unit of the staged model per rank, and "
                     f"this model has {units} units for {stages} ranks (use fewer ranks, or "
                     f"scale_out='pairs' with at least {self.layout.pairs} images)")
@@ -239,8 +251,13 @@ class ScaleOut:
         self.record_links()
         return uncond, cond
 
-    def build_pipeline(self, cond_kw: Kwargs) -> _ChainPipeline:
-        """Set up this rank's part of the pipelined steps (collective over each chain)."""
+    def build_pipeline(self, cond_kw: Kwargs,
+                       staged: StagedDenoiser | None = None) -> _ChainPipeline:
+        """Set up this rank's part of the pipelined steps (collective over each chain) for
+        ``staged`` (default: the model's staged denoiser; another expert's when a step runs it).
+        """
+        staged = staged or self.staged
+        self._builds += 1
         started = time.perf_counter()
         if self.layout_name == "layers":
             chain = tuple(range(self.layout.world_size))
@@ -253,14 +270,14 @@ class ScaleOut:
             sub = (self.world if self.layout_name == "layers"
                    else SubsetTransport(self.parent, chain, ledger=self.ledger))
             kw = take_rows(cond_kw, self.batch, *rows, self.frames)
-            profile, plan, links = self._plan(sub, chain, kw)
+            profile, plan, links = self._plan(sub, chain, kw, staged)
             start, stop = plan.stage_range(sub.rank)
-            run_stage = self.stage_call(start, stop, sub.rank == sub.world_size - 1)
-            inner = StagePipeline(self.staged, plan, profile.boundary_layouts, sub, sub.rank,
+            run_stage = self.stage_call(start, stop, sub.rank == sub.world_size - 1, staged)
+            inner = StagePipeline(staged, plan, profile.boundary_layouts, sub, sub.rank,
                                   sub.world_size, run_stage=run_stage, timer=self.timer)
             self._describe_pipeline(chain, rows, profile, plan, links, started)
         self.record_links()
-        return _ChainPipeline(self, inner)
+        return _ChainPipeline(self, inner, staged)
 
     # ------------------------------------------------------------------------------ internals
     def record_links(self) -> None:
@@ -304,13 +321,14 @@ class ScaleOut:
         self.report.modelled_speedup["source"] = (
             f"{whose} measured model call at the first step; nominal link figure")
 
-    def _plan(self, sub: Transport, chain: tuple[int, ...], kw: Kwargs):
-        """Profile (the chain's first rank, shared through the store), measure each link of the
-        chain, and plan ``len(chain)`` stages; identical on every rank of the chain."""
+    def _plan(self, sub: Transport, chain: tuple[int, ...], kw: Kwargs, staged: StagedDenoiser):
+        """Profile ``staged`` (on the chain's first rank, shared through the store), measure each
+        link of the chain, and plan ``len(chain)`` stages; identical on every rank of the chain.
+        """
         store = default_store()
-        key = f"{self.key}/chain{chain[0]}-{chain[-1]}"
+        key = f"{self.key}/{self._builds}/chain{chain[0]}-{chain[-1]}"
         profile = shared_profile(
-            self.staged, kw, store=store, key=f"{key}/profile", publish=sub.rank == 0,
+            staged, kw, store=store, key=f"{key}/profile", publish=sub.rank == 0,
             timeout_s=self.cfg.handshake_timeout_s,
             what=f"rank {self.layout.rank}: the stage profile from rank {chain[0]}")
         probe = probe_bytes(profile.boundary_bytes)
