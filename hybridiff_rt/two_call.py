@@ -109,6 +109,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "CogView4ControlPipeline": TwoCallLayout("cond", _pipeline_flag),
     "ChromaPipeline": TwoCallLayout("cond", _pipeline_flag),
     "ChromaImg2ImgPipeline": TwoCallLayout("cond", _pipeline_flag),
+    "SkyReelsV2Pipeline": TwoCallLayout("cond", _pipeline_flag),
 }
 
 #: Pipelines of diffusers 0.42 whose loops call the denoiser once per guidance branch (found by
@@ -124,7 +125,7 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
         "LongCatImagePipeline", "LucyEditPipeline", "NucleusMoEImagePipeline",
         "OvisImagePipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
-        "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "WanAnimatePipeline",
+        "SkyReelsV2ImageToVideoPipeline", "WanAnimatePipeline",
         "WanVACEPipeline")
 }
 

@@ -50,7 +50,7 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "wan2.1": "reuse", "wan2.1-i2v": "off", "lumina2": "reuse", "qwen-image": "reuse",
                 "flux-true-cfg": "off", "cogview4": "reuse", "cogview4-control": "off",
                 "chroma": "off", "flux-ip-adapter": "reuse", "chroma-ip-adapter": "reuse",
-                "wan2.2": "reuse"}
+                "wan2.2": "reuse", "skyreels-v2": "off"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}

@@ -95,6 +95,8 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     "SanaTransformer2DModel": DiTFamily(blocks=("transformer_blocks",),
                                         refused=("controlnet_block_samples",)),
     "WanTransformer3DModel": DiTFamily(blocks=("blocks",)),
+    # Wan-shaped blocks; the diffusion-forcing pipelines' per-frame timesteps are not tested
+    "SkyReelsV2Transformer3DModel": DiTFamily(blocks=("blocks",)),
     # long skip connections: the second half of the blocks takes outputs of the first (carried)
     "HunyuanDiT2DModel": DiTFamily(blocks=("blocks",), refused=("controlnet_block_samples",)),
     # dual-stream (MMDiT) blocks carry the text tokens too and return (encoder, hidden)

@@ -9,8 +9,8 @@
   U-Net, an SD3, Flux or Chroma transformer a seeded random IP-Adapter); :data:`INFO` and
   :func:`count_denoiser_calls` say how often, and on what batch, each one calls its denoiser.
 * :data:`DIT_BUILDERS` / :func:`build_dit`: tiny PixArt-Sigma, Sana, AuraFlow, HunyuanDiT,
-  Wan 2.1 / 2.2, Lumina2, Qwen-Image, Flux, CogView4 and Chroma pipelines with precomputed prompt
-  embeddings (:mod:`.dit_pipelines`).
+  Wan 2.1 / 2.2, SkyReels V2, Lumina2, Qwen-Image, Flux, CogView4 and Chroma pipelines with
+  precomputed prompt embeddings (:mod:`.dit_pipelines`).
 * :data:`UNET_KIN_BUILDERS` / :func:`build_unet_kin`: tiny DeepFloyd IF and Kandinsky 2.2
   pipelines, U-Nets of block types the stage adapter does not stage, and
   :func:`instruct_pix2pix` (three guidance branches) (:mod:`.unet_pipelines`).

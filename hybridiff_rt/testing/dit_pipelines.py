@@ -1,6 +1,7 @@
 """Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT, Wan 2.1 /
-2.2 text-to-video, Wan image-to-video, Lumina2, Qwen-Image, Flux, CogView4 (also with a control
-image), Chroma; Flux and Chroma also with an IP-Adapter), built offline.
+2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video, Lumina2, Qwen-Image, Flux,
+CogView4 (also with a control image), Chroma; Flux and Chroma also with an IP-Adapter), built
+offline.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -175,6 +176,19 @@ def wan_transformer(size: str = "tiny", **overrides: Any):
     return WanTransformer3DModel(**kwargs)
 
 
+def skyreels_v2_transformer(size: str = "tiny", **overrides: Any):
+    """A ``SkyReelsV2Transformer3DModel`` (Wan-shaped blocks) on 4-channel latents, patch
+    (1, 2, 2), text width 16."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    layers, heads = {"tiny": (2, 2), "small": (6, 4)}[size]
+    kwargs = {"patch_size": (1, 2, 2), "num_attention_heads": heads, "attention_head_dim": 16,
+              "in_channels": 4, "out_channels": 4, "text_dim": 16, "freq_dim": 16,
+              "ffn_dim": 32 * heads, "num_layers": layers, "rope_max_seq_len": 32}
+    kwargs.update(overrides)
+    return SkyReelsV2Transformer3DModel(**kwargs)
+
+
 def wan_vae():
     """A tiny ``AutoencoderKLWan``: 4 latent channels, 8x spatial and 4x temporal compression
     (5 frames -> 2)."""
@@ -227,6 +241,25 @@ def wan22(seed: int = 0, size: str = "tiny"):
     """WanPipeline with two experts (Wan 2.2 A14B layout: ``transformer`` for t >= 875,
     ``transformer_2`` below, ``guidance_scale_2`` 3.0 for the low-noise expert)."""
     return _wan(seed, size, 2)
+
+
+def skyreels_v2(seed: int = 0, size: str = "tiny"):
+    """SkyReelsV2Pipeline (text-to-video; its loop makes a cond then an uncond call), 5 frames of
+    64 px -> 2 x 8 x 8 latents, UniPC (``size="small"``: 9 frames of 256 px -> 3 x 32 x 32)."""
+    from diffusers import SkyReelsV2Pipeline, UniPCMultistepScheduler
+
+    with seeded(seed):
+        transformer = skyreels_v2_transformer(size)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=8.0)
+    pipe = SkyReelsV2Pipeline(tokenizer=None, text_encoder=None, vae=None,
+                              transformer=transformer, scheduler=scheduler)
+    gen = torch.Generator().manual_seed(seed + 1)
+    side, frames = (64, 5) if size == "tiny" else (256, 9)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 16), "height": side, "width": side,
+              "num_frames": frames}
+    return _finish(pipe), kwargs
 
 
 def wan21_i2v(seed: int = 0, size: str = "tiny"):
@@ -463,6 +496,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("wan2.1", wan21),
     ("wan2.2", wan22),
     ("wan2.1-i2v", wan21_i2v),
+    ("skyreels-v2", skyreels_v2),
     ("lumina2", lumina2),
     ("qwen-image", qwen_image),
     ("flux-true-cfg", flux),
@@ -482,6 +516,7 @@ DIT_INFO: dict[str, DiTInfo] = {
     "wan2.2": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 4.0},
                       experts=("transformer", "transformer_2")),
     "wan2.1-i2v": DiTInfo("WanImageToVideoPipeline", "two-call", {"guidance_scale": 5.0}),
+    "skyreels-v2": DiTInfo("SkyReelsV2Pipeline", "two-call", {"guidance_scale": 6.0}),
     # with 3 steps, steps 0 and 1 make two calls, step 2 one: (2 + 1) / 3 > 0.7
     "lumina2": DiTInfo("Lumina2Pipeline", "two-call", {"guidance_scale": 4.0,
                                                        "cfg_trunc_ratio": 0.7}),
