@@ -64,6 +64,11 @@ def _pipeline_flag(pipe: Any, args: dict[str, Any]) -> bool:
     return bool(pipe.do_classifier_free_guidance)
 
 
+def _guidance_above_one(pipe: Any, args: dict[str, Any]) -> bool:
+    """Ovis-Image's rule (a local variable of its loop): guided when ``guidance_scale > 1``."""
+    return float(args.get("guidance_scale", 1.0)) > 1
+
+
 def _lumina2_untruncated(args: dict[str, Any], step: int) -> bool:
     """Lumina2's CFG truncation: step i makes its uncond call only while
     ``(i + 1) / num_inference_steps <= cfg_trunc_ratio``."""
@@ -110,6 +115,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "ChromaPipeline": TwoCallLayout("cond", _pipeline_flag),
     "ChromaImg2ImgPipeline": TwoCallLayout("cond", _pipeline_flag),
     "SkyReelsV2Pipeline": TwoCallLayout("cond", _pipeline_flag),
+    "OvisImagePipeline": TwoCallLayout("cond", _guidance_above_one),
 }
 
 #: Pipelines of diffusers 0.42 whose loops call the denoiser once per guidance branch (found by
@@ -123,7 +129,7 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
         "GlmImagePipeline", "HeliosPipeline", "HeliosPyramidPipeline", "JoyImageEditPipeline",
         "Kandinsky6TI2VAPipeline", "Krea2Pipeline", "LongCatImageEditPipeline",
         "LongCatImagePipeline", "LucyEditPipeline", "NucleusMoEImagePipeline",
-        "OvisImagePipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+        "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
         "SkyReelsV2ImageToVideoPipeline", "WanAnimatePipeline",
         "WanVACEPipeline")

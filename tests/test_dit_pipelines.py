@@ -50,10 +50,14 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "wan2.1": "reuse", "wan2.1-i2v": "off", "lumina2": "reuse", "qwen-image": "reuse",
                 "flux-true-cfg": "off", "cogview4": "reuse", "cogview4-control": "off",
                 "chroma": "off", "flux-ip-adapter": "reuse", "chroma-ip-adapter": "reuse",
-                "wan2.2": "reuse", "skyreels-v2": "off"}
+                "wan2.2": "reuse", "skyreels-v2": "off",
+                "ovis-image": "reuse"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
+#: call arguments that switch guidance off where the pipeline's own rule reads them (not a
+#: property the pipeline sets): one denoiser call per step, run whole on every rank
+UNGUIDED_CALL = {"flux-true-cfg": {"true_cfg_scale": 1.0}, "ovis-image": {"guidance_scale": 1.0}}
 #: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
 #: difference relative to the largest magnitude of the plain result (random models drive the
 #: latents to magnitudes of hundreds; measured: 3e-7 of that for Sana, up to 2.3e-5 for the
@@ -193,14 +197,14 @@ def _rank_dit(rank, seed):
                 cuts = report["extra"]["pipeline"]["plan"]["cuts"]
                 cell["emulated"] = emulate(pipe, name, kwargs, report["tau1"], report["tau2"],
                                            cuts, policy, seed)
-        if name == "flux-true-cfg":  # no true CFG: one call per step, whole on every rank
+        if name in UNGUIDED_CALL:  # unguided: one call per step, whole on every rank
             runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
-            cell["unguided"] = _call(runner, name, kwargs, STEPS_K0, seed, true_cfg_scale=1.0)
+            cell["unguided"] = _call(runner, name, kwargs, STEPS_K0, seed, **UNGUIDED_CALL[name])
             cell["unguided_report"] = hr.last_report(runner).to_dict()
             pipe = runner.restore()
             if rank == 0:
                 cell["unguided_plain"] = _call(pipe, name, kwargs, STEPS_K0, seed,
-                                               true_cfg_scale=1.0)
+                                               **UNGUIDED_CALL[name])
         results[name] = cell
     # a denoiser with a second output cannot be split: refused at step 0 on every rank
     torch.manual_seed(seed)
@@ -348,13 +352,15 @@ def test_wan22_on_four_ranks_pipelines_each_expert_in_both_layouts():
         assert [report["layout"]["layout"] for _, report in runs] == list(layouts)
 
 
-def test_flux_without_true_cfg_runs_whole_on_every_rank(ranks):
+@pytest.mark.parametrize("name", list(UNGUIDED_CALL))
+def test_unguided_calls_run_whole_on_every_rank(ranks, name):
+    """Flux without true CFG, Ovis-Image at guidance_scale 1: one call per step."""
     _, (r0, r1) = ranks
-    a, b = r0["flux-true-cfg"], r1["flux-true-cfg"]
+    a, b = r0[name], r1[name]
     assert np.array_equal(a["unguided"], b["unguided"])
     np.testing.assert_array_equal(a["unguided"], a["unguided_plain"])
     assert a["unguided_report"]["modes"] == ["serial"] * STEPS_K0
-    assert not np.array_equal(a["unguided"], a["k0"])  # true CFG changed the result
+    assert not np.array_equal(a["unguided"], a["k0"])  # guidance changed the result
 
 
 def test_a_denoiser_with_a_second_output_is_refused_at_step_0_on_both_ranks(ranks):

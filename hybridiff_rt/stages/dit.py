@@ -108,6 +108,11 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
         flow=("hidden_states", "encoder_hidden_states"),
         returns=("encoder_hidden_states", "hidden_states"),
         refused=("controlnet_block_samples", "controlnet_single_block_samples")),
+    # Flux-like lists whose single-stream blocks also take and return both streams
+    "OvisImageTransformer2DModel": DiTFamily(
+        blocks=("transformer_blocks", "single_transformer_blocks"),
+        flow=("hidden_states", "encoder_hidden_states"),
+        returns=("encoder_hidden_states", "hidden_states")),
     # dual-stream blocks that return (hidden, encoder), in that order
     "CogView4Transformer2DModel": DiTFamily(
         blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),

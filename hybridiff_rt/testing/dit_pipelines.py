@@ -1,6 +1,6 @@
 """Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT, Wan 2.1 /
 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video, Lumina2, Qwen-Image, Flux,
-CogView4 (also with a control image), Chroma; Flux and Chroma also with an IP-Adapter), built
+Ovis-Image, CogView4 (also with a control image), Chroma; Flux and Chroma also with an IP-Adapter), built
 offline.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
@@ -372,6 +372,25 @@ def flux(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def ovis_image(seed: int = 0, size: str = "tiny"):
+    """OvisImagePipeline (Flux-like dual- and single-stream blocks; guided when
+    ``guidance_scale > 1``, a cond then an uncond call per step), 64 px -> 16 tokens."""
+    from diffusers import OvisImagePipeline, OvisImageTransformer2DModel
+
+    layers = {"tiny": 1, "small": 3}[size]
+    with seeded(seed):
+        transformer = OvisImageTransformer2DModel(
+            patch_size=1, in_channels=16, out_channels=16, num_layers=layers,
+            num_single_layers=layers, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+    pipe = OvisImagePipeline(scheduler=flow_match_scheduler(), vae=None, text_encoder=None,
+                             tokenizer=None, transformer=transformer)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32), "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
 def cogview4_transformer(size: str = "tiny", **overrides: Any):
     """A ``CogView4Transformer2DModel`` (dual-stream blocks returning (hidden, encoder); size and
     crop conditioning) on 4 latent channels, patch 2, text width 32; ``overrides`` replace any
@@ -500,6 +519,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("lumina2", lumina2),
     ("qwen-image", qwen_image),
     ("flux-true-cfg", flux),
+    ("ovis-image", ovis_image),
     ("cogview4", cogview4),
     ("cogview4-control", cogview4_control),
     ("chroma", chroma),
@@ -522,6 +542,7 @@ DIT_INFO: dict[str, DiTInfo] = {
                                                        "cfg_trunc_ratio": 0.7}),
     "qwen-image": DiTInfo("QwenImagePipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
+    "ovis-image": DiTInfo("OvisImagePipeline", "two-call", {"guidance_scale": 5.0}),
     "cogview4": DiTInfo("CogView4Pipeline", "two-call", {"guidance_scale": 5.0}),
     "cogview4-control": DiTInfo("CogView4ControlPipeline", "two-call", {"guidance_scale": 5.0}),
     "chroma": DiTInfo("ChromaPipeline", "two-call", {"guidance_scale": 4.0}),
