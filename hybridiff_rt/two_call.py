@@ -116,6 +116,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "ChromaImg2ImgPipeline": TwoCallLayout("cond", _pipeline_flag),
     "SkyReelsV2Pipeline": TwoCallLayout("cond", _pipeline_flag),
     "OvisImagePipeline": TwoCallLayout("cond", _guidance_above_one),
+    "Krea2Pipeline": TwoCallLayout("cond", _pipeline_flag),
 }
 
 #: Pipelines of diffusers 0.42 whose loops call the denoiser once per guidance branch (found by
@@ -127,7 +128,7 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
         "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosTextToWorldPipeline",
         "CosmosVideoToWorldPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinPipeline",
         "GlmImagePipeline", "HeliosPipeline", "HeliosPyramidPipeline", "JoyImageEditPipeline",
-        "Kandinsky6TI2VAPipeline", "Krea2Pipeline", "LongCatImageEditPipeline",
+        "Kandinsky6TI2VAPipeline", "LongCatImageEditPipeline",
         "LongCatImagePipeline", "LucyEditPipeline", "NucleusMoEImagePipeline",
         "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",

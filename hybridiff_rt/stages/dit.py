@@ -113,6 +113,9 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
         blocks=("transformer_blocks", "single_transformer_blocks"),
         flow=("hidden_states", "encoder_hidden_states"),
         returns=("encoder_hidden_states", "hidden_states")),
+    # single-stream blocks on the joined [text; image] sequence (the text fusion stage and the
+    # join run in the prologue, the slice back to the image tokens in the epilogue)
+    "Krea2Transformer2DModel": DiTFamily(blocks=("transformer_blocks",)),
     # dual-stream blocks that return (hidden, encoder), in that order
     "CogView4Transformer2DModel": DiTFamily(
         blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),

@@ -1,6 +1,6 @@
 """Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT, Wan 2.1 /
 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video, Lumina2, Qwen-Image, Flux,
-Ovis-Image, CogView4 (also with a control image), Chroma; Flux and Chroma also with an IP-Adapter), built
+Ovis-Image, Krea 2, CogView4 (also with a control image), Chroma; Flux and Chroma also with an IP-Adapter), built
 offline.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
@@ -391,6 +391,36 @@ def ovis_image(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def krea2(seed: int = 0, size: str = "tiny"):
+    """Krea2Pipeline (single-stream blocks on the joined [text; image] sequence after a text
+    fusion stage; a cond then an uncond call per step, guided when ``guidance_scale > 0``),
+    64 px -> 16 tokens (patch 2); the prompt embeddings stack 2 tapped text layers per token,
+    6 tokens in both branches (the pipeline builds one set of position ids from the cond's
+    length), the masks mark 5 of the cond's valid and 3 of the uncond's."""
+    from diffusers import Krea2Pipeline, Krea2Transformer2DModel
+
+    layers = {"tiny": 2, "small": 6}[size]
+    with seeded(seed):
+        transformer = Krea2Transformer2DModel(
+            in_channels=16, num_layers=layers, attention_head_dim=16, num_attention_heads=2,
+            num_key_value_heads=1, intermediate_size=64, timestep_embed_dim=32,
+            text_hidden_dim=32, num_text_layers=2, text_num_attention_heads=2,
+            text_num_key_value_heads=2, text_intermediate_size=64, num_layerwise_text_blocks=1,
+            num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6))
+    pipe = Krea2Pipeline(scheduler=flow_match_scheduler(), vae=None, text_encoder=None,
+                         tokenizer=None, transformer=transformer)
+    gen = torch.Generator().manual_seed(seed + 1)
+    masks = torch.ones(2, 6, dtype=torch.bool)
+    masks[0, 5:] = False
+    masks[1, 3:] = False
+    kwargs = {"prompt": None, "negative_prompt": None,
+              "prompt_embeds": torch.randn(1, 6, 2, 32, generator=gen),
+              "prompt_embeds_mask": masks[:1],
+              "negative_prompt_embeds": torch.randn(1, 6, 2, 32, generator=gen),
+              "negative_prompt_embeds_mask": masks[1:], "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
 def cogview4_transformer(size: str = "tiny", **overrides: Any):
     """A ``CogView4Transformer2DModel`` (dual-stream blocks returning (hidden, encoder); size and
     crop conditioning) on 4 latent channels, patch 2, text width 32; ``overrides`` replace any
@@ -520,6 +550,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("qwen-image", qwen_image),
     ("flux-true-cfg", flux),
     ("ovis-image", ovis_image),
+    ("krea2", krea2),
     ("cogview4", cogview4),
     ("cogview4-control", cogview4_control),
     ("chroma", chroma),
@@ -543,6 +574,7 @@ DIT_INFO: dict[str, DiTInfo] = {
     "qwen-image": DiTInfo("QwenImagePipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "ovis-image": DiTInfo("OvisImagePipeline", "two-call", {"guidance_scale": 5.0}),
+    "krea2": DiTInfo("Krea2Pipeline", "two-call", {"guidance_scale": 4.5}),
     "cogview4": DiTInfo("CogView4Pipeline", "two-call", {"guidance_scale": 5.0}),
     "cogview4-control": DiTInfo("CogView4ControlPipeline", "two-call", {"guidance_scale": 5.0}),
     "chroma": DiTInfo("ChromaPipeline", "two-call", {"guidance_scale": 4.0}),
