@@ -65,7 +65,8 @@ def _pipeline_flag(pipe: Any, args: dict[str, Any]) -> bool:
 
 
 def _guidance_above_one(pipe: Any, args: dict[str, Any]) -> bool:
-    """Ovis-Image's rule (a local variable of its loop): guided when ``guidance_scale > 1``."""
+    """Ovis-Image's and Nucleus-MoE-Image's rule (a local variable of their loops): guided when
+    ``guidance_scale > 1``."""
     return float(args.get("guidance_scale", 1.0)) > 1
 
 
@@ -117,6 +118,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "SkyReelsV2Pipeline": TwoCallLayout("cond", _pipeline_flag),
     "OvisImagePipeline": TwoCallLayout("cond", _guidance_above_one),
     "Krea2Pipeline": TwoCallLayout("cond", _pipeline_flag),
+    "NucleusMoEImagePipeline": TwoCallLayout("cond", _guidance_above_one),
 }
 
 #: Pipelines of diffusers 0.42 whose loops call the denoiser once per guidance branch (found by
@@ -129,7 +131,7 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
         "CosmosVideoToWorldPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinPipeline",
         "GlmImagePipeline", "HeliosPipeline", "HeliosPyramidPipeline", "JoyImageEditPipeline",
         "Kandinsky6TI2VAPipeline", "LongCatImageEditPipeline",
-        "LongCatImagePipeline", "LucyEditPipeline", "NucleusMoEImagePipeline",
+        "LongCatImagePipeline", "LucyEditPipeline",
         "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
         "SkyReelsV2ImageToVideoPipeline", "WanAnimatePipeline",

@@ -51,14 +51,14 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "flux-true-cfg": "off", "cogview4": "reuse", "cogview4-control": "off",
                 "chroma": "off", "flux-ip-adapter": "reuse", "chroma-ip-adapter": "reuse",
                 "wan2.2": "reuse", "skyreels-v2": "off",
-                "ovis-image": "reuse", "krea2": "reuse"}
+                "ovis-image": "reuse", "krea2": "reuse", "nucleus-moe": "off"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
 #: call arguments that switch guidance off where the pipeline's own rule reads them (not a
 #: property the pipeline sets): one denoiser call per step, run whole on every rank
 UNGUIDED_CALL = {"flux-true-cfg": {"true_cfg_scale": 1.0}, "ovis-image": {"guidance_scale": 1.0},
-                 "krea2": {"guidance_scale": 0.0}}
+                 "krea2": {"guidance_scale": 0.0}, "nucleus-moe": {"guidance_scale": 1.0}}
 #: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
 #: difference relative to the largest magnitude of the plain result (random models drive the
 #: latents to magnitudes of hundreds; measured: 3e-7 of that for Sana, up to 2.3e-5 for the
@@ -355,8 +355,8 @@ def test_wan22_on_four_ranks_pipelines_each_expert_in_both_layouts():
 
 @pytest.mark.parametrize("name", list(UNGUIDED_CALL))
 def test_unguided_calls_run_whole_on_every_rank(ranks, name):
-    """Flux without true CFG, Ovis-Image at guidance_scale 1, Krea 2 at guidance_scale 0 (its
-    distilled checkpoints): one call per step."""
+    """Flux without true CFG, Ovis-Image and Nucleus-MoE-Image at guidance_scale 1, Krea 2 at
+    guidance_scale 0 (its distilled checkpoints): one call per step."""
     _, (r0, r1) = ranks
     a, b = r0[name], r1[name]
     assert np.array_equal(a["unguided"], b["unguided"])

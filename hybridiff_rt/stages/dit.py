@@ -116,6 +116,8 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     # single-stream blocks on the joined [text; image] sequence (the text fusion stage and the
     # join run in the prologue, the slice back to the image tokens in the epilogue)
     "Krea2Transformer2DModel": DiTFamily(blocks=("transformer_blocks",)),
+    # image-stream blocks (dense or mixture-of-experts) attending to the text, which stays fixed
+    "NucleusMoEImageTransformer2DModel": DiTFamily(blocks=("transformer_blocks",)),
     # dual-stream blocks that return (hidden, encoder), in that order
     "CogView4Transformer2DModel": DiTFamily(
         blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),

@@ -1,6 +1,6 @@
 """Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT, Wan 2.1 /
 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video, Lumina2, Qwen-Image, Flux,
-Ovis-Image, Krea 2, CogView4 (also with a control image), Chroma; Flux and Chroma also with an IP-Adapter), built
+Ovis-Image, Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux and Chroma also with an IP-Adapter), built
 offline.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
@@ -421,6 +421,36 @@ def krea2(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def nucleus_moe(seed: int = 0, size: str = "tiny"):
+    """NucleusMoEImagePipeline (image-stream blocks attending to the text; blocks 3 .. L-2 are
+    mixture-of-experts blocks, 4 experts choosing half the tokens each (capacity factor 2); a cond
+    then an uncond call per step, guided when
+    ``guidance_scale > 1``, then CFG renormalisation), 64 px -> 16 tokens (patch 2)."""
+    from diffusers import NucleusMoEImagePipeline, NucleusMoEImageTransformer2DModel
+
+    layers = {"tiny": 5, "small": 8}[size]
+    with seeded(seed):
+        transformer = NucleusMoEImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+            num_experts=4, moe_intermediate_dim=32, capacity_factors=2.0,
+            mlp_ratio=6.0)  # dense blocks' width rounds down to 128s: 6 x 32 x 2/3 -> 128
+        # the experts' weights are torch.empty until a checkpoint loads (garbage, NaN at times)
+        for name, param in transformer.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                torch.nn.init.normal_(param, std=0.05)
+    pipe = NucleusMoEImagePipeline(transformer=transformer, scheduler=flow_match_scheduler(),
+                                   vae=None, text_encoder=None, processor=None)
+    gen = torch.Generator().manual_seed(seed + 1)
+    masks = torch.ones(2, 8, dtype=torch.long)
+    masks[1, 5:] = 0
+    kwargs = {"prompt": None, "negative_prompt": None,
+              "prompt_embeds": _embeds(gen, 1, 8, 32), "prompt_embeds_mask": masks[:1],
+              "negative_prompt_embeds": _embeds(gen, 1, 8, 32),
+              "negative_prompt_embeds_mask": masks[1:], "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
 def cogview4_transformer(size: str = "tiny", **overrides: Any):
     """A ``CogView4Transformer2DModel`` (dual-stream blocks returning (hidden, encoder); size and
     crop conditioning) on 4 latent channels, patch 2, text width 32; ``overrides`` replace any
@@ -551,6 +581,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("flux-true-cfg", flux),
     ("ovis-image", ovis_image),
     ("krea2", krea2),
+    ("nucleus-moe", nucleus_moe),
     ("cogview4", cogview4),
     ("cogview4-control", cogview4_control),
     ("chroma", chroma),
@@ -575,6 +606,7 @@ DIT_INFO: dict[str, DiTInfo] = {
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "ovis-image": DiTInfo("OvisImagePipeline", "two-call", {"guidance_scale": 5.0}),
     "krea2": DiTInfo("Krea2Pipeline", "two-call", {"guidance_scale": 4.5}),
+    "nucleus-moe": DiTInfo("NucleusMoEImagePipeline", "two-call", {"guidance_scale": 4.0}),
     "cogview4": DiTInfo("CogView4Pipeline", "two-call", {"guidance_scale": 5.0}),
     "cogview4-control": DiTInfo("CogView4ControlPipeline", "two-call", {"guidance_scale": 5.0}),
     "chroma": DiTInfo("ChromaPipeline", "two-call", {"guidance_scale": 4.0}),
