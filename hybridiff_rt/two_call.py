@@ -116,6 +116,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "ChromaPipeline": TwoCallLayout("cond", _pipeline_flag),
     "ChromaImg2ImgPipeline": TwoCallLayout("cond", _pipeline_flag),
     "SkyReelsV2Pipeline": TwoCallLayout("cond", _pipeline_flag),
+    "SkyReelsV2ImageToVideoPipeline": TwoCallLayout("cond", _pipeline_flag),
     "OvisImagePipeline": TwoCallLayout("cond", _guidance_above_one),
     "Krea2Pipeline": TwoCallLayout("cond", _pipeline_flag),
     "NucleusMoEImagePipeline": TwoCallLayout("cond", _guidance_above_one),
@@ -134,7 +135,7 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
         "LongCatImagePipeline", "LucyEditPipeline",
         "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
-        "SkyReelsV2ImageToVideoPipeline", "WanAnimatePipeline",
+        "WanAnimatePipeline",
         "WanVACEPipeline")
 }
 

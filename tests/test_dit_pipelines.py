@@ -51,7 +51,8 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "flux-true-cfg": "off", "cogview4": "reuse", "cogview4-control": "off",
                 "chroma": "off", "flux-ip-adapter": "reuse", "chroma-ip-adapter": "reuse",
                 "wan2.2": "reuse", "skyreels-v2": "off",
-                "ovis-image": "reuse", "krea2": "reuse", "nucleus-moe": "off"}
+                "ovis-image": "reuse", "krea2": "reuse", "nucleus-moe": "off",
+                "wan2.1-i2v-clip": "reuse", "skyreels-v2-i2v": "off"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}

@@ -61,7 +61,8 @@ def _dit_cases(seed):
     # sample and timestep passed positionally): inputs as their pipelines make them
     # (CogView4: the uncond call's text is longer than the cond call's, a layout of its own)
     for name in ("qwen-image", "flux-true-cfg", "cogview4", "auraflow", "lumina2", "chroma",
-                 "hunyuan-dit", "skyreels-v2", "ovis-image", "krea2", "nucleus-moe"):
+                 "hunyuan-dit", "skyreels-v2", "ovis-image", "krea2", "nucleus-moe",
+                 "wan2.1-i2v-clip"):
         pipe, kwargs = build_dit(name, seed=seed, size="small" if name == "chroma" else "tiny")
         model, seen = pipe.transformer, []
         handle = model.register_forward_pre_hook(

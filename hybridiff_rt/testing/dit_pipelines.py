@@ -284,6 +284,74 @@ def wan21_i2v(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def clip_image_encoder():
+    """A tiny ``CLIPVisionModelWithProjection`` (32 px, 8 px patches: 16 + 1 tokens of width 16)
+    and its ``CLIPImageProcessor``, the image encoder of the Wan 2.1 / SkyReels V2 image-to-video
+    layout (the pipelines take its second-to-last hidden states)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, projection_dim=16, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, intermediate_size=37))
+    return encoder, CLIPImageProcessor(crop_size=32, size=32)
+
+
+#: text tokens of the image-to-video layouts with an image encoder: their attention takes the last
+#: 512 context tokens as the text (hard-coded in diffusers) and the ones before as the image's
+I2V_TEXT_TOKENS = 512
+
+
+def wan21_i2v_clip(seed: int = 0, size: str = "tiny"):
+    """WanImageToVideoPipeline in the Wan 2.1 I2V layout: a tiny CLIP image encoder whose tokens
+    both calls of a step get as ``encoder_hidden_states_image`` (projected by the transformer's
+    image embedder, attended through added key/value projections), 512 text tokens, and the first
+    frame's latents concatenated to the noise as in :func:`wan21_i2v`."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+
+    with seeded(seed):
+        autoencoder = wan_vae()
+        heads = {"tiny": 2, "small": 4}[size]
+        transformer = wan_transformer(size, in_channels=12, image_dim=16,
+                                      added_kv_proj_dim=16 * heads)
+        encoder, processor = clip_image_encoder()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=3.0)
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
+                                   transformer=transformer, scheduler=scheduler,
+                                   image_encoder=encoder, image_processor=processor)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"image": _random_picture(gen, 64), "prompt": None, "negative_prompt": None,
+              "prompt_embeds": _embeds(gen, 1, I2V_TEXT_TOKENS, 16),
+              "negative_prompt_embeds": _embeds(gen, 1, I2V_TEXT_TOKENS, 16), "height": 64,
+              "width": 64, "num_frames": 5}
+    return _finish(pipe), kwargs
+
+
+def skyreels_v2_i2v(seed: int = 0, size: str = "tiny"):
+    """SkyReelsV2ImageToVideoPipeline: :func:`wan21_i2v_clip`'s layout (a tiny CLIP image
+    encoder, 512 text tokens, the first frame's latents concatenated to the noise) on a
+    ``SkyReelsV2Transformer3DModel``."""
+    from diffusers import SkyReelsV2ImageToVideoPipeline, UniPCMultistepScheduler
+
+    with seeded(seed):
+        autoencoder = wan_vae()
+        heads = {"tiny": 2, "small": 4}[size]
+        transformer = skyreels_v2_transformer(size, in_channels=12, image_dim=16,
+                                              added_kv_proj_dim=16 * heads)
+        encoder, processor = clip_image_encoder()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=5.0)
+    pipe = SkyReelsV2ImageToVideoPipeline(tokenizer=None, text_encoder=None, image_encoder=encoder,
+                                          image_processor=processor, transformer=transformer,
+                                          vae=autoencoder, scheduler=scheduler)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"image": _random_picture(gen, 64), "prompt": None, "negative_prompt": None,
+              "prompt_embeds": _embeds(gen, 1, I2V_TEXT_TOKENS, 16),
+              "negative_prompt_embeds": _embeds(gen, 1, I2V_TEXT_TOKENS, 16), "height": 64,
+              "width": 64, "num_frames": 5}
+    return _finish(pipe), kwargs
+
+
 def wan21_v2v(seed: int = 0, size: str = "tiny"):
     """WanVideoToVideoPipeline: :func:`wan21`'s transformer and scheduler, a tiny
     ``AutoencoderKLWan`` encoding ``video`` (5 frames of 64 px, seeded noise) and ``strength``
@@ -575,7 +643,9 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("wan2.1", wan21),
     ("wan2.2", wan22),
     ("wan2.1-i2v", wan21_i2v),
+    ("wan2.1-i2v-clip", wan21_i2v_clip),
     ("skyreels-v2", skyreels_v2),
+    ("skyreels-v2-i2v", skyreels_v2_i2v),
     ("lumina2", lumina2),
     ("qwen-image", qwen_image),
     ("flux-true-cfg", flux),
@@ -598,7 +668,10 @@ DIT_INFO: dict[str, DiTInfo] = {
     "wan2.2": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 4.0},
                       experts=("transformer", "transformer_2")),
     "wan2.1-i2v": DiTInfo("WanImageToVideoPipeline", "two-call", {"guidance_scale": 5.0}),
+    "wan2.1-i2v-clip": DiTInfo("WanImageToVideoPipeline", "two-call", {"guidance_scale": 5.0}),
     "skyreels-v2": DiTInfo("SkyReelsV2Pipeline", "two-call", {"guidance_scale": 6.0}),
+    "skyreels-v2-i2v": DiTInfo("SkyReelsV2ImageToVideoPipeline", "two-call",
+                               {"guidance_scale": 5.0}),
     # with 3 steps, steps 0 and 1 make two calls, step 2 one: (2 + 1) / 3 > 0.7
     "lumina2": DiTInfo("Lumina2Pipeline", "two-call", {"guidance_scale": 4.0,
                                                        "cfg_trunc_ratio": 0.7}),
