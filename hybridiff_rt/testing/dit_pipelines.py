@@ -164,29 +164,32 @@ def hunyuan_dit(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
-def wan_transformer(size: str = "tiny", **overrides: Any):
-    """A ``WanTransformer3DModel`` on 4-channel latents, patch (1, 2, 2), text width 16."""
-    from diffusers import WanTransformer3DModel
+#: attention heads and blocks of the Wan-shaped transformers, per size
+WAN_SIZES = {"tiny": (2, 2), "small": (4, 6)}
 
-    layers, heads = {"tiny": (2, 2), "small": (6, 4)}[size]
+
+def wan_transformer_kwargs(size: str = "tiny", **overrides: Any) -> dict[str, Any]:
+    """Constructor arguments of a Wan-shaped transformer (Wan, SkyReels V2): 4-channel latents,
+    patch (1, 2, 2), head width 16, text width 16; ``overrides`` replace any of them."""
+    heads, layers = WAN_SIZES[size]
     kwargs = {"patch_size": (1, 2, 2), "num_attention_heads": heads, "attention_head_dim": 16,
               "in_channels": 4, "out_channels": 4, "text_dim": 16, "freq_dim": 16,
               "ffn_dim": 32 * heads, "num_layers": layers, "rope_max_seq_len": 32}
-    kwargs.update(overrides)
-    return WanTransformer3DModel(**kwargs)
+    return {**kwargs, **overrides}
+
+
+def wan_transformer(size: str = "tiny", **overrides: Any):
+    """A ``WanTransformer3DModel`` (:func:`wan_transformer_kwargs`)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**wan_transformer_kwargs(size, **overrides))
 
 
 def skyreels_v2_transformer(size: str = "tiny", **overrides: Any):
-    """A ``SkyReelsV2Transformer3DModel`` (Wan-shaped blocks) on 4-channel latents, patch
-    (1, 2, 2), text width 16."""
+    """A ``SkyReelsV2Transformer3DModel`` (Wan-shaped blocks; :func:`wan_transformer_kwargs`)."""
     from diffusers import SkyReelsV2Transformer3DModel
 
-    layers, heads = {"tiny": (2, 2), "small": (6, 4)}[size]
-    kwargs = {"patch_size": (1, 2, 2), "num_attention_heads": heads, "attention_head_dim": 16,
-              "in_channels": 4, "out_channels": 4, "text_dim": 16, "freq_dim": 16,
-              "ffn_dim": 32 * heads, "num_layers": layers, "rope_max_seq_len": 32}
-    kwargs.update(overrides)
-    return SkyReelsV2Transformer3DModel(**kwargs)
+    return SkyReelsV2Transformer3DModel(**wan_transformer_kwargs(size, **overrides))
 
 
 def wan_vae():
@@ -310,9 +313,8 @@ def wan21_i2v_clip(seed: int = 0, size: str = "tiny"):
 
     with seeded(seed):
         autoencoder = wan_vae()
-        heads = {"tiny": 2, "small": 4}[size]
         transformer = wan_transformer(size, in_channels=12, image_dim=16,
-                                      added_kv_proj_dim=16 * heads)
+                                      added_kv_proj_dim=16 * WAN_SIZES[size][0])
         encoder, processor = clip_image_encoder()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0)
@@ -335,9 +337,8 @@ def skyreels_v2_i2v(seed: int = 0, size: str = "tiny"):
 
     with seeded(seed):
         autoencoder = wan_vae()
-        heads = {"tiny": 2, "small": 4}[size]
         transformer = skyreels_v2_transformer(size, in_channels=12, image_dim=16,
-                                              added_kv_proj_dim=16 * heads)
+                                              added_kv_proj_dim=16 * WAN_SIZES[size][0])
         encoder, processor = clip_image_encoder()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=5.0)
