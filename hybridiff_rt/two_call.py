@@ -131,12 +131,10 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
         "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosTextToWorldPipeline",
         "CosmosVideoToWorldPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinPipeline",
         "GlmImagePipeline", "HeliosPipeline", "HeliosPyramidPipeline", "JoyImageEditPipeline",
-        "Kandinsky6TI2VAPipeline", "LongCatImageEditPipeline",
-        "LongCatImagePipeline", "LucyEditPipeline",
-        "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+        "Kandinsky6TI2VAPipeline", "LongCatImageEditPipeline", "LongCatImagePipeline",
+        "LucyEditPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
-        "WanAnimatePipeline",
-        "WanVACEPipeline")
+        "WanAnimatePipeline", "WanVACEPipeline")
 }
 
 
