@@ -210,8 +210,30 @@ def _random_picture(gen: torch.Generator, side: int):
     return Image.fromarray(pixels, mode="RGB")
 
 
+def _flow_unipc(flow_shift: float):
+    """The video pipelines' ``UniPCMultistepScheduler`` on flow sigmas."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                   flow_shift=flow_shift)
+
+
+def _video_call(seed: int, size: str = "tiny", text_tokens: int = 6,
+                with_image: bool = False) -> dict[str, Any]:
+    """Call arguments of the tiny video pipelines, drawn from ``seed + 1``: (a 64 px first frame,
+    then) precomputed prompt and negative embeddings of ``text_tokens`` tokens of width 16,
+    5 frames of 64 px (``size="small"``: 9 frames of 256 px)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    image = {"image": _random_picture(gen, 64)} if with_image else {}
+    side, frames = (64, 5) if size == "tiny" else (256, 9)
+    return {**image, "prompt": None, "negative_prompt": None,
+            "prompt_embeds": _embeds(gen, 1, text_tokens, 16),
+            "negative_prompt_embeds": _embeds(gen, 1, text_tokens, 16), "height": side,
+            "width": side, "num_frames": frames}
+
+
 def _wan(seed: int, size: str, experts: int):
-    from diffusers import UniPCMultistepScheduler, WanPipeline
+    from diffusers import WanPipeline
 
     with seeded(seed):
         transformer = wan_transformer(size)
@@ -220,15 +242,9 @@ def _wan(seed: int, size: str, experts: int):
             # at t = 875: with 3 steps (timesteps 999, 857, 600) step 0 runs on transformer and
             # steps 1-2 on transformer_2
             extra = {"transformer_2": wan_transformer(size), "boundary_ratio": 0.875}
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        flow_shift=3.0)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                       scheduler=scheduler, **extra)
-    gen = torch.Generator().manual_seed(seed + 1)
-    side, frames = (64, 5) if size == "tiny" else (256, 9)
-    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
-              "negative_prompt_embeds": _embeds(gen, 1, 6, 16), "height": side, "width": side,
-              "num_frames": frames}
+                       scheduler=_flow_unipc(3.0), **extra)
+    kwargs = _video_call(seed, size)
     if experts == 2:
         kwargs["guidance_scale_2"] = 3.0
     return _finish(pipe), kwargs
@@ -249,42 +265,28 @@ def wan22(seed: int = 0, size: str = "tiny"):
 def skyreels_v2(seed: int = 0, size: str = "tiny"):
     """SkyReelsV2Pipeline (text-to-video; its loop makes a cond then an uncond call), 5 frames of
     64 px -> 2 x 8 x 8 latents, UniPC (``size="small"``: 9 frames of 256 px -> 3 x 32 x 32)."""
-    from diffusers import SkyReelsV2Pipeline, UniPCMultistepScheduler
+    from diffusers import SkyReelsV2Pipeline
 
     with seeded(seed):
         transformer = skyreels_v2_transformer(size)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        flow_shift=8.0)
     pipe = SkyReelsV2Pipeline(tokenizer=None, text_encoder=None, vae=None,
-                              transformer=transformer, scheduler=scheduler)
-    gen = torch.Generator().manual_seed(seed + 1)
-    side, frames = (64, 5) if size == "tiny" else (256, 9)
-    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
-              "negative_prompt_embeds": _embeds(gen, 1, 6, 16), "height": side, "width": side,
-              "num_frames": frames}
-    return _finish(pipe), kwargs
+                              transformer=transformer, scheduler=_flow_unipc(8.0))
+    return _finish(pipe), _video_call(seed, size)
 
 
 def wan21_i2v(seed: int = 0, size: str = "tiny"):
     """WanImageToVideoPipeline without an image encoder (the Wan 2.2 I2V layout: the image enters
     only as conditioning latents concatenated to the noise), a tiny ``AutoencoderKLWan`` to
     encode the first frame, 5 frames of 64 px -> 2 x 8 x 8 latents (4 + 8 input channels)."""
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+    from diffusers import WanImageToVideoPipeline
 
     with seeded(seed):
         autoencoder = wan_vae()
         transformer = wan_transformer(size, in_channels=12)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        flow_shift=3.0)
     pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
-                                   transformer=transformer, scheduler=scheduler,
+                                   transformer=transformer, scheduler=_flow_unipc(3.0),
                                    image_encoder=None, image_processor=None)
-    gen = torch.Generator().manual_seed(seed + 1)
-    kwargs = {"image": _random_picture(gen, 64), "prompt": None, "negative_prompt": None,
-              "prompt_embeds": _embeds(gen, 1, 6, 16),
-              "negative_prompt_embeds": _embeds(gen, 1, 6, 16), "height": 64, "width": 64,
-              "num_frames": 5}
-    return _finish(pipe), kwargs
+    return _finish(pipe), _video_call(seed, with_image=True)
 
 
 def clip_image_encoder():
@@ -304,53 +306,37 @@ def clip_image_encoder():
 I2V_TEXT_TOKENS = 512
 
 
+def _i2v_with_clip(seed: int, size: str, make_transformer: Callable[..., Any],
+                   pipeline_class: str, flow_shift: float):
+    """An image-to-video pipeline of the Wan 2.1 I2V layout (see :func:`wan21_i2v_clip`) on the
+    transformer ``make_transformer(size, **overrides)`` makes."""
+    import diffusers
+
+    with seeded(seed):
+        autoencoder = wan_vae()
+        transformer = make_transformer(size, in_channels=12, image_dim=16,
+                                       added_kv_proj_dim=16 * WAN_SIZES[size][0])
+        encoder, processor = clip_image_encoder()
+    pipe = getattr(diffusers, pipeline_class)(
+        tokenizer=None, text_encoder=None, vae=autoencoder, transformer=transformer,
+        scheduler=_flow_unipc(flow_shift), image_encoder=encoder, image_processor=processor)
+    return _finish(pipe), _video_call(seed, text_tokens=I2V_TEXT_TOKENS, with_image=True)
+
+
 def wan21_i2v_clip(seed: int = 0, size: str = "tiny"):
     """WanImageToVideoPipeline in the Wan 2.1 I2V layout: a tiny CLIP image encoder whose tokens
     both calls of a step get as ``encoder_hidden_states_image`` (projected by the transformer's
     image embedder, attended through added key/value projections), 512 text tokens, and the first
     frame's latents concatenated to the noise as in :func:`wan21_i2v`."""
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
-
-    with seeded(seed):
-        autoencoder = wan_vae()
-        transformer = wan_transformer(size, in_channels=12, image_dim=16,
-                                      added_kv_proj_dim=16 * WAN_SIZES[size][0])
-        encoder, processor = clip_image_encoder()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        flow_shift=3.0)
-    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
-                                   transformer=transformer, scheduler=scheduler,
-                                   image_encoder=encoder, image_processor=processor)
-    gen = torch.Generator().manual_seed(seed + 1)
-    kwargs = {"image": _random_picture(gen, 64), "prompt": None, "negative_prompt": None,
-              "prompt_embeds": _embeds(gen, 1, I2V_TEXT_TOKENS, 16),
-              "negative_prompt_embeds": _embeds(gen, 1, I2V_TEXT_TOKENS, 16), "height": 64,
-              "width": 64, "num_frames": 5}
-    return _finish(pipe), kwargs
+    return _i2v_with_clip(seed, size, wan_transformer, "WanImageToVideoPipeline", 3.0)
 
 
 def skyreels_v2_i2v(seed: int = 0, size: str = "tiny"):
     """SkyReelsV2ImageToVideoPipeline: :func:`wan21_i2v_clip`'s layout (a tiny CLIP image
     encoder, 512 text tokens, the first frame's latents concatenated to the noise) on a
     ``SkyReelsV2Transformer3DModel``."""
-    from diffusers import SkyReelsV2ImageToVideoPipeline, UniPCMultistepScheduler
-
-    with seeded(seed):
-        autoencoder = wan_vae()
-        transformer = skyreels_v2_transformer(size, in_channels=12, image_dim=16,
-                                              added_kv_proj_dim=16 * WAN_SIZES[size][0])
-        encoder, processor = clip_image_encoder()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        flow_shift=5.0)
-    pipe = SkyReelsV2ImageToVideoPipeline(tokenizer=None, text_encoder=None, image_encoder=encoder,
-                                          image_processor=processor, transformer=transformer,
-                                          vae=autoencoder, scheduler=scheduler)
-    gen = torch.Generator().manual_seed(seed + 1)
-    kwargs = {"image": _random_picture(gen, 64), "prompt": None, "negative_prompt": None,
-              "prompt_embeds": _embeds(gen, 1, I2V_TEXT_TOKENS, 16),
-              "negative_prompt_embeds": _embeds(gen, 1, I2V_TEXT_TOKENS, 16), "height": 64,
-              "width": 64, "num_frames": 5}
-    return _finish(pipe), kwargs
+    return _i2v_with_clip(seed, size, skyreels_v2_transformer, "SkyReelsV2ImageToVideoPipeline",
+                          5.0)
 
 
 def wan21_v2v(seed: int = 0, size: str = "tiny"):
