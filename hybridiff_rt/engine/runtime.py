@@ -712,13 +712,13 @@ class HybridDenoiser:
         self._calibration.learn(phase, medians)
 
     def _stage_call(self, start: int, stop: int, last: bool,
-                    staged: StagedDenoiser | None = None) -> Callable[..., Any] | None:
-        """The compiled or graph-replayed stage of units ``start .. stop-1`` of ``staged``
-        (default: the model's) (None when nothing is compiled or replayed: the StagePipeline then
-        runs the eager stage)."""
+                    staged: StagedDenoiser) -> Callable[..., Any] | None:
+        """The compiled or graph-replayed stage of units ``start .. stop-1`` of ``staged`` (the
+        model's or an expert's) (None when nothing is compiled or replayed: the StagePipeline
+        then runs the eager stage)."""
         if not self._accel.enabled:
             return None
-        return self._accel.stage_call(staged or self._staged, start, stop, last=last)
+        return self._accel.stage_call(staged, start, stop, last=last)
 
     def _link_figure(self, transport: Transport, nbytes: int, store: Any,
                      key: str) -> tuple[float, str]:

@@ -251,12 +251,9 @@ class ScaleOut:
         self.record_links()
         return uncond, cond
 
-    def build_pipeline(self, cond_kw: Kwargs,
-                       staged: StagedDenoiser | None = None) -> _ChainPipeline:
+    def build_pipeline(self, cond_kw: Kwargs, staged: StagedDenoiser) -> _ChainPipeline:
         """Set up this rank's part of the pipelined steps (collective over each chain) for
-        ``staged`` (default: the model's staged denoiser; another expert's when a step runs it).
-        """
-        staged = staged or self.staged
+        ``staged`` (the model's staged denoiser, or another expert's when a step runs it)."""
         self._builds += 1
         started = time.perf_counter()
         if self.layout_name == "layers":
