@@ -134,8 +134,7 @@ print('built for CUDA', info['cuda_version'], 'cudart', info.get('cudart'), 'arc
   step test_extension "$vpy" -m pytest -q -p no:cacheprovider --import-mode=importlib \
        --rootdir "$RUN_DIR" -c /dev/null "$ROOT/tests/test_extension.py"
   if [[ "$whl" == "$demo_wheel" ]]; then
-    rm -rf /tmp/democheck
-    step demo "$venv/bin/hybridiff-rt" demo --steps 4 --per-prompt 1 --out /tmp/democheck
+    step demo "$venv/bin/hybridiff-rt" demo --steps 4 --per-prompt 1 --out "$WORK/democheck"
   fi
   if [[ $ok == 1 ]]; then result "$name" "PASS (${steps[*]})"; else result "$name" "FAIL (${steps[*]})"; fi
 }
