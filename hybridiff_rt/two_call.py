@@ -30,9 +30,15 @@ broadcasting operation (a reduction such as ``sum()`` would not fail: the verifi
 makes the protocol safe, not these guards).
 
 The output shape is never guessed: the buffer takes the shape, strides and storage of the real
-prediction when it is filled. Its dtype must be fixed when it is returned, so the prediction must
-come back in the denoiser's parameter dtype (true of every verified class; a mismatch is an
-error at the first step, on every rank).
+prediction when it is filled. Loops that slice the first call's result before the second call
+(image-conditioned edits: ``noise_pred[:, :n]`` drops the reference image's tokens) are the one
+exception, declared per class (``TwoCallLayout.buffer_like_sample``): their buffer has the
+sample's shape from the start and holds NaN until the prediction is copied into it, so a slice
+taken early sees the prediction, and arithmetic on it before the fill gives NaN (the next step's
+prediction is then NaN, which the runtime reports) rather than a plausible wrong value. The
+buffer's dtype must be fixed when it is returned, so the prediction must come back in the
+denoiser's parameter dtype (true of every verified class; a mismatch is an error at the first
+step, on every rank).
 """
 
 from __future__ import annotations
@@ -89,6 +95,11 @@ class TwoCallLayout:
         step_guided: ``step_guided(call_args, step)``: whether step ``step`` of a guided call
             makes both calls (None: every step does); a step that does not makes one cond call,
             run whole on every rank.
+        buffer_like_sample: the loop takes a view of the first call's result before the second
+            call (image-conditioned edits slice off the reference image's tokens:
+            ``noise_pred[:, :n]``). The deferred buffer is then allocated with the sample's
+            shape, holds NaN until it is filled, and the prediction is copied into it, so that
+            views taken of it see the prediction (the denoiser must predict the sample's shape).
     """
 
     first_branch: str
@@ -96,6 +107,7 @@ class TwoCallLayout:
     scale_argument: str = "guidance_scale"
     experts: tuple[str, ...] = ("transformer",)
     step_guided: Callable[[dict[str, Any], int], bool] | None = None
+    buffer_like_sample: bool = False
 
 
 _WAN = TwoCallLayout("cond", _pipeline_flag, experts=("transformer", "transformer_2"))
@@ -108,8 +120,18 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "WanVideoToVideoPipeline": TwoCallLayout("cond", _pipeline_flag),
     "QwenImagePipeline": TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
                                        scale_argument="true_cfg_scale"),
+    "QwenImageImg2ImgPipeline": TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
+                                              scale_argument="true_cfg_scale"),
+    "QwenImageInpaintPipeline": TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
+                                              scale_argument="true_cfg_scale"),
     "FluxPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
                                   scale_argument="true_cfg_scale"),
+    "FluxImg2ImgPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
+                                         scale_argument="true_cfg_scale"),
+    "FluxInpaintPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
+                                         scale_argument="true_cfg_scale"),
+    "FluxKontextPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
+                                         scale_argument="true_cfg_scale", buffer_like_sample=True),
     "Lumina2Pipeline": TwoCallLayout("cond", _pipeline_flag, step_guided=_lumina2_untruncated),
     "CogView4Pipeline": TwoCallLayout("cond", _pipeline_flag),
     "CogView4ControlPipeline": TwoCallLayout("cond", _pipeline_flag),
@@ -249,7 +271,10 @@ class TwoCallSteps:
         sample = kw[self.adapter.engine.sample_key]
         param = next(self.adapter.engine.model.parameters(), None)
         dtype = param.dtype if param is not None else sample.dtype
-        buffer = torch.empty(0, dtype=dtype, device=sample.device)
+        if self.layout.buffer_like_sample:
+            buffer = torch.full(sample.shape, float("nan"), dtype=dtype, device=sample.device)
+        else:
+            buffer = torch.empty(0, dtype=dtype, device=sample.device)
         self.pending = (expert, {key: _as_called(value) for key, value in kw.items()}, buffer)
         return self._wrap(buffer, return_dict)
 
@@ -276,7 +301,17 @@ class TwoCallSteps:
                 f"{type(engine.model).__name__} returned {first.dtype} on {first.device}, but the "
                 f"deferred buffer of the first call was {buffer.dtype} on {buffer.device} (the "
                 "parameters' dtype); cast the denoiser and its inputs to one dtype")
-        buffer.set_(first)
+        if self.layout.buffer_like_sample:
+            if first.shape != buffer.shape:
+                raise HybridError(
+                    f"{type(engine.model).__name__} returned a prediction of shape "
+                    f"{tuple(first.shape)} for a sample of shape {tuple(buffer.shape)}: "
+                    f"{type(self.adapter.pipe).__name__} slices the first call's result before "
+                    "the second call, so its deferred buffer has the sample's shape; this denoiser "
+                    "does not predict that shape; run this pipeline without hybridiff_rt")
+            buffer.copy_(first)
+        else:
+            buffer.set_(first)
         engine.report.note(
             f"two-call CFG: {type(self.adapter.pipe).__name__} calls its denoiser once per branch "
             f"({self.layout.first_branch} first); each step's first call returned a deferred "

@@ -4,9 +4,10 @@ the generic DiT stage adapter.
 One spawn of two ranks runs, for every tiny pipeline of hybridiff_rt.testing.dit_pipelines
 (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT: batched [uncond; cond]; Wan 2.1, Wan 2.2 with
 two experts, Wan image-to-video, Lumina2 (with CFG truncation), Qwen-Image, Flux true CFG,
-CogView4 with and without a control image, Chroma, and Flux and Chroma with an IP-Adapter
-(their loops write the negative image embeddings into a dict both calls share, between the
-calls): two calls per step):
+CogView4 with and without a control image, Chroma, Flux and Chroma with an IP-Adapter (their
+loops write the negative image embeddings into a dict both calls share, between the calls), and
+Flux Kontext (its loop slices the cond call's result before the uncond call): two calls per
+step):
 
 * k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
   call, whole on every rank); equal bit for bit to the exact serial
@@ -21,8 +22,9 @@ calls): two calls per step):
   the same schedule (per-branch calls on CBP steps, the staged model on the stale boundary on
   pipelined steps; Wan 2.2: the expert the pipeline called);
 * Wan 2.2 with its expert switch inside the pipelined phase: the phase starts over with a fill
-  step at the switch, equal to the emulation; on four ranks: CBP throughout with a note;
-* ChromaImg2ImgPipeline and WanVideoToVideoPipeline (from an image or a video, strength 0.6):
+  step at the switch, equal to the emulation; on four ranks likewise, in both layouts;
+* ChromaImg2ImgPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline and WanVideoToVideoPipeline
+  (from an image or a video, strength 0.6):
   k=0 equal to the plain pipeline bit for bit on the steps they run, and the input matters; k=2
   over the steps the strength leaves, equal to the emulation;
 * ChromaImg2ImgPipeline and a ChromaPipeline made from it with from_pipe (one transformer), both
@@ -33,6 +35,7 @@ calls): two calls per step):
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 
@@ -52,13 +55,14 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "chroma": "off", "flux-ip-adapter": "reuse", "chroma-ip-adapter": "reuse",
                 "wan2.2": "reuse", "skyreels-v2": "off",
                 "ovis-image": "reuse", "krea2": "reuse", "nucleus-moe": "off",
-                "wan2.1-i2v-clip": "reuse", "skyreels-v2-i2v": "off"}
+                "wan2.1-i2v-clip": "reuse", "skyreels-v2-i2v": "off", "flux-kontext": "reuse"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
 #: call arguments that switch guidance off where the pipeline's own rule reads them (not a
 #: property the pipeline sets): one denoiser call per step, run whole on every rank
-UNGUIDED_CALL = {"flux-true-cfg": {"true_cfg_scale": 1.0}, "ovis-image": {"guidance_scale": 1.0},
+UNGUIDED_CALL = {"flux-true-cfg": {"true_cfg_scale": 1.0}, "flux-kontext": {"true_cfg_scale": 1.0},
+                 "ovis-image": {"guidance_scale": 1.0},
                  "krea2": {"guidance_scale": 0.0}, "nucleus-moe": {"guidance_scale": 1.0}}
 #: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
 #: difference relative to the largest magnitude of the plain result (random models drive the
@@ -218,7 +222,28 @@ def _rank_dit(rank, seed):
     except hr.UnsupportedModelError as exc:
         results["refusal"] = (str(exc), list(den.report.modes))
     den.close()
+    # Kontext's loop slices the first call's result before the second call, so its deferred
+    # buffer has the sample's shape: a denoiser predicting another shape is an error at step 0
+    pipe, kwargs = build_dit("flux-kontext", seed=seed)
+    pipe.transformer.forward = _noisy_tokens_only(pipe.transformer.forward)
+    runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
+    try:
+        _call(runner, "flux-kontext", kwargs, STEPS_K0, seed)
+        results["wrong shape"] = None
+    except hr.HybridError as exc:
+        results["wrong shape"] = (str(exc), list(hr.last_report(runner).modes))
+    runner.restore()
     return results
+
+
+def _noisy_tokens_only(forward):
+    """``forward`` predicting only the first half of the tokens it is given (Kontext's noisy
+    tokens, without the reference image's)."""
+    @functools.wraps(forward)
+    def cropped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return (out[0][:, :out[0].shape[1] // 2],) + tuple(out[1:])
+    return cropped
 
 
 class TwoOutputs(torch.nn.Module):
@@ -366,6 +391,20 @@ def test_unguided_calls_run_whole_on_every_rank(ranks, name):
     assert not np.array_equal(a["unguided"], a["k0"])  # guidance changed the result
 
 
+def test_a_prediction_not_shaped_like_the_sample_is_an_error_where_the_loop_slices(ranks):
+    """FluxKontextPipeline slices the cond call's result before the uncond call: its deferred
+    buffer has the sample's shape (128 tokens), and a denoiser that predicts 64 tokens is an error
+    at step 0 on both ranks, naming both shapes, not a silently wrong image."""
+    _, results = ranks
+    for rank, r in enumerate(results):
+        assert r["wrong shape"] is not None, f"rank {rank} raised nothing"
+        message, modes = r["wrong shape"]
+        assert "returned a prediction of shape (1, 64, 16) for a sample of shape (1, 128, 16)" \
+            in message, message
+        assert "FluxKontextPipeline slices the first call's result" in message, message
+        assert modes == ["cbp"]  # step 0's branches ran; their prediction could not be returned
+
+
 def test_a_denoiser_with_a_second_output_is_refused_at_step_0_on_both_ranks(ranks):
     _, results = ranks
     for rank, r in enumerate(results):
@@ -377,9 +416,25 @@ def test_a_denoiser_with_a_second_output_is_refused_at_step_0_on_both_ranks(rank
 #: pipelines that start from an input (strength 0.6 of 5 steps: 3 guided steps, 6 denoiser
 #: calls): name -> (builder in dit_pipelines, the DIT_INFO entry of their guidance, input name)
 FROM_AN_INPUT = {"chroma-img2img": ("chroma_img2img", "chroma", "image"),
+                 "flux-img2img": ("flux_img2img", "flux-true-cfg", "image"),
+                 "flux-inpaint": ("flux_inpaint", "flux-true-cfg", "image"),
+                 "qwen-image-img2img": ("qwen_image_img2img", "qwen-image", "image"),
+                 "qwen-image-inpaint": ("qwen_image_inpaint", "qwen-image", "image"),
                  "wan2.1-v2v": ("wan21_v2v", "wan2.1", "video")}
 #: their pipelined runs: strength 0.6 of 10 steps leaves 6, as many as STEPS_PIPELINED
 FROM_AN_INPUT_PIPELINED_STEPS = 10
+
+
+def test_every_verified_two_call_class_is_run_by_this_module():
+    """two_call.TWO_CALL_PIPELINES is the list of loops verified here: each class in it is the
+    class of a pipeline these tests run (DIT_BUILDERS, or a pipeline from an input)."""
+    from hybridiff_rt.testing import dit_pipelines
+    from hybridiff_rt.two_call import TWO_CALL_PIPELINES
+
+    run_here = {info.pipeline_class for name, info in DIT_INFO.items() if name in DIT_BUILDERS}
+    run_here |= {type(getattr(dit_pipelines, builder)()[0]).__name__
+                 for builder, _, _ in FROM_AN_INPUT.values()}
+    assert not set(TWO_CALL_PIPELINES) - run_here, sorted(set(TWO_CALL_PIPELINES) - run_here)
 
 
 def _another(value):
@@ -428,8 +483,9 @@ def from_an_input():
 
 @pytest.mark.parametrize("name", list(FROM_AN_INPUT))
 def test_pipelines_from_an_input_equal_the_plain_pipeline_on_both_ranks(from_an_input, name):
-    """ChromaImg2ImgPipeline, WanVideoToVideoPipeline: on two ranks, equal to the plain pipeline
-    bit for bit on the steps their strength leaves, and the input matters."""
+    """ChromaImg2ImgPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, WanVideoToVideoPipeline:
+    on two ranks, equal to the plain pipeline bit for bit on the steps their strength leaves, and
+    the input matters."""
     seed, results = from_an_input
     for by_rank in results:
         got, plain, other, report, calls = by_rank[name]

@@ -383,6 +383,52 @@ class _BranchRecorder:
                      for kw in (uncond_kw, cond_kw))
 
 
+class _CroppingRecorder(_BranchRecorder):
+    """A :class:`_BranchRecorder` whose denoiser predicts only the first 2 tokens."""
+
+    def predict_branches(self, uncond_kw, cond_kw, **kw):
+        return tuple(p[:, :2] for p in super().predict_branches(uncond_kw, cond_kw, **kw))
+
+
+def test_a_deferred_buffer_shaped_like_the_sample_serves_a_slice_taken_before_the_fill(seed):
+    """Kontext-like loops slice the first call's result before the second call: with
+    ``buffer_like_sample`` the first call returns NaN of the sample's shape, and a slice taken
+    then reads the cond prediction once the second call returned; a prediction of another shape
+    is an error naming both shapes."""
+    import dataclasses
+
+    from hybridiff_rt.two_call import TWO_CALL_PIPELINES, TwoCallSteps
+
+    def forward(hidden_states, timestep, encoder_hidden_states, joint_attention_kwargs=None,
+                return_dict=True):
+        raise AssertionError("the protocol runs the branches through the engine")
+
+    layout = dataclasses.replace(TWO_CALL_PIPELINES["ChromaPipeline"], buffer_like_sample=True)
+    gen = torch.Generator().manual_seed(seed)
+    sample, timestep = torch.randn(1, 4, 2, generator=gen), torch.tensor([0.5])
+    positive, negative = torch.randn(1, 3, generator=gen), torch.randn(1, 3, generator=gen)
+    for recorder in (_BranchRecorder(), _CroppingRecorder()):
+        steps = TwoCallSteps(recorder, layout, [forward])
+        steps.begin({"guidance_scale": 4.0})
+        calls = [{"hidden_states": sample, "timestep": timestep, "return_dict": False,
+                  "encoder_hidden_states": torch.ones(1, 2, 8),
+                  "joint_attention_kwargs": {"image_embeds": [embeds]}}
+                 for embeds in (positive, negative)]
+        (first,) = steps.forward(0, (), calls[0])
+        assert first.shape == sample.shape and first.isnan().all()
+        early = first[:, :2]  # the loop's slice, taken before the second call
+        if isinstance(recorder, _CroppingRecorder):
+            with pytest.raises(hr.HybridError, match=r"returned a prediction of shape \(1, 2, 2\) "
+                                                     r"for a sample of shape \(1, 4, 2\)"):
+                steps.forward(0, (), calls[1])
+            continue
+        (second,) = steps.forward(0, (), calls[1])
+        assert torch.equal(early, (sample + positive.sum())[:, :2])
+        assert torch.equal(first, sample + positive.sum())
+        assert torch.equal(second, sample + negative.sum())
+        steps.end()
+
+
 def test_a_deferred_call_keeps_its_arguments_as_the_loop_passed_them(seed):
     """Chroma's loop writes the negative IP-Adapter embeddings into the dict it passes to both
     calls between them; the deferred cond call must still run with the positive ones."""

@@ -1,7 +1,9 @@
-"""Tiny random-init DiT and video pipelines (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT, Wan 2.1 /
-2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video, Lumina2, Qwen-Image, Flux,
-Ovis-Image, Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux and Chroma also with an IP-Adapter), built
-offline.
+"""Tiny random-init DiT and video pipelines, built offline: PixArt-Sigma, Sana, AuraFlow,
+HunyuanDiT, Wan 2.1 / 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video and
+image-to-video, Lumina2, Qwen-Image, Flux, Flux Kontext, Ovis-Image, Krea 2, Nucleus-MoE-Image,
+CogView4 (also with a control image), Chroma; Flux and Chroma also with an IP-Adapter. Outside
+:data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves): Chroma, Flux and Qwen-Image
+img2img, Flux and Qwen-Image inpainting, Wan video-to-video.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -404,6 +406,50 @@ def qwen_image(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def qwen_vae():
+    """A tiny ``AutoencoderKLQwenImage``: 4 latent channels (what :func:`qwen_image`'s
+    transformer takes, packed 2 x 2), 8x spatial compression, one frame."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                  latents_std=[1.0] * 4)
+
+
+def _qwen_with_vae(cls_name: str, seed: int, size: str):
+    """A Qwen-Image pipeline class of diffusers on :func:`qwen_image`'s transformer and
+    embeddings, with :func:`qwen_vae` (64 px -> 4 x 8 x 8 latents -> 16 tokens) and a seeded
+    ``image`` (1, 3, 64, 64) in [0, 1] in its call arguments."""
+    import diffusers
+
+    base, kwargs = qwen_image(seed, size)
+    with seeded(seed + 5):
+        autoencoder = qwen_vae()
+    pipe = getattr(diffusers, cls_name)(scheduler=base.scheduler, vae=autoencoder,
+                                        text_encoder=None, tokenizer=None,
+                                        transformer=base.transformer)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 6))
+    return _finish(pipe), dict(kwargs, image=image)
+
+
+def qwen_image_img2img(seed: int = 0, size: str = "tiny"):
+    """QwenImageImg2ImgPipeline (:func:`_qwen_with_vae`), ``strength`` 0.6: with N steps it
+    calls the denoiser on ``int(0.6 N)`` of them. Not in :data:`DIT_BUILDERS` (those run every
+    step). Call with ``true_cfg_scale > 1`` for true CFG."""
+    pipe, kwargs = _qwen_with_vae("QwenImageImg2ImgPipeline", seed, size)
+    return pipe, dict(kwargs, strength=0.6)
+
+
+def qwen_image_inpaint(seed: int = 0, size: str = "tiny"):
+    """QwenImageInpaintPipeline (:func:`_qwen_with_vae`) with ``mask_image`` (1, 1, 64, 64): its
+    left half is repainted, its right half kept; ``strength`` 0.6 as in
+    :func:`qwen_image_img2img`."""
+    pipe, kwargs = _qwen_with_vae("QwenImageInpaintPipeline", seed, size)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :32] = 1
+    return pipe, dict(kwargs, mask_image=mask, strength=0.6)
+
+
 def flux(seed: int = 0, size: str = "tiny"):
     """FluxPipeline (dual- and single-stream blocks), 64 px -> 16 tokens; call with
     ``true_cfg_scale > 1`` and the negative embeddings for true CFG."""
@@ -425,6 +471,51 @@ def flux(seed: int = 0, size: str = "tiny"):
               "negative_pooled_prompt_embeds": torch.randn(1, 32, generator=gen),
               "height": 64, "width": 64}
     return _finish(pipe), kwargs
+
+
+def _flux_with_vae(cls_name: str, seed: int, size: str):
+    """A Flux pipeline class of diffusers on :func:`flux`'s transformer and embeddings, with a
+    tiny VAE (64 px -> 4 x 16 x 16 latents -> 64 tokens) and a seeded ``image`` (1, 3, 64, 64)
+    in [0, 1] in its call arguments."""
+    import diffusers
+
+    base, kwargs = flux(seed, size)
+    with seeded(seed + 5):
+        autoencoder = vae(4, block_out_channels=(8, 8, 16), shift_factor=0.1, scaling_factor=1.5)
+    pipe = getattr(diffusers, cls_name)(
+        scheduler=base.scheduler, vae=autoencoder, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, transformer=base.transformer)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 6))
+    return _finish(pipe), dict(kwargs, image=image)
+
+
+def flux_img2img(seed: int = 0, size: str = "tiny"):
+    """FluxImg2ImgPipeline (:func:`_flux_with_vae`), ``strength`` 0.6: with N steps it calls
+    the denoiser on ``int(0.6 N)`` of them. Not in :data:`DIT_BUILDERS` (those run every step).
+    Call with ``true_cfg_scale > 1`` for true CFG."""
+    pipe, kwargs = _flux_with_vae("FluxImg2ImgPipeline", seed, size)
+    return pipe, dict(kwargs, strength=0.6)
+
+
+def flux_inpaint(seed: int = 0, size: str = "tiny"):
+    """FluxInpaintPipeline (:func:`_flux_with_vae`) with ``mask_image`` (1, 1, 64, 64): its left
+    half is repainted, its right half kept (the loop puts the image's noised latents back there
+    after every step); ``strength`` 0.6 as in :func:`flux_img2img`."""
+    pipe, kwargs = _flux_with_vae("FluxInpaintPipeline", seed, size)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :32] = 1
+    return pipe, dict(kwargs, mask_image=mask, strength=0.6)
+
+
+def flux_kontext(seed: int = 0, size: str = "tiny"):
+    """FluxKontextPipeline (:func:`_flux_with_vae`), the ``image`` as the reference, kept at its
+    size (``_auto_resize=False``; ``max_area`` 64 x 64 keeps the output at 64 px, which the
+    pipeline otherwise rescales to 1024 x 1024): every call gets the 64 noisy tokens followed by
+    the reference image's 64 tokens, and the loop slices the prediction of the first 64 off each
+    call's result, the cond call's before the uncond call is made. Call with
+    ``true_cfg_scale > 1`` for true CFG."""
+    pipe, kwargs = _flux_with_vae("FluxKontextPipeline", seed, size)
+    return pipe, dict(kwargs, _auto_resize=False, max_area=64 * 64)
 
 
 def ovis_image(seed: int = 0, size: str = "tiny"):
@@ -636,6 +727,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("lumina2", lumina2),
     ("qwen-image", qwen_image),
     ("flux-true-cfg", flux),
+    ("flux-kontext", flux_kontext),
     ("ovis-image", ovis_image),
     ("krea2", krea2),
     ("nucleus-moe", nucleus_moe),
@@ -664,6 +756,7 @@ DIT_INFO: dict[str, DiTInfo] = {
                                                        "cfg_trunc_ratio": 0.7}),
     "qwen-image": DiTInfo("QwenImagePipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
+    "flux-kontext": DiTInfo("FluxKontextPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "ovis-image": DiTInfo("OvisImagePipeline", "two-call", {"guidance_scale": 5.0}),
     "krea2": DiTInfo("Krea2Pipeline", "two-call", {"guidance_scale": 4.5}),
     "nucleus-moe": DiTInfo("NucleusMoEImagePipeline", "two-call", {"guidance_scale": 4.0}),
