@@ -6,8 +6,8 @@ One spawn of two ranks runs, for every tiny pipeline of hybridiff_rt.testing.dit
 two experts, Wan image-to-video, Lumina2 (with CFG truncation), Qwen-Image, Flux true CFG,
 CogView4 with and without a control image, Chroma, Flux and Chroma with an IP-Adapter (their
 loops write the negative image embeddings into a dict both calls share, between the calls), and
-Flux Kontext (its loop slices the cond call's result before the uncond call): two calls per
-step):
+Flux Kontext and Qwen-Image-Edit (their loops slice the cond call's result before the uncond
+call): two calls per step):
 
 * k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
   call, whole on every rank); equal bit for bit to the exact serial
@@ -55,7 +55,8 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "chroma": "off", "flux-ip-adapter": "reuse", "chroma-ip-adapter": "reuse",
                 "wan2.2": "reuse", "skyreels-v2": "off",
                 "ovis-image": "reuse", "krea2": "reuse", "nucleus-moe": "off",
-                "wan2.1-i2v-clip": "reuse", "skyreels-v2-i2v": "off", "flux-kontext": "reuse"}
+                "wan2.1-i2v-clip": "reuse", "skyreels-v2-i2v": "off", "flux-kontext": "reuse",
+                "qwen-image-edit": "off", "qwen-image-edit-plus": "reuse"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}

@@ -1,7 +1,8 @@
 """Tiny random-init DiT and video pipelines, built offline: PixArt-Sigma, Sana, AuraFlow,
 HunyuanDiT, Wan 2.1 / 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video and
-image-to-video, Lumina2, Qwen-Image, Flux, Flux Kontext, Ovis-Image, Krea 2, Nucleus-MoE-Image,
-CogView4 (also with a control image), Chroma; Flux and Chroma also with an IP-Adapter. Outside
+image-to-video, Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Ovis-Image,
+Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux and Chroma also
+with an IP-Adapter. Outside
 :data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves): Chroma, Flux and Qwen-Image
 img2img, Flux and Qwen-Image inpainting, Wan video-to-video.
 
@@ -450,6 +451,47 @@ def qwen_image_inpaint(seed: int = 0, size: str = "tiny"):
     return pipe, dict(kwargs, mask_image=mask, strength=0.6)
 
 
+def qwen_edit_vae():
+    """A tiny ``AutoencoderKLQwenImage`` for the edit pipelines, which rescale their reference
+    image to about 1024 x 1024 for it whatever its size: two channels wide (the narrowest whose
+    decoder has no empty layers) and 16x spatial compression (64 x 64 latents, 1024 reference
+    tokens), so that an encode takes about two seconds on one CPU thread; 4 latent channels, as
+    :func:`qwen_vae`."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=2, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
+                                  temperal_downsample=[False, False, True, True],
+                                  latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+
+
+def _qwen_edit(cls_name: str, seed: int, size: str):
+    """A Qwen-Image edit pipeline class on :func:`qwen_image`'s transformer and embeddings, with
+    :func:`qwen_edit_vae` and a 64 px PIL ``image`` (the output stays at 64 px: 4 x 4 latents,
+    4 tokens). Every call gets the 4 noisy tokens followed by the 1024 reference tokens, and the
+    loop slices the prediction of the first 4 off each call's result, the cond call's before the
+    uncond call is made. Call with ``true_cfg_scale > 1`` for true CFG."""
+    import diffusers
+
+    base, kwargs = qwen_image(seed, size)
+    with seeded(seed + 5):
+        autoencoder = qwen_edit_vae()
+    pipe = getattr(diffusers, cls_name)(scheduler=base.scheduler, vae=autoencoder,
+                                        text_encoder=None, tokenizer=None, processor=None,
+                                        transformer=base.transformer)
+    image = _random_picture(torch.Generator().manual_seed(seed + 6), 64)
+    return _finish(pipe), dict(kwargs, image=image)
+
+
+def qwen_image_edit(seed: int = 0, size: str = "tiny"):
+    """QwenImageEditPipeline (:func:`_qwen_edit`)."""
+    return _qwen_edit("QwenImageEditPipeline", seed, size)
+
+
+def qwen_image_edit_plus(seed: int = 0, size: str = "tiny"):
+    """QwenImageEditPlusPipeline (:func:`_qwen_edit`; one reference image)."""
+    return _qwen_edit("QwenImageEditPlusPipeline", seed, size)
+
+
 def flux(seed: int = 0, size: str = "tiny"):
     """FluxPipeline (dual- and single-stream blocks), 64 px -> 16 tokens; call with
     ``true_cfg_scale > 1`` and the negative embeddings for true CFG."""
@@ -726,6 +768,8 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("skyreels-v2-i2v", skyreels_v2_i2v),
     ("lumina2", lumina2),
     ("qwen-image", qwen_image),
+    ("qwen-image-edit", qwen_image_edit),
+    ("qwen-image-edit-plus", qwen_image_edit_plus),
     ("flux-true-cfg", flux),
     ("flux-kontext", flux_kontext),
     ("ovis-image", ovis_image),
@@ -755,6 +799,9 @@ DIT_INFO: dict[str, DiTInfo] = {
     "lumina2": DiTInfo("Lumina2Pipeline", "two-call", {"guidance_scale": 4.0,
                                                        "cfg_trunc_ratio": 0.7}),
     "qwen-image": DiTInfo("QwenImagePipeline", "two-call", {"true_cfg_scale": 4.0}),
+    "qwen-image-edit": DiTInfo("QwenImageEditPipeline", "two-call", {"true_cfg_scale": 4.0}),
+    "qwen-image-edit-plus": DiTInfo("QwenImageEditPlusPipeline", "two-call",
+                                    {"true_cfg_scale": 4.0}),
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-kontext": DiTInfo("FluxKontextPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "ovis-image": DiTInfo("OvisImagePipeline", "two-call", {"guidance_scale": 5.0}),
