@@ -138,6 +138,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
                                          scale_argument="true_cfg_scale"),
     "FluxKontextPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
                                          scale_argument="true_cfg_scale", buffer_like_sample=True),
+    "Flux2KleinPipeline": TwoCallLayout("cond", _pipeline_flag, buffer_like_sample=True),
     "Lumina2Pipeline": TwoCallLayout("cond", _pipeline_flag, step_guided=_lumina2_untruncated),
     "CogView4Pipeline": TwoCallLayout("cond", _pipeline_flag),
     "CogView4ControlPipeline": TwoCallLayout("cond", _pipeline_flag),
@@ -157,7 +158,7 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
     name: "its two-call loop is not verified by a test" for name in (
         "BriaFibo2Pipeline", "ChromaInpaintPipeline", "ChronoEditPipeline",
         "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosTextToWorldPipeline",
-        "CosmosVideoToWorldPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinPipeline",
+        "CosmosVideoToWorldPipeline", "Flux2KleinInpaintPipeline",
         "GlmImagePipeline", "HeliosPipeline", "HeliosPyramidPipeline", "JoyImageEditPipeline",
         "Kandinsky6TI2VAPipeline", "LongCatImageEditPipeline", "LongCatImagePipeline",
         "LucyEditPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",

@@ -6,8 +6,8 @@ One spawn of two ranks runs, for every tiny pipeline of hybridiff_rt.testing.dit
 two experts, Wan image-to-video, Lumina2 (with CFG truncation), Qwen-Image, Flux true CFG,
 CogView4 with and without a control image, Chroma, Flux and Chroma with an IP-Adapter (their
 loops write the negative image embeddings into a dict both calls share, between the calls), and
-Flux Kontext and Qwen-Image-Edit (their loops slice the cond call's result before the uncond
-call): two calls per step):
+Flux Kontext, Qwen-Image-Edit and Flux 2 Klein (their loops slice the cond call's result before
+the uncond call): two calls per step):
 
 * k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
   call, whole on every rank); equal bit for bit to the exact serial
@@ -56,7 +56,7 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "wan2.2": "reuse", "skyreels-v2": "off",
                 "ovis-image": "reuse", "krea2": "reuse", "nucleus-moe": "off",
                 "wan2.1-i2v-clip": "reuse", "skyreels-v2-i2v": "off", "flux-kontext": "reuse",
-                "qwen-image-edit": "off", "qwen-image-edit-plus": "reuse"}
+                "qwen-image-edit": "off", "qwen-image-edit-plus": "reuse", "flux2-klein": "off"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
@@ -64,7 +64,8 @@ PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
 #: property the pipeline sets): one denoiser call per step, run whole on every rank
 UNGUIDED_CALL = {"flux-true-cfg": {"true_cfg_scale": 1.0}, "flux-kontext": {"true_cfg_scale": 1.0},
                  "ovis-image": {"guidance_scale": 1.0},
-                 "krea2": {"guidance_scale": 0.0}, "nucleus-moe": {"guidance_scale": 1.0}}
+                 "krea2": {"guidance_scale": 0.0}, "nucleus-moe": {"guidance_scale": 1.0},
+                 "flux2-klein": {"guidance_scale": 1.0}}
 #: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
 #: difference relative to the largest magnitude of the plain result (random models drive the
 #: latents to magnitudes of hundreds; measured: 3e-7 of that for Sana, up to 2.3e-5 for the
@@ -382,8 +383,9 @@ def test_wan22_on_four_ranks_pipelines_each_expert_in_both_layouts():
 
 @pytest.mark.parametrize("name", list(UNGUIDED_CALL))
 def test_unguided_calls_run_whole_on_every_rank(ranks, name):
-    """Flux without true CFG, Ovis-Image and Nucleus-MoE-Image at guidance_scale 1, Krea 2 at
-    guidance_scale 0 (its distilled checkpoints): one call per step."""
+    """Flux and Flux Kontext without true CFG, Ovis-Image, Nucleus-MoE-Image and Flux 2 Klein
+    at guidance_scale 1, Krea 2 at guidance_scale 0 (its distilled checkpoints): one call per
+    step."""
     _, (r0, r1) = ranks
     a, b = r0[name], r1[name]
     assert np.array_equal(a["unguided"], b["unguided"])

@@ -56,14 +56,15 @@ def _dit_cases(seed):
     wan = dit_pipelines.wan_transformer(num_layers=3)
     wan_i2v = dit_pipelines.wan_transformer(in_channels=12)
     cases = {}
-    # dual-stream (and AuraFlow's and Chroma's dual- then single-stream, Chroma's per-block
-    # modulation, Lumina2's refiners before its layers, HunyuanDiT's long skip connections, its
-    # sample and timestep passed positionally): inputs as their pipelines make them
+    # dual-stream (and AuraFlow's, Chroma's and Flux 2's dual- then single-stream, Chroma's
+    # per-block modulation, Lumina2's refiners before its layers, HunyuanDiT's long skip
+    # connections, its sample and timestep passed positionally): inputs as their pipelines make them
     # (CogView4: the uncond call's text is longer than the cond call's, a layout of its own)
     for name in ("qwen-image", "flux-true-cfg", "cogview4", "auraflow", "lumina2", "chroma",
                  "hunyuan-dit", "skyreels-v2", "ovis-image", "krea2", "nucleus-moe",
-                 "wan2.1-i2v-clip"):
-        pipe, kwargs = build_dit(name, seed=seed, size="small" if name == "chroma" else "tiny")
+                 "wan2.1-i2v-clip", "flux2-klein"):
+        size = "small" if name in ("chroma", "flux2-klein") else "tiny"
+        pipe, kwargs = build_dit(name, seed=seed, size=size)
         model, seen = pipe.transformer, []
         handle = model.register_forward_pre_hook(
             lambda module, args, kw, seen=seen: seen.append((args, kw)), with_kwargs=True)

@@ -86,6 +86,13 @@ class DiTFamily:
         return self.per_list.get(blocks, (self.flow, self.returns))[1]
 
 
+#: Flux-like block lists whose single-stream blocks take the joined [text; image] sequence alone.
+_FLUX_LISTS_JOINED: dict[str, Any] = dict(
+    blocks=("transformer_blocks", "single_transformer_blocks"),
+    flow=("hidden_states", "encoder_hidden_states"),
+    returns=("encoder_hidden_states", "hidden_states"),
+    per_list={"single_transformer_blocks": (("hidden_states",), ("hidden_states",))})
+
 #: class name -> description. A new DiT family is one entry here plus a test that its staged
 #: forward equals its own forward (tests/test_generic_denoisers.py).
 DIT_FAMILIES: dict[str, DiTFamily] = {
@@ -128,13 +135,14 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
         flow=("hidden_states", "encoder_hidden_states"),
         returns=("encoder_hidden_states", "hidden_states"),
         per_list={"single_transformer_blocks": (("hidden_states",), ("hidden_states",))}),
+    # Flux 2: Flux-like lists joined as AuraFlow's; the modulation tables are computed once in
+    # the prologue and passed to every block. The reference-KV-cache modes act between blocks
+    "Flux2Transformer2DModel": DiTFamily(**_FLUX_LISTS_JOINED,
+                                         refused=("kv_cache", "kv_cache_mode")),
     # Flux-like lists, joined as AuraFlow's; each block gets its own slice of one modulation table
     "ChromaTransformer2DModel": DiTFamily(
-        blocks=("transformer_blocks", "single_transformer_blocks"),
-        flow=("hidden_states", "encoder_hidden_states"),
-        returns=("encoder_hidden_states", "hidden_states"),
-        refused=("controlnet_block_samples", "controlnet_single_block_samples"),
-        per_list={"single_transformer_blocks": (("hidden_states",), ("hidden_states",))}),
+        **_FLUX_LISTS_JOINED,
+        refused=("controlnet_block_samples", "controlnet_single_block_samples")),
 }
 
 

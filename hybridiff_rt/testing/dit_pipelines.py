@@ -560,6 +560,34 @@ def flux_kontext(seed: int = 0, size: str = "tiny"):
     return pipe, dict(kwargs, _auto_resize=False, max_area=64 * 64)
 
 
+def flux2_klein(seed: int = 0, size: str = "tiny"):
+    """Flux2KleinPipeline (Flux 2 dual- and single-stream blocks, guided when
+    ``guidance_scale > 1``, a cond then an uncond call per step) editing a 64 px PIL ``image``
+    with a tiny ``AutoencoderKLFlux2`` (4 latent channels, patchified 2 x 2: 64 px -> 64 noisy
+    tokens, plus 64 reference tokens in every call). The loop slices the prediction of the noisy
+    tokens off each call's result, the cond call's before the uncond call is made."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    layers = {"tiny": 1, "small": 3}[size]
+    with seeded(seed):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+            timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    with seeded(seed + 5):
+        autoencoder = AutoencoderKLFlux2(
+            latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1,
+            norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3)
+    pipe = Flux2KleinPipeline(scheduler=flow_match_scheduler(), vae=autoencoder,
+                              text_encoder=None, tokenizer=None, transformer=transformer)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32), "height": 64, "width": 64,
+              "image": _random_picture(torch.Generator().manual_seed(seed + 6), 64)}
+    return _finish(pipe), kwargs
+
+
 def ovis_image(seed: int = 0, size: str = "tiny"):
     """OvisImagePipeline (Flux-like dual- and single-stream blocks; guided when
     ``guidance_scale > 1``, a cond then an uncond call per step), 64 px -> 16 tokens."""
@@ -772,6 +800,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("qwen-image-edit-plus", qwen_image_edit_plus),
     ("flux-true-cfg", flux),
     ("flux-kontext", flux_kontext),
+    ("flux2-klein", flux2_klein),
     ("ovis-image", ovis_image),
     ("krea2", krea2),
     ("nucleus-moe", nucleus_moe),
@@ -804,6 +833,7 @@ DIT_INFO: dict[str, DiTInfo] = {
                                     {"true_cfg_scale": 4.0}),
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-kontext": DiTInfo("FluxKontextPipeline", "two-call", {"true_cfg_scale": 4.0}),
+    "flux2-klein": DiTInfo("Flux2KleinPipeline", "two-call", {"guidance_scale": 4.0}),
     "ovis-image": DiTInfo("OvisImagePipeline", "two-call", {"guidance_scale": 5.0}),
     "krea2": DiTInfo("Krea2Pipeline", "two-call", {"guidance_scale": 4.5}),
     "nucleus-moe": DiTInfo("NucleusMoEImagePipeline", "two-call", {"guidance_scale": 4.0}),
