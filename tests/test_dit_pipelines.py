@@ -23,8 +23,8 @@ the uncond call): two calls per step):
   pipelined steps; Wan 2.2: the expert the pipeline called);
 * Wan 2.2 with its expert switch inside the pipelined phase: the phase starts over with a fill
   step at the switch, equal to the emulation; on four ranks likewise, in both layouts;
-* ChromaImg2ImgPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline and WanVideoToVideoPipeline
-  (from an image or a video, strength 0.6):
+* the img2img pipelines of Chroma, Flux and Qwen-Image, the inpainting pipelines of Flux and
+  Qwen-Image, and WanVideoToVideoPipeline (from an image or a video, strength 0.6):
   k=0 equal to the plain pipeline bit for bit on the steps they run, and the input matters; k=2
   over the steps the strength leaves, equal to the emulation;
 * ChromaImg2ImgPipeline and a ChromaPipeline made from it with from_pipe (one transformer), both
@@ -486,9 +486,9 @@ def from_an_input():
 
 @pytest.mark.parametrize("name", list(FROM_AN_INPUT))
 def test_pipelines_from_an_input_equal_the_plain_pipeline_on_both_ranks(from_an_input, name):
-    """ChromaImg2ImgPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, WanVideoToVideoPipeline:
-    on two ranks, equal to the plain pipeline bit for bit on the steps their strength leaves, and
-    the input matters."""
+    """The pipelines of FROM_AN_INPUT (img2img, inpainting, video-to-video): on two ranks, equal
+    to the plain pipeline bit for bit on the steps their strength leaves, and the input
+    matters."""
     seed, results = from_an_input
     for by_rank in results:
         got, plain, other, report, calls = by_rank[name]
