@@ -111,6 +111,10 @@ class TwoCallLayout:
 
 
 _WAN = TwoCallLayout("cond", _pipeline_flag, experts=("transformer", "transformer_2"))
+_QWEN = TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
+                      scale_argument="true_cfg_scale")
+_FLUX = TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
+                      scale_argument="true_cfg_scale")
 
 #: Pipeline classes whose loops were verified (test_two_call.py): the first call's result is not
 #: read before the second call returns.
@@ -118,26 +122,15 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "WanPipeline": _WAN,
     "WanImageToVideoPipeline": _WAN,
     "WanVideoToVideoPipeline": TwoCallLayout("cond", _pipeline_flag),
-    "QwenImagePipeline": TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
-                                       scale_argument="true_cfg_scale"),
-    "QwenImageImg2ImgPipeline": TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
-                                              scale_argument="true_cfg_scale"),
-    "QwenImageInpaintPipeline": TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
-                                              scale_argument="true_cfg_scale"),
-    "QwenImageEditPipeline": TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
-                                           scale_argument="true_cfg_scale",
-                                           buffer_like_sample=True),
-    "QwenImageEditPlusPipeline": TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
-                                               scale_argument="true_cfg_scale",
-                                               buffer_like_sample=True),
-    "FluxPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
-                                  scale_argument="true_cfg_scale"),
-    "FluxImg2ImgPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
-                                         scale_argument="true_cfg_scale"),
-    "FluxInpaintPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
-                                         scale_argument="true_cfg_scale"),
-    "FluxKontextPipeline": TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
-                                         scale_argument="true_cfg_scale", buffer_like_sample=True),
+    "QwenImagePipeline": _QWEN,
+    "QwenImageImg2ImgPipeline": _QWEN,
+    "QwenImageInpaintPipeline": _QWEN,
+    "QwenImageEditPipeline": dataclasses.replace(_QWEN, buffer_like_sample=True),
+    "QwenImageEditPlusPipeline": dataclasses.replace(_QWEN, buffer_like_sample=True),
+    "FluxPipeline": _FLUX,
+    "FluxImg2ImgPipeline": _FLUX,
+    "FluxInpaintPipeline": _FLUX,
+    "FluxKontextPipeline": dataclasses.replace(_FLUX, buffer_like_sample=True),
     "Flux2KleinPipeline": TwoCallLayout("cond", _pipeline_flag, buffer_like_sample=True),
     "Lumina2Pipeline": TwoCallLayout("cond", _pipeline_flag, step_guided=_lumina2_untruncated),
     "CogView4Pipeline": TwoCallLayout("cond", _pipeline_flag),

@@ -2,9 +2,8 @@
 HunyuanDiT, Wan 2.1 / 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video and
 image-to-video, Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Ovis-Image,
 Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux and Chroma also
-with an IP-Adapter. Outside
-:data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves): Chroma, Flux and Qwen-Image
-img2img, Flux and Qwen-Image inpainting, Wan video-to-video.
+with an IP-Adapter. Outside :data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves):
+Chroma, Flux and Qwen-Image img2img, Flux and Qwen-Image inpainting, Wan video-to-video.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -417,19 +416,23 @@ def qwen_vae():
                                   latents_std=[1.0] * 4)
 
 
-def _qwen_with_vae(cls_name: str, seed: int, size: str):
+def _qwen_with_vae(cls_name: str, seed: int, size: str, edit: bool = False):
     """A Qwen-Image pipeline class of diffusers on :func:`qwen_image`'s transformer and
-    embeddings, with :func:`qwen_vae` (64 px -> 4 x 8 x 8 latents -> 16 tokens) and a seeded
-    ``image`` (1, 3, 64, 64) in [0, 1] in its call arguments."""
+    embeddings, with a VAE drawn from ``seed + 5`` and an ``image`` drawn from ``seed + 6`` in
+    its call arguments: :func:`qwen_vae` (64 px -> 4 x 8 x 8 latents -> 16 tokens) and a tensor
+    (1, 3, 64, 64) in [0, 1]; for the edit pipelines (``edit``), :func:`qwen_edit_vae`, a 64 px
+    PIL image (they read its size) and no VL processor."""
     import diffusers
 
     base, kwargs = qwen_image(seed, size)
     with seeded(seed + 5):
-        autoencoder = qwen_vae()
+        autoencoder = qwen_edit_vae() if edit else qwen_vae()
+    processor = {"processor": None} if edit else {}
     pipe = getattr(diffusers, cls_name)(scheduler=base.scheduler, vae=autoencoder,
                                         text_encoder=None, tokenizer=None,
-                                        transformer=base.transformer)
-    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 6))
+                                        transformer=base.transformer, **processor)
+    gen = torch.Generator().manual_seed(seed + 6)
+    image = _random_picture(gen, 64) if edit else torch.rand(1, 3, 64, 64, generator=gen)
     return _finish(pipe), dict(kwargs, image=image)
 
 
@@ -442,13 +445,10 @@ def qwen_image_img2img(seed: int = 0, size: str = "tiny"):
 
 
 def qwen_image_inpaint(seed: int = 0, size: str = "tiny"):
-    """QwenImageInpaintPipeline (:func:`_qwen_with_vae`) with ``mask_image`` (1, 1, 64, 64): its
-    left half is repainted, its right half kept; ``strength`` 0.6 as in
-    :func:`qwen_image_img2img`."""
+    """QwenImageInpaintPipeline (:func:`_qwen_with_vae`) with :func:`_left_half_mask`;
+    ``strength`` 0.6 as in :func:`qwen_image_img2img`."""
     pipe, kwargs = _qwen_with_vae("QwenImageInpaintPipeline", seed, size)
-    mask = torch.zeros(1, 1, 64, 64)
-    mask[..., :32] = 1
-    return pipe, dict(kwargs, mask_image=mask, strength=0.6)
+    return pipe, dict(kwargs, mask_image=_left_half_mask(), strength=0.6)
 
 
 def qwen_edit_vae():
@@ -464,32 +464,17 @@ def qwen_edit_vae():
                                   latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 
 
-def _qwen_edit(cls_name: str, seed: int, size: str):
-    """A Qwen-Image edit pipeline class on :func:`qwen_image`'s transformer and embeddings, with
-    :func:`qwen_edit_vae` and a 64 px PIL ``image`` (the output stays at 64 px: 4 x 4 latents,
-    4 tokens). Every call gets the 4 noisy tokens followed by the 1024 reference tokens, and the
-    loop slices the prediction of the first 4 off each call's result, the cond call's before the
-    uncond call is made. Call with ``true_cfg_scale > 1`` for true CFG."""
-    import diffusers
-
-    base, kwargs = qwen_image(seed, size)
-    with seeded(seed + 5):
-        autoencoder = qwen_edit_vae()
-    pipe = getattr(diffusers, cls_name)(scheduler=base.scheduler, vae=autoencoder,
-                                        text_encoder=None, tokenizer=None, processor=None,
-                                        transformer=base.transformer)
-    image = _random_picture(torch.Generator().manual_seed(seed + 6), 64)
-    return _finish(pipe), dict(kwargs, image=image)
-
-
 def qwen_image_edit(seed: int = 0, size: str = "tiny"):
-    """QwenImageEditPipeline (:func:`_qwen_edit`)."""
-    return _qwen_edit("QwenImageEditPipeline", seed, size)
+    """QwenImageEditPipeline (:func:`_qwen_with_vae`, ``edit``): the output stays at 64 px
+    (4 x 4 latents, 4 tokens). Every call gets the 4 noisy tokens followed by the 1024 reference
+    tokens, and the loop slices the prediction of the first 4 off each call's result, the cond
+    call's before the uncond call is made. Call with ``true_cfg_scale > 1`` for true CFG."""
+    return _qwen_with_vae("QwenImageEditPipeline", seed, size, edit=True)
 
 
 def qwen_image_edit_plus(seed: int = 0, size: str = "tiny"):
-    """QwenImageEditPlusPipeline (:func:`_qwen_edit`; one reference image)."""
-    return _qwen_edit("QwenImageEditPlusPipeline", seed, size)
+    """QwenImageEditPlusPipeline, as :func:`qwen_image_edit` (one reference image)."""
+    return _qwen_with_vae("QwenImageEditPlusPipeline", seed, size, edit=True)
 
 
 def flux(seed: int = 0, size: str = "tiny"):
@@ -516,18 +501,15 @@ def flux(seed: int = 0, size: str = "tiny"):
 
 
 def _flux_with_vae(cls_name: str, seed: int, size: str):
-    """A Flux pipeline class of diffusers on :func:`flux`'s transformer and embeddings, with a
-    tiny VAE (64 px -> 4 x 16 x 16 latents -> 64 tokens) and a seeded ``image`` (1, 3, 64, 64)
-    in [0, 1] in its call arguments."""
+    """A Flux pipeline class of diffusers on :func:`flux`'s transformer and embeddings, with
+    :func:`_kl_vae_and_image`'s VAE (64 px -> 64 tokens) and ``image`` in its call arguments."""
     import diffusers
 
     base, kwargs = flux(seed, size)
-    with seeded(seed + 5):
-        autoencoder = vae(4, block_out_channels=(8, 8, 16), shift_factor=0.1, scaling_factor=1.5)
+    autoencoder, image = _kl_vae_and_image(seed)
     pipe = getattr(diffusers, cls_name)(
         scheduler=base.scheduler, vae=autoencoder, text_encoder=None, tokenizer=None,
         text_encoder_2=None, tokenizer_2=None, transformer=base.transformer)
-    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 6))
     return _finish(pipe), dict(kwargs, image=image)
 
 
@@ -540,13 +522,10 @@ def flux_img2img(seed: int = 0, size: str = "tiny"):
 
 
 def flux_inpaint(seed: int = 0, size: str = "tiny"):
-    """FluxInpaintPipeline (:func:`_flux_with_vae`) with ``mask_image`` (1, 1, 64, 64): its left
-    half is repainted, its right half kept (the loop puts the image's noised latents back there
-    after every step); ``strength`` 0.6 as in :func:`flux_img2img`."""
+    """FluxInpaintPipeline (:func:`_flux_with_vae`) with :func:`_left_half_mask`; ``strength``
+    0.6 as in :func:`flux_img2img`."""
     pipe, kwargs = _flux_with_vae("FluxInpaintPipeline", seed, size)
-    mask = torch.zeros(1, 1, 64, 64)
-    mask[..., :32] = 1
-    return pipe, dict(kwargs, mask_image=mask, strength=0.6)
+    return pipe, dict(kwargs, mask_image=_left_half_mask(), strength=0.6)
 
 
 def flux_kontext(seed: int = 0, size: str = "tiny"):
@@ -720,6 +699,23 @@ def cogview4_control(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), dict(kwargs, control_image=image, negative_prompt_embeds=negative)
 
 
+def _kl_vae_and_image(seed: int) -> tuple[Any, torch.Tensor]:
+    """A tiny ``AutoencoderKL`` (64 px -> 4 x 16 x 16 latents) drawn from ``seed + 5``, and an
+    ``image`` (1, 3, 64, 64) in [0, 1] drawn from ``seed + 6``: what the Chroma and Flux
+    pipelines that encode an image are built and called with."""
+    with seeded(seed + 5):
+        autoencoder = vae(4, block_out_channels=(8, 8, 16), shift_factor=0.1, scaling_factor=1.5)
+    return autoencoder, torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 6))
+
+
+def _left_half_mask() -> torch.Tensor:
+    """An inpainting ``mask_image`` (1, 1, 64, 64): the left half repainted, the right half kept
+    (the loops put the image's noised latents back there after every step)."""
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :32] = 1
+    return mask
+
+
 def chroma(seed: int = 0, size: str = "tiny"):
     """ChromaPipeline (Flux-like blocks modulated per block from one pooled table, attention
     masks; two calls per step, cond first), 64 px -> 16 tokens."""
@@ -751,11 +747,9 @@ def chroma_img2img(seed: int = 0, size: str = "tiny"):
     from diffusers import ChromaImg2ImgPipeline
 
     base, kwargs = chroma(seed, size)
-    with seeded(seed + 5):
-        autoencoder = vae(4, block_out_channels=(8, 8, 16), shift_factor=0.1, scaling_factor=1.5)
+    autoencoder, image = _kl_vae_and_image(seed)
     pipe = ChromaImg2ImgPipeline(scheduler=base.scheduler, vae=autoencoder, text_encoder=None,
                                  tokenizer=None, transformer=base.transformer)
-    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 6))
     return _finish(pipe), dict(kwargs, image=image, strength=0.6)
 
 
