@@ -115,9 +115,14 @@ _QWEN = TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
                       scale_argument="true_cfg_scale")
 _FLUX = TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
                       scale_argument="true_cfg_scale")
+# the editing loops: each call's result is sliced to the noisy tokens, the cond one's early
+_QWEN_EDIT = dataclasses.replace(_QWEN, buffer_like_sample=True)
+_FLUX_KONTEXT = dataclasses.replace(_FLUX, buffer_like_sample=True)
+_FLUX2_KLEIN = TwoCallLayout("cond", _pipeline_flag, buffer_like_sample=True)
 
-#: Pipeline classes whose loops were verified (test_two_call.py): the first call's result is not
-#: read before the second call returns.
+#: Pipeline classes whose loops were verified (tests/test_dit_pipelines.py): the first call's
+#: result is not read before the second call returns (or, with ``buffer_like_sample``, only
+#: sliced).
 TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "WanPipeline": _WAN,
     "WanImageToVideoPipeline": _WAN,
@@ -125,13 +130,16 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "QwenImagePipeline": _QWEN,
     "QwenImageImg2ImgPipeline": _QWEN,
     "QwenImageInpaintPipeline": _QWEN,
-    "QwenImageEditPipeline": dataclasses.replace(_QWEN, buffer_like_sample=True),
-    "QwenImageEditPlusPipeline": dataclasses.replace(_QWEN, buffer_like_sample=True),
+    "QwenImageEditPipeline": _QWEN_EDIT,
+    "QwenImageEditPlusPipeline": _QWEN_EDIT,
+    "QwenImageEditInpaintPipeline": _QWEN_EDIT,
     "FluxPipeline": _FLUX,
     "FluxImg2ImgPipeline": _FLUX,
     "FluxInpaintPipeline": _FLUX,
-    "FluxKontextPipeline": dataclasses.replace(_FLUX, buffer_like_sample=True),
-    "Flux2KleinPipeline": TwoCallLayout("cond", _pipeline_flag, buffer_like_sample=True),
+    "FluxKontextPipeline": _FLUX_KONTEXT,
+    "FluxKontextInpaintPipeline": _FLUX_KONTEXT,
+    "Flux2KleinPipeline": _FLUX2_KLEIN,
+    "Flux2KleinInpaintPipeline": _FLUX2_KLEIN,
     "Lumina2Pipeline": TwoCallLayout("cond", _pipeline_flag, step_guided=_lumina2_untruncated),
     "CogView4Pipeline": TwoCallLayout("cond", _pipeline_flag),
     "CogView4ControlPipeline": TwoCallLayout("cond", _pipeline_flag),
@@ -151,9 +159,9 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
     name: "its two-call loop is not verified by a test" for name in (
         "BriaFibo2Pipeline", "ChromaInpaintPipeline", "ChronoEditPipeline",
         "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosTextToWorldPipeline",
-        "CosmosVideoToWorldPipeline", "Flux2KleinInpaintPipeline",
-        "GlmImagePipeline", "HeliosPipeline", "HeliosPyramidPipeline", "JoyImageEditPipeline",
-        "Kandinsky6TI2VAPipeline", "LongCatImageEditPipeline", "LongCatImagePipeline",
+        "CosmosVideoToWorldPipeline", "GlmImagePipeline", "HeliosPipeline",
+        "HeliosPyramidPipeline", "JoyImageEditPipeline", "Kandinsky6TI2VAPipeline",
+        "LongCatImageEditPipeline", "LongCatImagePipeline",
         "LucyEditPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
         "WanAnimatePipeline", "WanVACEPipeline")

@@ -23,8 +23,10 @@ the uncond call): two calls per step):
   pipelined steps; Wan 2.2: the expert the pipeline called);
 * Wan 2.2 with its expert switch inside the pipelined phase: the phase starts over with a fill
   step at the switch, equal to the emulation; on four ranks likewise, in both layouts;
-* the img2img pipelines of Chroma, Flux and Qwen-Image, the inpainting pipelines of Flux and
-  Qwen-Image, and WanVideoToVideoPipeline (from an image or a video, strength 0.6):
+* the img2img pipelines of Chroma, Flux and Qwen-Image, the inpainting pipelines of Flux,
+  Qwen-Image, Flux Kontext, Qwen-Image-Edit and Flux 2 Klein (the last three slicing the cond
+  call's result before the uncond call), and WanVideoToVideoPipeline (from an image or a video,
+  strength 0.6):
   k=0 equal to the plain pipeline bit for bit on the steps they run, and the input matters; k=2
   over the steps the strength leaves, equal to the emulation;
 * ChromaImg2ImgPipeline and a ChromaPipeline made from it with from_pipe (one transformer), both
@@ -423,6 +425,9 @@ FROM_AN_INPUT = {"chroma-img2img": ("chroma_img2img", "chroma", "image"),
                  "flux-inpaint": ("flux_inpaint", "flux-true-cfg", "image"),
                  "qwen-image-img2img": ("qwen_image_img2img", "qwen-image", "image"),
                  "qwen-image-inpaint": ("qwen_image_inpaint", "qwen-image", "image"),
+                 "flux-kontext-inpaint": ("flux_kontext_inpaint", "flux-kontext", "image"),
+                 "qwen-image-edit-inpaint": ("qwen_image_edit_inpaint", "qwen-image-edit", "image"),
+                 "flux2-klein-inpaint": ("flux2_klein_inpaint", "flux2-klein", "image"),
                  "wan2.1-v2v": ("wan21_v2v", "wan2.1", "video")}
 #: their pipelined runs: strength 0.6 of 10 steps leaves 6, as many as STEPS_PIPELINED
 FROM_AN_INPUT_PIPELINED_STEPS = 10
@@ -441,7 +446,12 @@ def test_every_verified_two_call_class_is_run_by_this_module():
 
 
 def _another(value):
-    """Another input of the same shape: the image mirrored, the video's frames reversed."""
+    """Another input of the same shape: the image (a tensor or a PIL image) mirrored, the
+    video's frames reversed."""
+    from PIL import Image, ImageOps
+
+    if isinstance(value, Image.Image):
+        return ImageOps.mirror(value)
     return value.flip(-1) if isinstance(value, torch.Tensor) else list(reversed(value))
 
 

@@ -1,9 +1,10 @@
 """Tiny random-init DiT and video pipelines, built offline: PixArt-Sigma, Sana, AuraFlow,
 HunyuanDiT, Wan 2.1 / 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video and
-image-to-video, Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Ovis-Image,
-Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux and Chroma also
-with an IP-Adapter. Outside :data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves):
-Chroma, Flux and Qwen-Image img2img, Flux and Qwen-Image inpainting, Wan video-to-video.
+image-to-video, Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2
+Klein, Ovis-Image, Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux
+and Chroma also with an IP-Adapter. Outside :data:`DIT_BUILDERS` (they run the steps their
+``strength`` leaves): Chroma, Flux and Qwen-Image img2img, Flux, Qwen-Image, Flux Kontext,
+Qwen-Image-Edit and Flux 2 Klein inpainting, Wan video-to-video.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -477,6 +478,19 @@ def qwen_image_edit_plus(seed: int = 0, size: str = "tiny"):
     return _qwen_with_vae("QwenImageEditPlusPipeline", seed, size, edit=True)
 
 
+def qwen_image_edit_inpaint(seed: int = 0, size: str = "tiny"):
+    """QwenImageEditInpaintPipeline (:func:`_qwen_with_vae`, ``edit``) with
+    :func:`_left_half_mask`, at ``strength`` 0.6 (with N steps it calls the denoiser on
+    ``int(0.6 N)`` of them). Its output takes the size it rescales the image to (about
+    1024 x 1024: it masks that image with the mask at the output size, so no other output size
+    works): 1024 noisy tokens followed by the image's 1024 reference tokens in every call; the
+    loop slices the noisy tokens' prediction off each call's result, the cond call's before the
+    uncond call is made. Call with ``true_cfg_scale > 1`` for true CFG."""
+    pipe, kwargs = _qwen_with_vae("QwenImageEditInpaintPipeline", seed, size, edit=True)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("height", "width")}
+    return pipe, dict(kwargs, mask_image=_left_half_mask(), strength=0.6)
+
+
 def flux(seed: int = 0, size: str = "tiny"):
     """FluxPipeline (dual- and single-stream blocks), 64 px -> 16 tokens; call with
     ``true_cfg_scale > 1`` and the negative embeddings for true CFG."""
@@ -539,13 +553,48 @@ def flux_kontext(seed: int = 0, size: str = "tiny"):
     return pipe, dict(kwargs, _auto_resize=False, max_area=64 * 64)
 
 
+def flux_kontext_inpaint(seed: int = 0, size: str = "tiny"):
+    """FluxKontextInpaintPipeline (:func:`_flux_with_vae`): the ``image`` repainted where
+    :func:`_left_half_mask` says, at ``strength`` 0.6 (with N steps it calls the denoiser on
+    ``int(0.6 N)`` of them), guided by an ``image_reference`` (another tensor (1, 3, 64, 64) in
+    [0, 1], drawn from ``seed + 7``), both kept at 64 px as in :func:`flux_kontext`. Every call
+    gets the 64 noisy tokens followed by the reference's 64 tokens; the loop slices the noisy
+    tokens' prediction off each call's result, the cond call's before the uncond call is made.
+    Call with ``true_cfg_scale > 1`` for true CFG."""
+    pipe, kwargs = _flux_with_vae("FluxKontextInpaintPipeline", seed, size)
+    reference = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 7))
+    return pipe, dict(kwargs, image_reference=reference, mask_image=_left_half_mask(),
+                      strength=0.6, _auto_resize=False, max_area=64 * 64)
+
+
 def flux2_klein(seed: int = 0, size: str = "tiny"):
     """Flux2KleinPipeline (Flux 2 dual- and single-stream blocks, guided when
     ``guidance_scale > 1``, a cond then an uncond call per step) editing a 64 px PIL ``image``
     with a tiny ``AutoencoderKLFlux2`` (4 latent channels, patchified 2 x 2: 64 px -> 64 noisy
     tokens, plus 64 reference tokens in every call). The loop slices the prediction of the noisy
     tokens off each call's result, the cond call's before the uncond call is made."""
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    return _flux2_klein("Flux2KleinPipeline", seed, size)
+
+
+def flux2_klein_inpaint(seed: int = 0, size: str = "tiny"):
+    """Flux2KleinInpaintPipeline (:func:`_flux2_klein`): the ``image`` repainted where
+    :func:`_left_half_mask` says, at ``strength`` 0.6 (with N steps it calls the denoiser on
+    ``int(0.6 N)`` of them), guided by an ``image_reference`` (another 64 px PIL image, drawn
+    from ``seed + 7``). Every call gets 64 noisy tokens followed by the image's 64 and the
+    reference's 64 condition tokens; the loop slices the noisy tokens' prediction off each call's
+    result, the cond call's before the uncond call is made."""
+    pipe, kwargs = _flux2_klein("Flux2KleinInpaintPipeline", seed, size)
+    reference = _random_picture(torch.Generator().manual_seed(seed + 7), 64)
+    return pipe, dict(kwargs, image_reference=reference, mask_image=_left_half_mask(),
+                      strength=0.6)
+
+
+def _flux2_klein(cls_name: str, seed: int, size: str):
+    """A Flux 2 Klein pipeline class of diffusers on a tiny ``Flux2Transformer2DModel`` and a
+    tiny ``AutoencoderKLFlux2`` (drawn from ``seed + 5``), with seeded prompt and negative
+    embeddings and a 64 px PIL ``image`` (drawn from ``seed + 6``) in its call arguments."""
+    import diffusers
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
     layers = {"tiny": 1, "small": 3}[size]
     with seeded(seed):
@@ -558,8 +607,8 @@ def flux2_klein(seed: int = 0, size: str = "tiny"):
             latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1,
             norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 3,
             up_block_types=("UpDecoderBlock2D",) * 3)
-    pipe = Flux2KleinPipeline(scheduler=flow_match_scheduler(), vae=autoencoder,
-                              text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe = getattr(diffusers, cls_name)(scheduler=flow_match_scheduler(), vae=autoencoder,
+                                        text_encoder=None, tokenizer=None, transformer=transformer)
     gen = torch.Generator().manual_seed(seed + 1)
     kwargs = {"prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
               "negative_prompt_embeds": _embeds(gen, 1, 6, 32), "height": 64, "width": 64,
