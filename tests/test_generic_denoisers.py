@@ -4,8 +4,9 @@
   sample argument, the output kind, the split of a stacked [uncond; cond] call with the shared
   per-token tables left whole, and the refusals (no diffusers convention, several outputs).
 * The generic DiT stage adapter (stages/dit.py): running its units equals the model's own
-  forward bit for bit for every described family, on fresh random inputs; the real blocks are
-  back in place after a failed forward; refused inputs are refused.
+  forward bit for bit for every described family, on fresh random inputs, also with ControlNet
+  residuals added between blocks (Flux, Qwen-Image, Sana); the real blocks are back in place
+  after a failed forward; refused inputs are refused.
 * The two-call protocol's guards (two_call.py): unverified two-call pipelines and subclasses of
   verified ones are refused at parallelize; a denoiser call the pipeline loop did not make (one
   that breaks the cond/uncond pairing) is an error, not a silently wrong result.
@@ -41,18 +42,25 @@ def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen)
 
 
-def _dit_cases(seed):
-    """(model, forward kwargs) per described DiT family, random weights and inputs."""
+def _sana(num_layers):
+    """A tiny SanaTransformer2DModel (16 channels inside, 8 x 8 latents of 4 channels), drawn
+    from the global generator."""
     from diffusers import SanaTransformer2DModel
 
+    return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                  attention_head_dim=8, num_layers=num_layers,
+                                  num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                  cross_attention_dim=16, caption_channels=32, sample_size=8,
+                                  patch_size=1)
+
+
+def _dit_cases(seed):
+    """(model, forward kwargs) per described DiT family, random weights and inputs."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     batch = random.Random(seed).choice([1, 2])
     pixart = dit_pipelines.pixart_transformer(num_layers=3)
-    sana = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2,
-                                  attention_head_dim=8, num_layers=2, num_cross_attention_heads=2,
-                                  cross_attention_head_dim=8, cross_attention_dim=16,
-                                  caption_channels=32, sample_size=8, patch_size=1)
+    sana = _sana(num_layers=2)
     wan = dit_pipelines.wan_transformer(num_layers=3)
     wan_i2v = dit_pipelines.wan_transformer(in_channels=12)
     cases = {}
@@ -171,17 +179,13 @@ def test_a_failed_forward_puts_the_real_blocks_back(seed):
 def test_a_description_that_does_not_fit_is_refused_at_first_use(seed, monkeypatch):
     from hybridiff_rt.stages import dit
 
-    from diffusers import SanaTransformer2DModel
-
     _, kw = _dit_cases(seed)["sana"]
     torch.manual_seed(seed)
-    model = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2,
-                                   attention_head_dim=8, num_layers=3, num_cross_attention_heads=2,
-                                   cross_attention_head_dim=8, cross_attention_dim=16,
-                                   caption_channels=32, sample_size=8, patch_size=1)
+    model = _sana(num_layers=3)
     # Sana's forward adds ControlNet residuals to the flow after its blocks 1.., which the units
-    # do not reproduce between blocks (after the last one the out unit does, as the forward):
-    # a description that does not refuse them does not fit such a call
+    # do not reproduce between blocks unless the description names them (``between``; after
+    # the last block the out unit does, as the forward): a description that neither reproduces
+    # nor refuses them does not fit such a call
     monkeypatch.setitem(dit.DIT_FAMILIES, "SanaTransformer2DModel",
                         dit.DiTFamily(blocks=("transformer_blocks",)))
     staged = hr.stage_denoiser(model)
@@ -196,12 +200,81 @@ def test_a_description_that_does_not_fit_is_refused_at_first_use(seed, monkeypat
     assert model.transformer_blocks is blocks  # the real blocks are back
 
 
-def test_sana_controlnet_residuals_are_refused_by_the_description(seed):
-    model, kw = _dit_cases(seed)["sana"]
-    staged = hr.stage_denoiser(model)
-    residuals = (torch.zeros_like(kw["hidden_states"]),)
+def _first_call(name, seed, size):
+    """(transformer, forward kwargs) of the first denoiser call of tiny pipeline ``name``."""
+    pipe, kwargs = build_dit(name, seed=seed, size=size)
+    model, seen = pipe.transformer, []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kw: seen.append((args, kw)), with_kwargs=True)
+    pipe(num_inference_steps=1, output_type="latent", **DIT_INFO[name].guidance_kwargs, **kwargs)
+    handle.remove()
+    call = dict(inspect.signature(model.forward).bind(*seen[0][0], **seen[0][1]).arguments)
+    return model, {k: v for k, v in call.items() if k != "return_dict"}
+
+
+def _controlnet_cases(seed):
+    """Per family whose forward adds ControlNet residuals between blocks: (model, forward
+    kwargs with random residuals). Flux: 3 dual- and 3 single-stream blocks, 1 to 3 residuals
+    per list, with or without ``controlnet_blocks_repeat``; Qwen-Image: 3 blocks; Sana: 3 blocks,
+    a residual after each block but the first."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    cases = {}
+    flux, kw = _first_call("flux-true-cfg", seed, "small")
+    tokens = (*kw["hidden_states"].shape[:2], flux.inner_dim)
+    cases["flux"] = (flux, dict(
+        kw, controlnet_blocks_repeat=rng.choice([False, True]),
+        controlnet_block_samples=[_randn(gen, *tokens) for _ in range(rng.randint(1, 3))],
+        controlnet_single_block_samples=[_randn(gen, *tokens) for _ in range(rng.randint(1, 3))]))
+    qwen, kw = _first_call("qwen-image", seed, "small")
+    tokens = (*kw["hidden_states"].shape[:2], qwen.inner_dim)
+    cases["qwen-image"] = (qwen, dict(kw, controlnet_block_samples=[
+        _randn(gen, *tokens) for _ in range(rng.randint(1, 3))]))
+    _, kw = _dit_cases(seed)["sana"]
+    torch.manual_seed(seed)
+    sana = _sana(num_layers=3)
+    batch, _, height, width = kw["hidden_states"].shape
+    cases["sana"] = (sana, dict(kw, controlnet_block_samples=tuple(
+        _randn(gen, batch, height * width, 16) for _ in range(2))))
+    return cases
+
+
+def test_controlnet_residuals_between_blocks_are_reproduced_at_every_cut(seed):
+    """ControlNet residuals (the family's ``between`` arguments): the staged forward, cut before
+    any unit, equals the model's own forward with them bit for bit, and they matter."""
+    for name, (model, kw) in _controlnet_cases(seed).items():
+        staged = hr.stage_denoiser(model)
+        residuals = [k for k in staged.family.between if kw.get(k) is not None]
+        assert residuals, name
+        with torch.no_grad():
+            expected = model(**kw, return_dict=False)[0]
+            without = model(**{k: v for k, v in kw.items() if k not in residuals},
+                            return_dict=False)[0]
+            ctx = staged.prepare(**kw)
+            for cut in range(1, len(staged.units)):
+                boundary = staged.run(ctx.initial_state, ctx, 0, cut)
+                got = staged.finish(staged.run(boundary, staged.prepare(**kw), cut, None), ctx)
+                assert torch.equal(got, expected), f"{name} (seed {seed}, cut {cut})"
+        assert not torch.equal(without, expected), name
+        # residuals are recorded between blocks only when a call passes them
+        assert any(ctx.added[0]), name
+        assert not any(any(block) for blocks in staged.prepare(
+            **{k: v for k, v in kw.items() if k not in residuals}).added for block in blocks)
+
+
+def test_controlnet_residuals_the_forward_applies_otherwise_are_refused(seed):
+    """HunyuanDiT adds its ControlNet residuals to the long skip connections (popping them off
+    the caller's list) and Chroma writes its single-stream ones into a slice in place: refused
+    by their descriptions, the model untouched."""
+    cases = _dit_cases(seed)
+    model, kw = cases["hunyuan-dit"]
+    residuals = [torch.zeros_like(kw["hidden_states"])]
     with pytest.raises(hr.UnsupportedModelError, match="controlnet_block_samples"):
-        staged.prepare(**kw, controlnet_block_samples=residuals)
+        hr.stage_denoiser(model).prepare(**kw, controlnet_block_samples=residuals)
+    assert len(residuals) == 1
+    model, kw = cases["chroma"]
+    with pytest.raises(hr.UnsupportedModelError, match="controlnet_single_block_samples"):
+        hr.stage_denoiser(model).prepare(**kw, controlnet_single_block_samples=[
+            torch.zeros_like(kw["hidden_states"])])
 
 
 def test_which_denoisers_have_a_stage_adapter(seed):

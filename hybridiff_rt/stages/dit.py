@@ -27,11 +27,17 @@ temporarily replaced by stand-ins:
   state, and takes that block's flow arguments: the forward's own code between the lists makes
   the next list's state.
 
+* Forward arguments the forward adds to the flow between blocks (ControlNet residuals, the
+  family's ``between``): when a call passes one, ``prepare`` records with stand-ins that return
+  zeros, so what the next block receives is exactly what the forward added after this block
+  (``0 + r == r``); the block's unit adds it to its output (the step context's ``added``). After
+  the last block of a list the forward's own code adds it, in ``into.<list>`` or ``out``.
+
 Running all units therefore equals the model's own forward bit for bit, for model classes whose
-forward does nothing to the flow between the blocks of a list (it may compute each block's
+forward does nothing else to the flow between the blocks of a list (it may compute each block's
 non-flow arguments there, as Chroma slices its modulation table per block), checked for each
 family by tests/test_generic_denoisers.py. Forward arguments that would make the forward act on
-the flow between blocks (ControlNet residuals) are refused per family. As a
+the flow between blocks in another way are refused per family (``refused``). As a
 guard against a description that does not fit (another diffusers version of the class), the
 first ``prepare`` for each input layout runs the units once and compares them with the model's
 own forward bit for bit; a mismatch raises UnsupportedModelError, which the runtime turns into a
@@ -66,6 +72,9 @@ class DiTFamily:
         returns: what a block returns, in order, as names in ``flow`` (one name: a tensor).
         refused: forward arguments the units do not reproduce (the forward would apply them
             between blocks); a call that passes one of them (not None) is refused.
+        between: forward arguments whose values the forward adds to the flow between blocks
+            (ControlNet residuals, as ``hidden_states = hidden_states + residual``), which the
+            units reproduce from what ``prepare`` records (module docstring).
         per_list: ``flow`` and ``returns`` of the lists whose blocks differ from the others,
             by list attribute: ``{attribute: (flow, returns)}``.
     """
@@ -74,6 +83,7 @@ class DiTFamily:
     flow: tuple[str, ...] = ("hidden_states",)
     returns: tuple[str, ...] = ("hidden_states",)
     refused: tuple[str, ...] = ()
+    between: tuple[str, ...] = ()
     per_list: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = dataclasses.field(
         default_factory=dict)
 
@@ -100,7 +110,7 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     # the context and noise refiners run before the joint layers: part of the prologue
     "Lumina2Transformer2DModel": DiTFamily(blocks=("layers",)),
     "SanaTransformer2DModel": DiTFamily(blocks=("transformer_blocks",),
-                                        refused=("controlnet_block_samples",)),
+                                        between=("controlnet_block_samples",)),
     "WanTransformer3DModel": DiTFamily(blocks=("blocks",)),
     # Wan-shaped blocks; the diffusion-forcing pipelines' per-frame timesteps are not tested
     "SkyReelsV2Transformer3DModel": DiTFamily(blocks=("blocks",)),
@@ -109,12 +119,12 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     # dual-stream (MMDiT) blocks carry the text tokens too and return (encoder, hidden)
     "QwenImageTransformer2DModel": DiTFamily(
         blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
-        returns=("encoder_hidden_states", "hidden_states"), refused=("controlnet_block_samples",)),
+        returns=("encoder_hidden_states", "hidden_states"), between=("controlnet_block_samples",)),
     "FluxTransformer2DModel": DiTFamily(
         blocks=("transformer_blocks", "single_transformer_blocks"),
         flow=("hidden_states", "encoder_hidden_states"),
         returns=("encoder_hidden_states", "hidden_states"),
-        refused=("controlnet_block_samples", "controlnet_single_block_samples")),
+        between=("controlnet_block_samples", "controlnet_single_block_samples")),
     # Flux-like lists whose single-stream blocks also take and return both streams
     "OvisImageTransformer2DModel": DiTFamily(
         blocks=("transformer_blocks", "single_transformer_blocks"),
@@ -197,12 +207,17 @@ class DiTContext(StageContext):
             arguments that are an earlier block's output; the last user drops the key.
         kept: per block list, per block, ``{returned name: state key}`` for the outputs a later
             block takes.
+        added: per block list, per block, ``{returned name: tensor}`` that the forward adds to
+            that output before the next block of the list (or of the next list, when no
+            ``into.`` unit is between them) takes it: ControlNet residuals, each shaped like the
+            output; empty dicts when the call passes none (the family's ``between``).
     """
 
     block_kwargs: list[list[dict[str, Any]]]
     forward_kwargs: dict[str, Any]
     carried: list[list[dict[str, tuple[str, bool]]]]
     kept: list[list[dict[str, str]]]
+    added: list[list[dict[str, torch.Tensor]]] = dataclasses.field(default_factory=list)
 
 
 class DiTBlock(Unit):
@@ -223,6 +238,8 @@ class DiTBlock(Unit):
         out = self.block(**kwargs)
         values = (out,) if len(self.returns) == 1 else tuple(out)
         new = dict(zip(self.returns, values))
+        for name, residual in (ctx.added[li][i].items() if ctx.added else ()):
+            new[name] = new[name] + residual
         riding.update({key: new[name] for name, key in ctx.kept[li][i].items()})
         return {**new, **riding}
 
@@ -362,6 +379,16 @@ class StagedDiT(StagedDenoiser):
                                         f"arguments {missing}; the DiT description is wrong")
         return named
 
+    def _previous_block(self, li: int, index: int) -> tuple[int, int] | None:
+        """The block whose returns block ``index`` of list ``li`` takes as its flow: the one
+        before it in its list, or the last of the list before when no ``into.`` unit is between
+        the lists; None for the first block and after an ``into.`` unit."""
+        if index:
+            return li, index - 1
+        if li and set(self._flows[li]) == set(self._returns[li - 1]):
+            return li - 1, len(self._lists[li - 1][1]) - 1
+        return None
+
     def _carried_key(self, li: int, index: int, name: str) -> str:
         """The state key of output ``name`` of block ``index`` of list ``li`` while carried."""
         return f"{self._lists[li][0]}.{index}:{name}"
@@ -389,18 +416,31 @@ class StagedDiT(StagedDenoiser):
                                                         for _, blocks in self._lists]
         producer: dict[int, tuple[int, int, str]] = {}  # id of a returned view -> its block
         views: list[torch.Tensor] = []  # kept alive, so that no id is reused during the forward
+        # residuals added between blocks: the stand-ins return zeros, so the next block gets them
+        zeros = any(kwargs.get(name) is not None for name in self.family.between)
+        returned: dict[tuple[int, int], dict[str, Any]] = {}  # what each stand-in returned
+        added: list[list[dict[str, torch.Tensor]]] = [[{} for _ in blocks]
+                                                      for _, blocks in self._lists]
 
         def record(li: int, index: int, args: tuple, kw: dict) -> Any:
             recorded[li][index] = named = self._bind_block_call(li, args, kw)
-            fresh = []  # the flow passed through, as the block's returns
+            previous = self._previous_block(li, index)
+            if zeros and previous is not None:
+                gave = returned[previous]
+                for name in self._flows[li]:  # not what the previous stand-in returned: 0 + r
+                    if isinstance(gave.get(name), torch.Tensor) and named[name] is not gave[name]:
+                        added[previous[0]][previous[1]][name] = named[name]
+            fresh = {}  # the flow passed through (or zeros), as the block's returns
             for name in self._returns[li]:
                 value = named[name]
                 if isinstance(value, torch.Tensor):
-                    value = value.view_as(value)  # a new object: its users can be told apart
+                    # a new object: its users can be told apart
+                    value = torch.zeros_like(value) if zeros else value.view_as(value)
                     producer[id(value)] = (li, index, name)
                     views.append(value)
-                fresh.append(value)
-            return _block_output(tuple(fresh))
+                fresh[name] = value
+            returned[(li, index)] = fresh
+            return _block_output(tuple(fresh.values()))
 
         self._run_forward({**kwargs, "return_dict": False}, record)
         missing = [f"{attr}.{i}" for (attr, _), calls in zip(self._lists, recorded)
@@ -426,7 +466,7 @@ class StagedDiT(StagedDenoiser):
                         for calls, flow, taken_here in zip(recorded, self._flows, sources)]
         ctx = DiTContext(initial_state={k: recorded[0][0][k] for k in self._flows[0]},
                          block_kwargs=block_kwargs, forward_kwargs=kwargs, carried=carried,
-                         kept=kept)
+                         kept=kept, added=added)
         layout = _layout(kwargs)
         if layout not in self._checked:
             self._check_against_forward(ctx)

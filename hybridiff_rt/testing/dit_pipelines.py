@@ -2,7 +2,7 @@
 HunyuanDiT, Wan 2.1 / 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video and
 image-to-video, Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2
 Klein, Ovis-Image, Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux
-and Chroma also with an IP-Adapter. Outside :data:`DIT_BUILDERS` (they run the steps their
+and Chroma also with an IP-Adapter, Flux and Qwen-Image also with a ControlNet. Outside :data:`DIT_BUILDERS` (they run the steps their
 ``strength`` leaves): Chroma, Flux and Qwen-Image img2img, Flux, Qwen-Image, Flux Kontext,
 Qwen-Image-Edit and Flux 2 Klein inpainting, Wan video-to-video.
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .pipelines import flow_match_scheduler, seeded, vae
+from .pipelines import flow_match_scheduler, seeded, unzero, vae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,6 +452,31 @@ def qwen_image_inpaint(seed: int = 0, size: str = "tiny"):
     return pipe, dict(kwargs, mask_image=_left_half_mask(), strength=0.6)
 
 
+def qwen_image_controlnet(seed: int = 0, size: str = "tiny"):
+    """QwenImageControlNetPipeline on :func:`qwen_image`'s transformer and embeddings, with a
+    tiny ``QwenImageControlNetModel`` (one block, drawn from ``seed + 3``; its zero-initialised
+    output projections re-drawn from ``seed + 4``, so its residuals are not zero) and
+    :func:`qwen_vae` (drawn from ``seed + 5``), which encodes the ``control_image``
+    (1, 3, 64, 64) in [0, 1] drawn from ``seed + 6``. Every step runs the ControlNet once, and
+    both calls add its residuals after the transformer's blocks. Call with
+    ``true_cfg_scale > 1`` for true CFG."""
+    from diffusers import QwenImageControlNetModel, QwenImageControlNetPipeline
+
+    base, kwargs = qwen_image(seed, size)
+    with seeded(seed + 3):
+        controlnet = QwenImageControlNetModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+    unzero(controlnet, seed + 4)
+    with seeded(seed + 5):
+        autoencoder = qwen_vae()
+    pipe = QwenImageControlNetPipeline(scheduler=base.scheduler, vae=autoencoder,
+                                       text_encoder=None, tokenizer=None,
+                                       transformer=base.transformer, controlnet=controlnet)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 6))
+    return _finish(pipe), dict(kwargs, control_image=image)
+
+
 def qwen_edit_vae():
     """A tiny ``AutoencoderKLQwenImage`` for the edit pipelines, which rescale their reference
     image to about 1024 x 1024 for it whatever its size: two channels wide (the narrowest whose
@@ -540,6 +565,30 @@ def flux_inpaint(seed: int = 0, size: str = "tiny"):
     0.6 as in :func:`flux_img2img`."""
     pipe, kwargs = _flux_with_vae("FluxInpaintPipeline", seed, size)
     return pipe, dict(kwargs, mask_image=_left_half_mask(), strength=0.6)
+
+
+def flux_controlnet(seed: int = 0, size: str = "tiny"):
+    """FluxControlNetPipeline on :func:`flux`'s transformer and embeddings, with a tiny
+    ``FluxControlNetModel`` (one dual- and one single-stream block, drawn from ``seed + 3``; its
+    zero-initialised output projections re-drawn from ``seed + 4``, so its residuals are not
+    zero) and :func:`_kl_vae_and_image`'s VAE, which encodes its image as the
+    ``control_image``. Every step runs the ControlNet once, and both calls add its residuals
+    after the transformer's blocks. Call with ``true_cfg_scale > 1`` for true CFG."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    base, kwargs = flux(seed, size)
+    autoencoder, image = _kl_vae_and_image(seed)
+    with seeded(seed + 3):
+        controlnet = FluxControlNetModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+            pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    unzero(controlnet, seed + 4)
+    pipe = FluxControlNetPipeline(
+        scheduler=base.scheduler, vae=autoencoder, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, transformer=base.transformer,
+        controlnet=controlnet)
+    return _finish(pipe), dict(kwargs, control_image=image)
 
 
 def flux_kontext(seed: int = 0, size: str = "tiny"):
@@ -839,9 +888,11 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("skyreels-v2-i2v", skyreels_v2_i2v),
     ("lumina2", lumina2),
     ("qwen-image", qwen_image),
+    ("qwen-image-controlnet", qwen_image_controlnet),
     ("qwen-image-edit", qwen_image_edit),
     ("qwen-image-edit-plus", qwen_image_edit_plus),
     ("flux-true-cfg", flux),
+    ("flux-controlnet", flux_controlnet),
     ("flux-kontext", flux_kontext),
     ("flux2-klein", flux2_klein),
     ("ovis-image", ovis_image),
@@ -871,10 +922,13 @@ DIT_INFO: dict[str, DiTInfo] = {
     "lumina2": DiTInfo("Lumina2Pipeline", "two-call", {"guidance_scale": 4.0,
                                                        "cfg_trunc_ratio": 0.7}),
     "qwen-image": DiTInfo("QwenImagePipeline", "two-call", {"true_cfg_scale": 4.0}),
+    "qwen-image-controlnet": DiTInfo("QwenImageControlNetPipeline", "two-call",
+                                     {"true_cfg_scale": 4.0}),
     "qwen-image-edit": DiTInfo("QwenImageEditPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "qwen-image-edit-plus": DiTInfo("QwenImageEditPlusPipeline", "two-call",
                                     {"true_cfg_scale": 4.0}),
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
+    "flux-controlnet": DiTInfo("FluxControlNetPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-kontext": DiTInfo("FluxKontextPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux2-klein": DiTInfo("Flux2KleinPipeline", "two-call", {"guidance_scale": 4.0}),
     "ovis-image": DiTInfo("OvisImagePipeline", "two-call", {"guidance_scale": 5.0}),

@@ -183,6 +183,16 @@ def seeded(seed: int) -> Iterator[None]:
         torch.random.set_rng_state(state)
 
 
+def unzero(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Re-draw (seeded, normal with ``std``) every all-zero weight (diffusers' zero-initialised
+    output projections), so the module's residuals are not identically zero."""
+    with seeded(seed), torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("weight") and param.dim() > 1 and not param.any():
+                param.normal_(0.0, std)
+    return module
+
+
 def sdxl_pipeline(seed: int = 0, size: str = "tiny", dtype: torch.dtype = torch.float32):
     """A StableDiffusionXLPipeline with an SDXL-shaped U-Net (text_time added embeddings, two
     CLIP encoders, cross-attention transformer depth growing with resolution level)."""

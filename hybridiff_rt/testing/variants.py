@@ -89,6 +89,7 @@ from .pipelines import (
     sd_pipeline,
     sdxl_pipeline,
     seeded,
+    unzero,
 )
 
 Builder = Callable[..., "tuple[Any, dict[str, Any]]"]
@@ -165,23 +166,13 @@ def _derive(cls, base, **extra: Any):
     return pipe
 
 
-def _unzero(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
-    """Re-draw (seeded, normal with ``std``) every all-zero weight (diffusers' zero-initialised
-    output projections), so the module's residuals are not identically zero."""
-    with seeded(seed), torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("weight") and param.dim() > 1 and not param.any():
-                param.normal_(0.0, std)
-    return module
-
-
 def _make_controlnet(unet, seed: int):
     from diffusers import ControlNetModel
 
     # One stride-2 step in the conditioning embedding: 32 px images -> 16 x 16 latents.
     with seeded(seed):
         net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-    return _unzero(net, seed + 1)
+    return unzero(net, seed + 1)
 
 
 def _make_sd3_controlnet(transformer, seed: int):
@@ -190,7 +181,7 @@ def _make_sd3_controlnet(transformer, seed: int):
     with seeded(seed):
         net = SD3ControlNetModel.from_transformer(transformer, num_layers=1,
                                                   num_extra_conditioning_channels=0)
-    return _unzero(net, seed + 1)
+    return unzero(net, seed + 1)
 
 
 def _make_t2i_adapter(unet, seed: int):
