@@ -2,7 +2,7 @@
 HunyuanDiT, Wan 2.1 / 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video and
 image-to-video, Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2
 Klein, Ovis-Image, Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux
-and Chroma also with an IP-Adapter, Flux and Qwen-Image also with a ControlNet. Outside :data:`DIT_BUILDERS` (they run the steps their
+and Chroma also with an IP-Adapter, Sana, Flux and Qwen-Image also with a ControlNet. Outside :data:`DIT_BUILDERS` (they run the steps their
 ``strength`` leaves): Chroma, Flux and Qwen-Image img2img, Flux, Qwen-Image, Flux Kontext,
 Qwen-Image-Edit and Flux 2 Klein inpainting, Wan video-to-video.
 
@@ -112,6 +112,35 @@ def sana(seed: int = 0, size: str = "tiny"):
               "negative_prompt_attention_mask": torch.ones(1, 6),
               "height": 256, "width": 256, "use_resolution_binning": False}
     return _finish(pipe), kwargs
+
+
+def sana_controlnet(seed: int = 0, size: str = "tiny"):
+    """SanaControlNetPipeline on :func:`sana`'s transformer and embeddings, with a tiny
+    ``SanaControlNetModel`` (two blocks, drawn from ``seed + 3``; its zero-initialised output
+    projections re-drawn from ``seed + 4``, so its residuals are not zero) and a tiny
+    ``AutoencoderDC`` (32x compression, 4 channels wide, drawn from ``seed + 5``), which encodes
+    the ``control_image`` (1, 3, 256, 256) in [0, 1] drawn from ``seed + 6``. One batched
+    ``[uncond; cond]`` call per step, with the ControlNet's residuals batched alike."""
+    from diffusers import AutoencoderDC, SanaControlNetModel, SanaControlNetPipeline
+
+    base, kwargs = sana(seed, size)
+    with seeded(seed + 3):
+        controlnet = SanaControlNetModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+            num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
+            cross_attention_dim=32, caption_channels=32, sample_size=8, patch_size=1)
+    unzero(controlnet, seed + 4)
+    with seeded(seed + 5):
+        autoencoder = AutoencoderDC(
+            in_channels=3, latent_channels=4, attention_head_dim=4,
+            encoder_block_out_channels=(4,) * 6, decoder_block_out_channels=(4,) * 6,
+            encoder_layers_per_block=(1,) * 6, decoder_layers_per_block=(1,) * 6,
+            encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6)
+    pipe = SanaControlNetPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
+                                  transformer=base.transformer, controlnet=controlnet,
+                                  scheduler=base.scheduler)
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(seed + 6))
+    return _finish(pipe), dict(kwargs, control_image=image)
 
 
 def auraflow(seed: int = 0, size: str = "tiny"):
@@ -878,6 +907,7 @@ def chroma_ip_adapter(seed: int = 0, size: str = "tiny"):
 DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = OrderedDict([
     ("pixart-sigma", pixart_sigma),
     ("sana", sana),
+    ("sana-controlnet", sana_controlnet),
     ("auraflow", auraflow),
     ("hunyuan-dit", hunyuan_dit),
     ("wan2.1", wan21),
@@ -908,6 +938,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
 DIT_INFO: dict[str, DiTInfo] = {
     "pixart-sigma": DiTInfo("PixArtSigmaPipeline", "batched", {"guidance_scale": 4.5}),
     "sana": DiTInfo("SanaPipeline", "batched", {"guidance_scale": 4.5}),
+    "sana-controlnet": DiTInfo("SanaControlNetPipeline", "batched", {"guidance_scale": 4.5}),
     "auraflow": DiTInfo("AuraFlowPipeline", "batched", {"guidance_scale": 3.5}),
     "hunyuan-dit": DiTInfo("HunyuanDiTPipeline", "batched", {"guidance_scale": 5.0}),
     "wan2.1": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 5.0}),
