@@ -131,6 +131,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "QwenImageImg2ImgPipeline": _QWEN,
     "QwenImageInpaintPipeline": _QWEN,
     "QwenImageControlNetPipeline": _QWEN,
+    "QwenImageControlNetInpaintPipeline": _QWEN,
     "QwenImageEditPipeline": _QWEN_EDIT,
     "QwenImageEditPlusPipeline": _QWEN_EDIT,
     "QwenImageEditInpaintPipeline": _QWEN_EDIT,

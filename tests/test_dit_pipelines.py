@@ -7,8 +7,9 @@ Wan 2.1, Wan 2.2 with two experts, Wan image-to-video, Lumina2 (with CFG truncat
 Qwen-Image, Flux true CFG, CogView4 with and without a control image, Chroma, Flux and Chroma
 with an IP-Adapter (their loops write the negative image embeddings into a dict both calls
 share, between the calls), Flux and Qwen-Image with a ControlNet (run once per step, its
-residuals added between the blocks of both calls), and Flux Kontext, Qwen-Image-Edit and Flux 2
-Klein (their loops slice the cond call's result before the uncond call): two calls per step):
+residuals added between the blocks of both calls; Qwen-Image's also for inpainting), and Flux
+Kontext, Qwen-Image-Edit and Flux 2 Klein (their loops slice the cond call's result before the
+uncond call): two calls per step):
 
 * k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
   call, whole on every rank); equal bit for bit to the exact serial
@@ -62,7 +63,7 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "wan2.1-i2v-clip": "reuse", "skyreels-v2-i2v": "off", "flux-kontext": "reuse",
                 "qwen-image-edit": "off", "qwen-image-edit-plus": "reuse", "flux2-klein": "off",
                 "flux-controlnet": "reuse", "qwen-image-controlnet": "off",
-                "sana-controlnet": "reuse"}
+                "sana-controlnet": "reuse", "qwen-image-controlnet-inpaint": "reuse"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}

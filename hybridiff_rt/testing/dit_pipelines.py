@@ -482,26 +482,44 @@ def qwen_image_inpaint(seed: int = 0, size: str = "tiny"):
 
 
 def qwen_image_controlnet(seed: int = 0, size: str = "tiny"):
-    """QwenImageControlNetPipeline on :func:`qwen_image`'s transformer and embeddings, with a
-    tiny ``QwenImageControlNetModel`` (one block, drawn from ``seed + 3``; its zero-initialised
-    output projections re-drawn from ``seed + 4``, so its residuals are not zero) and
-    :func:`qwen_vae` (drawn from ``seed + 5``), which encodes the ``control_image``
-    (1, 3, 64, 64) in [0, 1] drawn from ``seed + 6``. Every step runs the ControlNet once, and
-    both calls add its residuals after the transformer's blocks. Call with
-    ``true_cfg_scale > 1`` for true CFG."""
-    from diffusers import QwenImageControlNetModel, QwenImageControlNetPipeline
+    """QwenImageControlNetPipeline (:func:`_qwen_with_controlnet`): the ``control_image`` is
+    encoded by the VAE. Every step runs the ControlNet once, and both calls add its residuals
+    after the transformer's blocks. Call with ``true_cfg_scale > 1`` for true CFG."""
+    return _qwen_with_controlnet("QwenImageControlNetPipeline", seed, size)
+
+
+def qwen_image_controlnet_inpaint(seed: int = 0, size: str = "tiny"):
+    """QwenImageControlNetInpaintPipeline (:func:`_qwen_with_controlnet`, its ControlNet taking
+    4 more input channels: the packed mask) with :func:`_left_half_mask` as the
+    ``control_mask``: the ControlNet gets the encoded image, its masked half blanked, and the
+    mask. Generates from noise over every step, as :func:`qwen_image_controlnet`."""
+    pipe, kwargs = _qwen_with_controlnet("QwenImageControlNetInpaintPipeline", seed, size,
+                                         extra_channels=4)
+    return pipe, dict(kwargs, control_mask=_left_half_mask())
+
+
+def _qwen_with_controlnet(cls_name: str, seed: int, size: str, extra_channels: int = 0):
+    """A Qwen-Image ControlNet pipeline class of diffusers on :func:`qwen_image`'s transformer
+    and embeddings, with a tiny ``QwenImageControlNetModel`` (one block, ``extra_channels``
+    more input channels, drawn from ``seed + 3``; its zero-initialised output projections
+    re-drawn from ``seed + 4``, so its residuals are not zero) and :func:`qwen_vae` (drawn from
+    ``seed + 5``), and a ``control_image`` (1, 3, 64, 64) in [0, 1] drawn from ``seed + 6`` in
+    its call arguments."""
+    import diffusers
+    from diffusers import QwenImageControlNetModel
 
     base, kwargs = qwen_image(seed, size)
     with seeded(seed + 3):
         controlnet = QwenImageControlNetModel(
             patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+            extra_condition_channels=extra_channels)
     unzero(controlnet, seed + 4)
     with seeded(seed + 5):
         autoencoder = qwen_vae()
-    pipe = QwenImageControlNetPipeline(scheduler=base.scheduler, vae=autoencoder,
-                                       text_encoder=None, tokenizer=None,
-                                       transformer=base.transformer, controlnet=controlnet)
+    pipe = getattr(diffusers, cls_name)(scheduler=base.scheduler, vae=autoencoder,
+                                        text_encoder=None, tokenizer=None,
+                                        transformer=base.transformer, controlnet=controlnet)
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed + 6))
     return _finish(pipe), dict(kwargs, control_image=image)
 
@@ -919,6 +937,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("lumina2", lumina2),
     ("qwen-image", qwen_image),
     ("qwen-image-controlnet", qwen_image_controlnet),
+    ("qwen-image-controlnet-inpaint", qwen_image_controlnet_inpaint),
     ("qwen-image-edit", qwen_image_edit),
     ("qwen-image-edit-plus", qwen_image_edit_plus),
     ("flux-true-cfg", flux),
@@ -955,6 +974,8 @@ DIT_INFO: dict[str, DiTInfo] = {
     "qwen-image": DiTInfo("QwenImagePipeline", "two-call", {"true_cfg_scale": 4.0}),
     "qwen-image-controlnet": DiTInfo("QwenImageControlNetPipeline", "two-call",
                                      {"true_cfg_scale": 4.0}),
+    "qwen-image-controlnet-inpaint": DiTInfo("QwenImageControlNetInpaintPipeline", "two-call",
+                                             {"true_cfg_scale": 4.0}),
     "qwen-image-edit": DiTInfo("QwenImageEditPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "qwen-image-edit-plus": DiTInfo("QwenImageEditPlusPipeline", "two-call",
                                     {"true_cfg_scale": 4.0}),
