@@ -26,7 +26,7 @@ import torch
 from .config import HybridConfig
 from .engine import HybridDenoiser, RunReport
 from .engine.batch import guidance_value, join_cfg_batch
-from .engine.branch_layout import frames_per_row, split_branch_kwargs
+from .engine.branch_layout import batch_axes, frames_per_row, split_branch_kwargs
 from .errors import HybridError, UnsupportedModelError
 from .two_call import TwoCallSteps, experts_of, two_call_layout
 
@@ -303,7 +303,8 @@ class ParallelPipeline:
             engine.refuse(problem, step=step, num_steps=num_steps)
         return_dict = kw.pop("return_dict", True)
         uncond_kw, cond_kw = split_branch_kwargs(kw, sample.shape[0],
-                                                 frames_per_row(self._model, sample))
+                                                 frames_per_row(self._model, sample),
+                                                 batch_axes(self._model))
         uncond_pred, cond_pred = engine.predict_branches(
             uncond_kw, cond_kw, guidance_scale=self._guidance_scale(), step=step,
             num_steps=num_steps, joint_kw=kw)

@@ -17,8 +17,8 @@ from torch.distributed import HashStore
 import hybridiff_rt as hr
 from hybridiff_rt.engine.agreement import ADVICE, CALL_ADVICE, check_agreement, digest
 from hybridiff_rt.engine.batch import describe_shapes, join_cfg_batch, split_cfg_batch, tensors_in
-from hybridiff_rt.engine.branch_layout import split_branch_kwargs
-from hybridiff_rt.engine.images import take_rows
+from hybridiff_rt.engine.branch_layout import batch_axes, split_branch_kwargs
+from hybridiff_rt.engine.images import take_branch_rows, take_rows
 
 #: how long the first-called rank waits for a peer that is never coming (seconds)
 SHORT_WAIT_S = 0.2
@@ -87,6 +87,38 @@ def test_per_frame_conditioning_is_split_and_dealt_by_video():
     assert torch.equal(rows["encoder_hidden_states"],
                        cond[start:stop].repeat_interleave(frames, dim=0))
     assert torch.equal(rows["sample"], c_kw["sample"][start:stop])
+
+
+def test_arguments_with_another_batch_axis_are_split_and_dealt_along_it():
+    """HiDream's stacked Llama 3 hidden states, (layers, 2B, tokens, dim) with [uncond; cond]
+    along axis 1: split and dealt along that axis, also when the layer count equals 2B (where
+    a split of the first axis would take layers for images)."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    gen = _seeded()
+    batch = random.randint(1, 3)
+    layers = random.choice([2 * batch, 2 * batch + 1])
+    uncond, cond = (torch.randn(layers, batch, 5, 4, generator=gen) for _ in range(2))
+    kw = {"encoder_hidden_states_llama3": torch.cat([uncond, cond], dim=1),
+          "encoder_hidden_states_t5": torch.randn(2 * batch, 6, 8, generator=gen),
+          "hidden_states": torch.randn(2 * batch, 4, 8, 8, generator=gen)}
+    model = HiDreamImageTransformer2DModel.__new__(HiDreamImageTransformer2DModel)
+    axes = batch_axes(model)
+    assert axes == {"encoder_hidden_states_llama3": 1}
+    assert batch_axes(torch.nn.Linear(2, 2)) == {}
+    u_kw, c_kw = split_branch_kwargs(kw, 2 * batch, 1, axes)
+    assert torch.equal(u_kw["encoder_hidden_states_llama3"], uncond)
+    assert torch.equal(c_kw["encoder_hidden_states_llama3"], cond)
+    assert torch.equal(c_kw["encoder_hidden_states_t5"], kw["encoder_hidden_states_t5"][batch:])
+    # without the axis the layers are taken for the batch, or the tensor is passed whole
+    plain = split_branch_kwargs(kw, 2 * batch)[1]["encoder_hidden_states_llama3"]
+    assert plain.shape[1] == 2 * batch
+    # a share of images [start, stop) takes those images along the axis, the rest as usual
+    start = random.randrange(batch)
+    stop = random.randint(start + 1, batch)
+    rows = take_branch_rows(c_kw, batch, start, stop, 1, axes)
+    assert torch.equal(rows["encoder_hidden_states_llama3"], cond[:, start:stop])
+    assert torch.equal(rows["hidden_states"], c_kw["hidden_states"][start:stop])
 
 
 def test_tensors_in_is_ordered_by_sorted_keys_and_describe_shapes_tells_structures_apart():

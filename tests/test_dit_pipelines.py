@@ -2,14 +2,14 @@
 the generic DiT stage adapter.
 
 One spawn of two ranks runs, for every tiny pipeline of hybridiff_rt.testing.dit_pipelines
-(PixArt-Sigma, Sana with and without a ControlNet, AuraFlow, HunyuanDiT: batched [uncond; cond];
-Wan 2.1, Wan 2.2 with two experts, Wan image-to-video, Lumina2 (with CFG truncation),
-Qwen-Image, Flux true CFG, CogView4 with and without a control image, Chroma, Flux and Chroma
-with an IP-Adapter (their loops write the negative image embeddings into a dict both calls
-share, between the calls), Flux and Qwen-Image with a ControlNet (run once per step, its
-residuals added between the blocks of both calls; Qwen-Image's also for inpainting), and Flux
-Kontext, Qwen-Image-Edit and Flux 2 Klein (their loops slice the cond call's result before the
-uncond call): two calls per step):
+(PixArt-Sigma, Sana with and without a ControlNet, AuraFlow, HunyuanDiT, HiDream-I1 (CBP only):
+batched [uncond; cond]; Wan 2.1, Wan 2.2 with two experts, Wan image-to-video, Lumina2 (with CFG
+truncation), Qwen-Image, Flux true CFG, CogView4 with and without a control image, Chroma, Flux and
+Chroma with an IP-Adapter (their loops write the negative image embeddings into a dict both calls
+share, between the calls), Flux and Qwen-Image with a ControlNet (run once per step, its residuals
+added between the blocks of both calls; Qwen-Image's also for inpainting), and Flux Kontext,
+Qwen-Image-Edit and Flux 2 Klein (their loops slice the cond call's result before the uncond call):
+two calls per step):
 
 * k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
   call, whole on every rank); equal bit for bit to the exact serial

@@ -14,7 +14,9 @@ Every batch-shaped argument (leading dimension equal to the call's batch) is spl
 (rotary tables, position ids), which carry no batch dimension even when their length happens to
 equal the batch. Denoisers listed in :data:`PER_FRAME_CONDITIONING` take conditioning repeated
 per frame (AnimateDiff's ``UNetMotionModel``: text embeddings of ``batch x frames`` rows); those
-arguments are split at the middle too.
+arguments are split at the middle too. Denoisers listed in :data:`BATCH_AXES` take arguments whose
+batch axis is not the leading one (HiDream's stacked Llama 3 hidden states, (layers, batch,
+tokens, dim)); those are split along that axis.
 """
 
 from __future__ import annotations
@@ -42,6 +44,20 @@ SHARED_ARGUMENTS = frozenset({
 #: ``repeat_interleave`` the stacked prompt embeddings by the frame count for UNetMotionModel,
 #: whose sample is (batch, channels, frames, height, width).
 PER_FRAME_CONDITIONING = {"UNetMotionModel": 2}
+
+
+#: Denoiser classes with arguments whose batch axis is not the first, by argument name -> axis:
+#: HiDream-I1's transformer takes the hidden states of several Llama 3 layers stacked in front,
+#: (layers, batch, tokens, dim); its pipeline joins [uncond; cond] along axis 1.
+BATCH_AXES: dict[str, dict[str, int]] = {
+    "HiDreamImageTransformer2DModel": {"encoder_hidden_states_llama3": 1},
+}
+
+
+def batch_axes(model: Any) -> dict[str, int]:
+    """``{argument: batch axis}`` for the arguments of ``model``'s forward whose batch axis is
+    not the first (:data:`BATCH_AXES`); empty for most models."""
+    return dict(BATCH_AXES.get(type(model).__name__, {}))
 
 
 def frames_per_row(model: Any, sample: torch.Tensor) -> int:
@@ -93,15 +109,26 @@ def _refuse_wrappers(model: torch.nn.Module) -> None:
             "weights on every rank")
 
 
-def split_branch_kwargs(kw: dict[str, Any], batch: int,
-                        frames: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_branch_kwargs(kw: dict[str, Any], batch: int, frames: int = 1,
+                        axes: dict[str, int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(uncond_kw, cond_kw)`` of a call on the stacked batch ``[uncond; cond]`` of ``batch``
     rows: batch-shaped arguments split at the middle, :data:`SHARED_ARGUMENTS` and everything
     else passed to both unchanged (see :func:`~hybridiff_rt.engine.batch.split_cfg_batch`).
     With ``frames`` > 1 (:func:`frames_per_row`), arguments of ``batch x frames`` rows (the
-    per-frame conditioning) are split at the middle as well."""
-    pairs = {k: (v, v) if k in SHARED_ARGUMENTS else split_cfg_batch(v, batch, frames)
-             for k, v in kw.items()}
+    per-frame conditioning) are split at the middle as well. The tensors named in ``axes``
+    (:func:`batch_axes`) are split along their given axis instead of the first."""
+    axes = axes or {}
+
+    def split(name: str, value: Any) -> tuple[Any, Any]:
+        if name in SHARED_ARGUMENTS:
+            return value, value
+        axis = axes.get(name, 0)
+        if axis and isinstance(value, torch.Tensor) and value.dim() > axis:
+            uncond, cond = split_cfg_batch(value.movedim(axis, 0), batch, frames)
+            return uncond.movedim(0, axis), cond.movedim(0, axis)
+        return split_cfg_batch(value, batch, frames)
+
+    pairs = {k: split(k, v) for k, v in kw.items()}
     return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
 
 

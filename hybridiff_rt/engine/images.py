@@ -30,6 +30,22 @@ def take_rows(value: Any, batch: int, start: int, stop: int, frames: int = 1) ->
     return value
 
 
+def take_branch_rows(kw: dict[str, Any], batch: int, start: int, stop: int, frames: int = 1,
+                     axes: dict[str, int] | None = None) -> dict[str, Any]:
+    """:func:`take_rows` of each argument of a branch call ``kw``, the tensors named in ``axes``
+    (``branch_layout.batch_axes``: argument -> batch axis) taken along that axis instead."""
+    axes = axes or {}
+    taken = {}
+    for name, value in kw.items():
+        axis = axes.get(name, 0)
+        if axis and isinstance(value, torch.Tensor) and value.dim() > axis:
+            taken[name] = take_rows(value.movedim(axis, 0), batch, start, stop,
+                                    frames).movedim(0, axis)
+        else:
+            taken[name] = take_rows(value, batch, start, stop, frames)
+    return taken
+
+
 def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """``tensor`` ([r, ...], r <= ``rows``) followed by zero rows up to ``rows`` rows (contiguous;
     the first r rows keep their values bit for bit)."""

@@ -47,7 +47,13 @@ from ..stages import (
 from ..stages.partition import PartitionPlan
 from .agreement import check_agreement
 from .batch import describe_shapes, guidance_value
-from .branch_layout import OutputKind, denoiser_sample_key, first_output, frames_per_row
+from .branch_layout import (
+    OutputKind,
+    batch_axes,
+    denoiser_sample_key,
+    first_output,
+    frames_per_row,
+)
 from .compiled import Accelerator
 from .link_probe import (
     cached_link_figure,
@@ -548,7 +554,7 @@ class HybridDenoiser:
                                device=model_device(self.model, self.dist.device),
                                stage_call=self._stage_call, timer=self._timer,
                                plan_stages=self._plan_stages)
-        problem = self._scale.start(batch, frames)
+        problem = self._scale.start(batch, frames, batch_axes(self.model))
         if problem and self._schedule.k > 0:  # the same on every rank: the same inputs
             self._schedule = SwitchSchedule(self.cfg.replace(k=0), self._report.num_steps)
             self._report.note(f"no pipelined steps in this run (k=0 instead of {self.cfg.k}): "

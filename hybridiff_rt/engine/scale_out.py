@@ -35,7 +35,7 @@ from ..comm import SubsetTransport, Transport, default_store, wait_for_keys
 from ..config import HybridConfig
 from ..errors import ConfigError
 from ..stages import StagedDenoiser, UnitProfile
-from .images import assemble, pad_rows, take_rows
+from .images import assemble, pad_rows, take_branch_rows
 from .link_probe import (
     cached_link_figure,
     probe_bytes,
@@ -73,7 +73,7 @@ class _ChainPipeline:
             return self._inner.step(cond_kw, step, first=first, more_follow=more_follow)
         start, stop = owner.my_share
         if self._inner is not None:
-            mine_kw = take_rows(cond_kw, owner.batch, start, stop, owner.frames)
+            mine_kw = owner.rows_of(cond_kw, start, stop)
             mine = self._inner.step(mine_kw, step, first=first, more_follow=more_follow)
         else:
             mine = owner.empty_prediction()
@@ -145,20 +145,24 @@ class ScaleOut:
         self.batch = 0
         #: conditioning rows per image row (``branch_layout.frames_per_row``; 1 for most models)
         self.frames = 1
+        #: arguments whose batch axis is not the first (``branch_layout.batch_axes``)
+        self.axes: dict[str, int] = {}
         self.shares: list[tuple[int, int]] = []
         self.layout_name = ""
         self._spec: tuple[torch.dtype, tuple[int, ...], torch.device] | None = None
 
     # ------------------------------------------------------------------------------ the run
-    def start(self, batch: int, frames: int = 1) -> str:
+    def start(self, batch: int, frames: int = 1, axes: dict[str, int] | None = None) -> str:
         """Decide the layout for ``batch`` images per branch and describe it in the report
-        (``frames``: conditioning rows per image, for arguments repeated per frame).
+        (``frames``: conditioning rows per image, for arguments repeated per frame; ``axes``:
+        argument -> batch axis, for arguments whose batch axis is not the first).
 
         Returns why this run cannot pipeline ("" when it can): a layer-wise chain needs at least
         one unit of the staged denoiser per rank."""
         pairs = self.layout.pairs
         self.batch = int(batch)
         self.frames = int(frames)
+        self.axes = dict(axes or {})
         self.shares = deal(self.batch, pairs)
         self.layout_name = choose_layout(self.cfg.scale_out, self.batch, pairs)
         self._place()
@@ -231,8 +235,7 @@ class ScaleOut:
         mine_kw = uncond_kw if self.layout.branch == "uncond" else cond_kw
         if stop > start:
             started = time.perf_counter()
-            mine = (run_model or self.run_model)(take_rows(mine_kw, self.batch, start, stop,
-                                                           self.frames))
+            mine = (run_model or self.run_model)(self.rows_of(mine_kw, start, stop))
             if self._spec is None:  # the first step: time the call for the modelled speed-up
                 if mine.device.type == "cuda":
                     torch.cuda.synchronize(mine.device)
@@ -251,6 +254,10 @@ class ScaleOut:
         self.record_links()
         return uncond, cond
 
+    def rows_of(self, kw: Kwargs, start: int, stop: int) -> Kwargs:
+        """The arguments of images ``start:stop`` of a branch call ``kw`` of this run's batch."""
+        return take_branch_rows(kw, self.batch, start, stop, self.frames, self.axes)
+
     def build_pipeline(self, cond_kw: Kwargs, staged: StagedDenoiser) -> _ChainPipeline:
         """Set up this rank's part of the pipelined steps (collective over each chain) for
         ``staged`` (the model's staged denoiser, or another expert's when a step runs it)."""
@@ -266,7 +273,7 @@ class ScaleOut:
         if rows[1] > rows[0]:
             sub = (self.world if self.layout_name == "layers"
                    else SubsetTransport(self.parent, chain, ledger=self.ledger))
-            kw = take_rows(cond_kw, self.batch, *rows, self.frames)
+            kw = self.rows_of(cond_kw, *rows)
             profile, plan, links = self._plan(sub, chain, kw, staged)
             start, stop = plan.stage_range(sub.rank)
             run_stage = self.stage_call(start, stop, sub.rank == sub.world_size - 1, staged)

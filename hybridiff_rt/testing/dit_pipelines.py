@@ -1,10 +1,11 @@
 """Tiny random-init DiT and video pipelines, built offline: PixArt-Sigma, Sana, AuraFlow,
-HunyuanDiT, Wan 2.1 / 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video and
-image-to-video, Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2
-Klein, Ovis-Image, Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux
-and Chroma also with an IP-Adapter, Sana, Flux and Qwen-Image also with a ControlNet. Outside :data:`DIT_BUILDERS` (they run the steps their
-``strength`` leaves): Chroma, Flux and Qwen-Image img2img, Flux, Qwen-Image, Flux Kontext,
-Qwen-Image-Edit and Flux 2 Klein inpainting, Wan video-to-video.
+HunyuanDiT, HiDream-I1, Wan 2.1 / 2.2 text-to-video, Wan image-to-video, SkyReels V2
+text-to-video and image-to-video, Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux
+Kontext, Flux 2 Klein, Ovis-Image, Krea 2, Nucleus-MoE-Image, CogView4 (also with a control
+image), Chroma; Flux and Chroma also with an IP-Adapter, Sana, Flux and Qwen-Image also with a
+ControlNet. Outside :data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves): Chroma,
+Flux and Qwen-Image img2img, Flux, Qwen-Image, Flux Kontext, Qwen-Image-Edit and Flux 2 Klein
+inpainting, Wan video-to-video.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -208,6 +209,39 @@ def wan_transformer_kwargs(size: str = "tiny", **overrides: Any) -> dict[str, An
               "in_channels": 4, "out_channels": 4, "text_dim": 16, "freq_dim": 16,
               "ffn_dim": 32 * heads, "num_layers": layers, "rope_max_seq_len": 32}
     return {**kwargs, **overrides}
+
+
+def hidream(seed: int = 0, size: str = "tiny"):
+    """HiDreamImagePipeline (dual- then single-stream blocks with mixture-of-experts feed-forward;
+    one batched [uncond; cond] call per step) at 64 px -> 8 x 8 latents, 16 tokens. Its text
+    conditioning: T5 embeddings (1, 6, 8), the hidden states of two Llama 3 layers stacked in
+    front, (2, 1, 5, 4), which the pipeline joins along axis 1, and pooled embeddings (1, 16).
+    The pipeline rescales every request to the area of ``default_sample_size`` latents a side,
+    set to 8 here; the transformer is put in eval mode (in training mode it returns patches)."""
+    from diffusers import HiDreamImagePipeline, HiDreamImageTransformer2DModel
+
+    layers = {"tiny": 1, "small": 3}[size]
+    with seeded(seed):
+        transformer = HiDreamImageTransformer2DModel(
+            patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
+            num_single_layers=layers, attention_head_dim=8, num_attention_heads=4,
+            caption_channels=[8, 4], text_emb_dim=16, num_routed_experts=4,
+            num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32),
+            llama_layers=[0, 1]).eval()
+    pipe = HiDreamImagePipeline(
+        scheduler=flow_match_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+        text_encoder_4=None, tokenizer_4=None, transformer=transformer)
+    pipe.default_sample_size = 8
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "prompt_embeds_t5": _embeds(gen, 1, 6, 8),
+              "negative_prompt_embeds_t5": _embeds(gen, 1, 6, 8),
+              "prompt_embeds_llama3": torch.randn(2, 1, 5, 4, generator=gen),
+              "negative_prompt_embeds_llama3": torch.randn(2, 1, 5, 4, generator=gen),
+              "pooled_prompt_embeds": torch.randn(1, 16, generator=gen),
+              "negative_pooled_prompt_embeds": torch.randn(1, 16, generator=gen),
+              "height": 64, "width": 64}
+    return _finish(pipe), kwargs
 
 
 def wan_transformer(size: str = "tiny", **overrides: Any):
@@ -928,6 +962,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("sana-controlnet", sana_controlnet),
     ("auraflow", auraflow),
     ("hunyuan-dit", hunyuan_dit),
+    ("hidream", hidream),
     ("wan2.1", wan21),
     ("wan2.2", wan22),
     ("wan2.1-i2v", wan21_i2v),
@@ -960,6 +995,7 @@ DIT_INFO: dict[str, DiTInfo] = {
     "sana-controlnet": DiTInfo("SanaControlNetPipeline", "batched", {"guidance_scale": 4.5}),
     "auraflow": DiTInfo("AuraFlowPipeline", "batched", {"guidance_scale": 3.5}),
     "hunyuan-dit": DiTInfo("HunyuanDiTPipeline", "batched", {"guidance_scale": 5.0}),
+    "hidream": DiTInfo("HiDreamImagePipeline", "batched", {"guidance_scale": 5.0}),
     "wan2.1": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 5.0}),
     "wan2.2": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 4.0},
                       experts=("transformer", "transformer_2")),

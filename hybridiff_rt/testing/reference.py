@@ -18,7 +18,12 @@ from typing import Callable, Iterable
 import torch
 
 from ..engine.batch import join_cfg_batch
-from ..engine.branch_layout import denoiser_sample_key, frames_per_row, split_branch_kwargs
+from ..engine.branch_layout import (
+    batch_axes,
+    denoiser_sample_key,
+    frames_per_row,
+    split_branch_kwargs,
+)
 
 
 def per_branch_forward(model: torch.nn.Module) -> Callable[[], None]:
@@ -35,7 +40,8 @@ def per_branch_forward(model: torch.nn.Module) -> Callable[[], None]:
         if kw.get("skip_layers") is not None or full % 2:
             return original(**kw)
         return_dict = kw.pop("return_dict", True)
-        branches = split_branch_kwargs(kw, full, frames_per_row(model, kw[key]))
+        branches = split_branch_kwargs(kw, full, frames_per_row(model, kw[key]),
+                                       batch_axes(model))
         outs = [original(**branch, return_dict=False)[0] for branch in branches]
         joined = join_cfg_batch(*outs)
         return (joined,) if not return_dict else type(original(**kw))(sample=joined)
