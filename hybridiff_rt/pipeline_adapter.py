@@ -326,9 +326,12 @@ class ParallelPipeline:
                     "split evenly for an odd number of images. Ask for an even number of images "
                     "per call (num_images_per_prompt=2), whose rows CBP splits exactly")
         if batch % 2:
-            return (f"the denoiser batch has {batch} rows, not an [uncond; cond] pair; "
-                    f"{type(self.pipe).__name__} stacks its guidance branches in a way "
-                    "hybridiff_rt does not support")
+            return (f"the denoiser batch has {batch} rows, not an [uncond; cond] pair: "
+                    f"{type(self.pipe).__name__} either stacks its guidance branches in a way "
+                    "hybridiff_rt does not support, or calls its denoiser once per guidance "
+                    "branch (two calls per step), which hybridiff_rt splits only for the "
+                    "pipeline classes verified for it (two_call.TWO_CALL_PIPELINES). Run it "
+                    "without hybridiff_rt, or without guidance")
         return ""
 
 

@@ -161,11 +161,13 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
 UNVERIFIED_TWO_CALL: dict[str, str] = {
     name: "its two-call loop is not verified by a test" for name in (
         "BriaFibo2Pipeline", "ChromaInpaintPipeline", "ChronoEditPipeline",
-        "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosTextToWorldPipeline",
+        "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline",
+        "Cosmos2_5_TransferPipeline", "Cosmos3OmniPipeline", "CosmosTextToWorldPipeline",
         "CosmosVideoToWorldPipeline", "GlmImagePipeline", "HeliosPipeline",
-        "HeliosPyramidPipeline", "JoyImageEditPipeline", "Kandinsky6TI2VAPipeline",
-        "LongCatImageEditPipeline", "LongCatImagePipeline",
-        "LucyEditPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+        "HeliosPyramidPipeline", "JoyImageEditPipeline", "Kandinsky5I2IPipeline",
+        "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5T2VPipeline",
+        "Kandinsky6TI2VAPipeline", "LongCatAudioDiTPipeline", "LongCatImageEditPipeline",
+        "LongCatImagePipeline", "LucyEditPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
         "WanAnimatePipeline", "WanVACEPipeline")
 }

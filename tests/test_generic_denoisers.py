@@ -336,9 +336,12 @@ def test_split_leaves_shared_per_token_tables_whole(seed):
     kw = {"hidden_states": _randn(gen, batch, 3), "timestep": torch.tensor(7.0),
           "image_rotary_emb": (_randn(gen, batch, 8), _randn(gen, batch, 8)),
           "added": {"style": torch.arange(batch)}}
+    # Stable Audio's (cos, sin) table, of one token more than its latent length
+    kw["rotary_embedding"] = (_randn(gen, batch, 8), _randn(gen, batch, 8))
     uncond, cond = split_branch_kwargs(kw, batch)
-    assert "image_rotary_emb" in SHARED_ARGUMENTS
-    assert uncond["image_rotary_emb"] is kw["image_rotary_emb"] is cond["image_rotary_emb"]
+    for name in ("image_rotary_emb", "rotary_embedding"):
+        assert name in SHARED_ARGUMENTS
+        assert uncond[name] is kw[name] is cond[name], name
     assert torch.equal(uncond["hidden_states"], kw["hidden_states"][:2])
     assert torch.equal(cond["hidden_states"], kw["hidden_states"][2:])
     assert torch.equal(cond["added"]["style"], torch.tensor([2, 3]))
@@ -410,6 +413,18 @@ def test_unverified_two_call_pipelines_are_refused_at_parallelize(seed):
 
     with pytest.raises(hr.UnsupportedModelError, match="takes true_cfg_scale"):
         hr.parallelize(TrueCfgSomething())
+
+
+def test_every_pipeline_named_in_the_two_call_lists_is_a_diffusers_pipeline():
+    """The verified and the refused two-call lists name classes of the installed diffusers
+    (a misspelt name would verify or refuse nothing)."""
+    import diffusers
+
+    from hybridiff_rt.two_call import TWO_CALL_PIPELINES, UNVERIFIED_TWO_CALL
+
+    for name in list(TWO_CALL_PIPELINES) + list(UNVERIFIED_TWO_CALL):
+        assert inspect.isclass(getattr(diffusers, name, None)), name
+    assert not set(TWO_CALL_PIPELINES) & set(UNVERIFIED_TWO_CALL)
 
 
 def _extra_call(when, embeds):

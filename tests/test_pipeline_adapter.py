@@ -322,6 +322,21 @@ def test_proxy_honours_return_dict_with_the_models_output_class(family, output_c
     parallel.restore()
 
 
+def test_a_guided_call_with_an_odd_batch_is_refused_naming_both_causes(seed):
+    """A guided denoiser call of 2B + 1 rows is no [uncond; cond] pair (a third branch, or one
+    call per branch of a pipeline with an odd number of images): refused at its first call."""
+    model, attribute, args, kwargs = _doubled_inputs("unet", seed)
+    rows = random.choice([1, 3])
+    sample = torch.cat([args[0][:1]] * rows)
+    kwargs = {"encoder_hidden_states": torch.cat([kwargs["encoder_hidden_states"][:1]] * rows)}
+    pipe = _MinimalPipeline(model, attribute, guidance_scale=4.0)
+    parallel = hr.parallelize(pipe, hr.HybridConfig(k=0))
+    with torch.no_grad(), pytest.raises(hr.UnsupportedModelError,
+                                        match=f"has {rows} rows.*once per guidance branch"):
+        parallel([((sample, args[1]), kwargs)])
+    parallel.restore()
+
+
 def test_call_without_guidance_runs_the_model_on_the_batch_as_given(seed):
     model, attribute, args, kwargs = _doubled_inputs("unet", seed)
     args = (args[0][:1], args[1])  # one sample, no [uncond; cond] doubling

@@ -36,6 +36,9 @@ from .batch import split_cfg_batch
 SHARED_ARGUMENTS = frozenset({
     "image_rotary_emb", "rotary_emb", "freqs_cis", "img_ids", "txt_ids", "img_shapes",
     "txt_seq_lens",
+    # StableAudioDiTModel's (cos, sin) of (tokens, dim); SanaWM's video rotary table;
+    # Kandinsky 5's per-axis position indices
+    "rotary_embedding", "video_rotary_emb", "text_rope_pos", "visual_rope_pos",
 })
 
 
