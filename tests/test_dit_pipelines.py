@@ -2,14 +2,14 @@
 the generic DiT stage adapter.
 
 One spawn of two ranks runs, for every tiny pipeline of hybridiff_rt.testing.dit_pipelines
-(PixArt-Sigma, Sana with and without a ControlNet, AuraFlow, HunyuanDiT, HiDream-I1 (CBP only):
-batched [uncond; cond]; Wan 2.1, Wan 2.2 with two experts, Wan image-to-video, Lumina2 (with CFG
-truncation), Qwen-Image, Flux true CFG, CogView4 with and without a control image, Chroma, Flux and
-Chroma with an IP-Adapter (their loops write the negative image embeddings into a dict both calls
-share, between the calls), Flux and Qwen-Image with a ControlNet (run once per step, its residuals
-added between the blocks of both calls; Qwen-Image's also for inpainting), and Flux Kontext,
-Qwen-Image-Edit and Flux 2 Klein (their loops slice the cond call's result before the uncond call):
-two calls per step):
+(PixArt-Sigma, Sana with and without a ControlNet, AuraFlow, HunyuanDiT, HiDream-I1 (CBP only),
+CogVideoX, LTX-Video, Mochi, Allegro, Latte (CBP only), CogView3-Plus: batched [uncond; cond]; Wan
+2.1, Wan 2.2 with two experts, Wan image-to-video, Lumina2 (with CFG truncation), Qwen-Image, Flux
+true CFG, CogView4 with and without a control image, Chroma, Flux and Chroma with an IP-Adapter
+(their loops write the negative image embeddings into a dict both calls share, between the calls),
+Flux and Qwen-Image with a ControlNet (run once per step, its residuals added between the blocks of
+both calls; Qwen-Image's also for inpainting), and Flux Kontext, Qwen-Image-Edit and Flux 2 Klein
+(their loops slice the cond call's result before the uncond call): two calls per step):
 
 * k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
   call, whole on every rank); equal bit for bit to the exact serial
@@ -17,8 +17,9 @@ two calls per step):
   for two-call pipelines the plain pipeline itself (it already calls once per branch, so the
   two-call protocol must change nothing at all); batched pipelines also within BATCH_TOLERANCE
   (relative to the largest magnitude) of the ordinary batch-2 pipeline;
-* k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, AuraFlow, HunyuanDiT with
-  its long skip connections, Wan 2.1 T2V and I2V, Wan 2.2 with two experts, Lumina2, Qwen-Image,
+* k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, CogVideoX, LTX-Video,
+  Mochi, Allegro, CogView3-Plus, AuraFlow, HunyuanDiT with its long skip connections, Wan 2.1 T2V
+  and I2V, Wan 2.2 with two experts, Lumina2, Qwen-Image,
   Flux and Chroma with and without an IP-Adapter, Flux and Qwen-Image with a ControlNet,
   CogView4 with and without a control image):
   the modes follow the schedule and the output equals, bit for bit, a one-process emulation of
@@ -63,7 +64,9 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "wan2.1-i2v-clip": "reuse", "skyreels-v2-i2v": "off", "flux-kontext": "reuse",
                 "qwen-image-edit": "off", "qwen-image-edit-plus": "reuse", "flux2-klein": "off",
                 "flux-controlnet": "reuse", "qwen-image-controlnet": "off",
-                "sana-controlnet": "reuse", "qwen-image-controlnet-inpaint": "reuse"}
+                "sana-controlnet": "reuse", "qwen-image-controlnet-inpaint": "reuse",
+                "cogvideox": "off", "ltx-video": "reuse", "mochi": "off", "allegro": "reuse",
+                "cogview3-plus": "off"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}

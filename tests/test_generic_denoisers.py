@@ -66,18 +66,22 @@ def _dit_cases(seed):
     cases = {}
     # dual-stream (and AuraFlow's, Chroma's and Flux 2's dual- then single-stream, Chroma's
     # per-block modulation, Lumina2's refiners before its layers, HunyuanDiT's long skip
-    # connections, its sample and timestep passed positionally): inputs as their pipelines make them
+    # connections, its sample and timestep passed positionally; the video DiTs CogVideoX, LTX,
+    # Mochi, Allegro): inputs as their pipelines make them
     # (CogView4: the uncond call's text is longer than the cond call's, a layout of its own)
     for name in ("qwen-image", "flux-true-cfg", "cogview4", "auraflow", "lumina2", "chroma",
                  "hunyuan-dit", "skyreels-v2", "ovis-image", "krea2", "nucleus-moe",
-                 "wan2.1-i2v-clip", "flux2-klein"):
-        size = "small" if name in ("chroma", "flux2-klein") else "tiny"
+                 "wan2.1-i2v-clip", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
+                 "cogview3-plus"):
+        size = "small" if name in ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi",
+                                   "allegro", "cogview3-plus") else "tiny"
         pipe, kwargs = build_dit(name, seed=seed, size=size)
         model, seen = pipe.transformer, []
         handle = model.register_forward_pre_hook(
             lambda module, args, kw, seen=seen: seen.append((args, kw)), with_kwargs=True)
-        pipe(num_inference_steps=1, output_type="latent", **DIT_INFO[name].guidance_kwargs,
-             **kwargs)
+        # (Mochi's sigma schedule needs two steps at least)
+        pipe(num_inference_steps=1 if name != "mochi" else 2, output_type="latent",
+             **DIT_INFO[name].guidance_kwargs, **kwargs)
         handle.remove()
         args, kw = seen[random.Random(seed).randrange(len(seen))]  # the cond or the uncond call
         call = dict(inspect.signature(model.forward).bind(*args, **kw).arguments)

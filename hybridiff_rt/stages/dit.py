@@ -149,6 +149,19 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     # the prologue and passed to every block. The reference-KV-cache modes act between blocks
     "Flux2Transformer2DModel": DiTFamily(**_FLUX_LISTS_JOINED,
                                          refused=("kv_cache", "kv_cache_mode")),
+    # video DiTs with one block list: dual-stream blocks that return (hidden, encoder) ...
+    "CogVideoXTransformer3DModel": DiTFamily(
+        blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
+        returns=("hidden_states", "encoder_hidden_states")),
+    "MochiTransformer3DModel": DiTFamily(
+        blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
+        returns=("hidden_states", "encoder_hidden_states")),
+    "CogView3PlusTransformer2DModel": DiTFamily(
+        blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
+        returns=("hidden_states", "encoder_hidden_states")),
+    # ... and image-stream blocks with cross-attention to the fixed text
+    "LTXVideoTransformer3DModel": DiTFamily(blocks=("transformer_blocks",)),
+    "AllegroTransformer3DModel": DiTFamily(blocks=("transformer_blocks",)),
     # Flux-like lists, joined as AuraFlow's; each block gets its own slice of one modulation table
     "ChromaTransformer2DModel": DiTFamily(
         **_FLUX_LISTS_JOINED,

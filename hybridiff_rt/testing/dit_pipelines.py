@@ -1,11 +1,11 @@
 """Tiny random-init DiT and video pipelines, built offline: PixArt-Sigma, Sana, AuraFlow,
-HunyuanDiT, HiDream-I1, Wan 2.1 / 2.2 text-to-video, Wan image-to-video, SkyReels V2
-text-to-video and image-to-video, Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux
-Kontext, Flux 2 Klein, Ovis-Image, Krea 2, Nucleus-MoE-Image, CogView4 (also with a control
-image), Chroma; Flux and Chroma also with an IP-Adapter, Sana, Flux and Qwen-Image also with a
-ControlNet. Outside :data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves): Chroma,
-Flux and Qwen-Image img2img, Flux, Qwen-Image, Flux Kontext, Qwen-Image-Edit and Flux 2 Klein
-inpainting, Wan video-to-video.
+HunyuanDiT, HiDream-I1, CogVideoX, LTX-Video, Mochi, Allegro, Latte, CogView3-Plus, Wan 2.1 / 2.2
+text-to-video, Wan image-to-video, SkyReels V2 text-to-video and image-to-video, Lumina2,
+Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2 Klein, Ovis-Image, Krea 2,
+Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux and Chroma also with an
+IP-Adapter, Sana, Flux and Qwen-Image also with a ControlNet. Outside :data:`DIT_BUILDERS` (they
+run the steps their ``strength`` leaves): Chroma, Flux and Qwen-Image img2img, Flux, Qwen-Image,
+Flux Kontext, Qwen-Image-Edit and Flux 2 Klein inpainting, Wan video-to-video.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -52,6 +52,16 @@ class DiTInfo:
 
 def _embeds(gen: torch.Generator, batch: int, tokens: int, width: int) -> torch.Tensor:
     return torch.randn(batch, tokens, width, generator=gen)
+
+
+def _masked_embeds(seed: int, tokens: int, width: int) -> dict[str, Any]:
+    """Call arguments with seeded prompt and negative embeddings (1, ``tokens``, ``width``)
+    drawn from ``seed + 1`` and all-ones attention masks (1, ``tokens``)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return {"prompt": None, "prompt_embeds": _embeds(gen, 1, tokens, width),
+            "negative_prompt_embeds": _embeds(gen, 1, tokens, width),
+            "prompt_attention_mask": torch.ones(1, tokens),
+            "negative_prompt_attention_mask": torch.ones(1, tokens)}
 
 
 def _finish(pipe):
@@ -241,6 +251,116 @@ def hidream(seed: int = 0, size: str = "tiny"):
               "pooled_prompt_embeds": torch.randn(1, 16, generator=gen),
               "negative_pooled_prompt_embeds": torch.randn(1, 16, generator=gen),
               "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
+def cogvideox(seed: int = 0, size: str = "tiny"):
+    """CogVideoXPipeline (dual-stream video DiT, rotary tables), 9 frames of 16 px -> 3 x 2 x 2
+    latents of 4 channels (vae=None: factors 4 in time, 8 in space), 12 video tokens."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    with seeded(seed):
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4,
+            time_embed_dim=2, text_embed_dim=32, num_layers={"tiny": 1, "small": 3}[size],
+            sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=16)
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "prompt_embeds": _embeds(gen, 1, 16, 32),
+              "negative_prompt_embeds": _embeds(gen, 1, 16, 32), "height": 16, "width": 16,
+              "num_frames": 9}
+    return _finish(pipe), kwargs
+
+
+def ltx_video(seed: int = 0, size: str = "tiny"):
+    """LTXPipeline (video DiT, cross-attention to the text, rotary tables), 9 frames of 64 px ->
+    2 x 2 x 2 latents of 8 channels (vae=None: factors 8 in time, 32 in space)."""
+    from diffusers import LTXPipeline, LTXVideoTransformer3DModel
+
+    with seeded(seed):
+        transformer = LTXVideoTransformer3DModel(
+            in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4,
+            attention_head_dim=8, cross_attention_dim=32,
+            num_layers={"tiny": 1, "small": 3}[size], caption_channels=32)
+    pipe = LTXPipeline(scheduler=flow_match_scheduler(), vae=None, text_encoder=None,
+                       tokenizer=None, transformer=transformer)
+    kwargs = _masked_embeds(seed, 6, 32)
+    return _finish(pipe), dict(kwargs, height=64, width=64, num_frames=9)
+
+
+def mochi(seed: int = 0, size: str = "tiny"):
+    """MochiPipeline (asymmetric dual-stream video DiT), 7 frames of 16 px -> 2 x 2 x 2 latents
+    of 12 channels (vae=None: factors 6 in time, 8 in space)."""
+    from diffusers import MochiPipeline, MochiTransformer3DModel
+
+    with seeded(seed):
+        transformer = MochiTransformer3DModel(
+            patch_size=2, num_attention_heads=2, attention_head_dim=8,
+            num_layers={"tiny": 2, "small": 3}[size], pooled_projection_dim=16, in_channels=12,
+            qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4, activation_fn="swiglu",
+            max_sequence_length=16)
+    pipe = MochiPipeline(scheduler=flow_match_scheduler(), vae=None, text_encoder=None,
+                         tokenizer=None, transformer=transformer)
+    kwargs = _masked_embeds(seed, 16, 32)
+    return _finish(pipe), dict(kwargs, height=16, width=16, num_frames=7)
+
+
+def allegro(seed: int = 0, size: str = "tiny"):
+    """AllegroPipeline (video DiT with cross-attention, rotary tables), 8 frames of 64 px ->
+    latents of 4 channels (vae=None: factors 4 in time, 8 in space)."""
+    from diffusers import AllegroPipeline, AllegroTransformer3DModel, DDIMScheduler
+
+    with seeded(seed):
+        transformer = AllegroTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            num_layers={"tiny": 1, "small": 3}[size], cross_attention_dim=24, sample_width=8,
+            sample_height=8, sample_frames=8, caption_channels=24)
+    pipe = AllegroPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                           scheduler=DDIMScheduler())
+    kwargs = _masked_embeds(seed, 6, 24)
+    return _finish(pipe), dict(kwargs, negative_prompt=None, height=64, width=64, num_frames=8,
+                               clean_caption=False)
+
+
+def latte(seed: int = 0, size: str = "tiny"):
+    """LattePipeline (spatial and temporal blocks interleaved; one frame of 64 px -> 8 x 8
+    latents). Not staged: its forward reshapes the flow between a spatial and a temporal block,
+    so it runs CBP only."""
+    from diffusers import DDIMScheduler, LattePipeline, LatteTransformer3DModel
+
+    with seeded(seed):
+        transformer = LatteTransformer3DModel(
+            sample_size=8, num_layers={"tiny": 1, "small": 3}[size], patch_size=2,
+            attention_head_dim=8, num_attention_heads=3, caption_channels=8, in_channels=4,
+            cross_attention_dim=24, out_channels=8, attention_bias=True,
+            activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    pipe = LattePipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                         scheduler=DDIMScheduler())
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 8),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 8), "height": 64, "width": 64,
+              "video_length": 1, "mask_feature": False, "clean_caption": False}
+    return _finish(pipe), kwargs
+
+
+def cogview3_plus(seed: int = 0, size: str = "tiny"):
+    """CogView3PlusPipeline (dual-stream DiT), 64 px -> 8 x 8 latents of 4 channels."""
+    from diffusers import CogView3PlusPipeline, CogView3PlusTransformer2DModel
+    from diffusers import CogVideoXDDIMScheduler  # CogView3-Plus's own scheduler
+
+    with seeded(seed):
+        transformer = CogView3PlusTransformer2DModel(
+            patch_size=2, in_channels=4, num_layers={"tiny": 1, "small": 3}[size],
+            attention_head_dim=4, num_attention_heads=2, out_channels=4, text_embed_dim=32,
+            time_embed_dim=8, condition_dim=2, pos_embed_max_size=8, sample_size=8)
+    pipe = CogView3PlusPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 32),
+              "negative_prompt_embeds": _embeds(gen, 1, 6, 32), "height": 64, "width": 64}
     return _finish(pipe), kwargs
 
 
@@ -963,6 +1083,12 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("auraflow", auraflow),
     ("hunyuan-dit", hunyuan_dit),
     ("hidream", hidream),
+    ("cogvideox", cogvideox),
+    ("ltx-video", ltx_video),
+    ("mochi", mochi),
+    ("allegro", allegro),
+    ("latte", latte),
+    ("cogview3-plus", cogview3_plus),
     ("wan2.1", wan21),
     ("wan2.2", wan22),
     ("wan2.1-i2v", wan21_i2v),
@@ -996,6 +1122,12 @@ DIT_INFO: dict[str, DiTInfo] = {
     "auraflow": DiTInfo("AuraFlowPipeline", "batched", {"guidance_scale": 3.5}),
     "hunyuan-dit": DiTInfo("HunyuanDiTPipeline", "batched", {"guidance_scale": 5.0}),
     "hidream": DiTInfo("HiDreamImagePipeline", "batched", {"guidance_scale": 5.0}),
+    "cogvideox": DiTInfo("CogVideoXPipeline", "batched", {"guidance_scale": 6.0}),
+    "ltx-video": DiTInfo("LTXPipeline", "batched", {"guidance_scale": 3.0}),
+    "mochi": DiTInfo("MochiPipeline", "batched", {"guidance_scale": 4.5}),
+    "allegro": DiTInfo("AllegroPipeline", "batched", {"guidance_scale": 7.5}),
+    "latte": DiTInfo("LattePipeline", "batched", {"guidance_scale": 7.5}),
+    "cogview3-plus": DiTInfo("CogView3PlusPipeline", "batched", {"guidance_scale": 5.0}),
     "wan2.1": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 5.0}),
     "wan2.2": DiTInfo("WanPipeline", "two-call", {"guidance_scale": 4.0},
                       experts=("transformer", "transformer_2")),
