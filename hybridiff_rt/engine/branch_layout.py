@@ -113,7 +113,8 @@ def _refuse_wrappers(model: torch.nn.Module) -> None:
 
 
 def split_branch_kwargs(kw: dict[str, Any], batch: int, frames: int = 1,
-                        axes: dict[str, int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                        axes: dict[str, int] | None = None,
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(uncond_kw, cond_kw)`` of a call on the stacked batch ``[uncond; cond]`` of ``batch``
     rows: batch-shaped arguments split at the middle, :data:`SHARED_ARGUMENTS` and everything
     else passed to both unchanged (see :func:`~hybridiff_rt.engine.batch.split_cfg_batch`).
