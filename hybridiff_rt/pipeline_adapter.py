@@ -31,6 +31,10 @@ from .errors import HybridError, UnsupportedModelError
 from .two_call import TwoCallSteps, experts_of, two_call_layout
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
+#: Batched pipelines that stack ``[cond; uncond]`` (cond first; read from their source): on two
+#: ranks or more their halves are handed to the runtime in its ``[uncond; cond]`` roles, so that
+#: pipelined steps stage the cond branch. A subclass is taken to keep its parent's order.
+COND_FIRST_PIPELINES = frozenset({"LuminaPipeline", "DiTPipeline", "AceStepPipeline"})
 _PROXY_MARK = "_hybridiff_rt_pipeline"
 _NO_FORWARD = object()
 _ALREADY = ("this pipeline's denoiser is already parallelized; call the object hr.parallelize "
@@ -156,6 +160,8 @@ class ParallelPipeline:
         else:
             handlers = [self._proxy_forward]
         object.__setattr__(self, "_two_call", two_call)
+        object.__setattr__(self, "_cond_first", any(
+            c.__name__ in COND_FIRST_PIPELINES for c in type(pipe).__mro__))
         for (_, expert), proxy, handler in zip(experts, proxies, handlers):
             (proxy or SharedForward(expert)).register(self, handler)
 
@@ -302,13 +308,18 @@ class ParallelPipeline:
         if problem:
             engine.refuse(problem, step=step, num_steps=num_steps)
         return_dict = kw.pop("return_dict", True)
-        uncond_kw, cond_kw = split_branch_kwargs(kw, sample.shape[0],
-                                                 frames_per_row(self._model, sample),
-                                                 batch_axes(self._model))
+        first_kw, second_kw = split_branch_kwargs(kw, sample.shape[0],
+                                                  frames_per_row(self._model, sample),
+                                                  batch_axes(self._model))
+        # a world of one runs the joint batch as given, whatever its order
+        swap = self._cond_first and engine.world_size > 1
+        uncond_kw, cond_kw = (second_kw, first_kw) if swap else (first_kw, second_kw)
         uncond_pred, cond_pred = engine.predict_branches(
             uncond_kw, cond_kw, guidance_scale=self._guidance_scale(), step=step,
             num_steps=num_steps, joint_kw=kw)
-        return engine.output_kind.wrap(join_cfg_batch(uncond_pred, cond_pred), return_dict)
+        joined = (join_cfg_batch(cond_pred, uncond_pred) if swap
+                  else join_cfg_batch(uncond_pred, cond_pred))
+        return engine.output_kind.wrap(joined, return_dict)
 
     def _layout_problem(self, batch: int) -> str:
         """Why this denoiser batch is not the ``[uncond; cond]`` pair CBP splits ("" when it is).

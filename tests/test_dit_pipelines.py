@@ -3,13 +3,14 @@ the generic DiT stage adapter.
 
 One spawn of two ranks runs, for every tiny pipeline of hybridiff_rt.testing.dit_pipelines
 (PixArt-Sigma, Sana with and without a ControlNet, AuraFlow, HunyuanDiT, HiDream-I1 (CBP only),
-CogVideoX, LTX-Video, Mochi, Allegro, Latte (CBP only), CogView3-Plus: batched [uncond; cond]; Wan
-2.1, Wan 2.2 with two experts, Wan image-to-video, Lumina2 (with CFG truncation), Qwen-Image, Flux
-true CFG, CogView4 with and without a control image, Chroma, Flux and Chroma with an IP-Adapter
-(their loops write the negative image embeddings into a dict both calls share, between the calls),
-Flux and Qwen-Image with a ControlNet (run once per step, its residuals added between the blocks of
-both calls; Qwen-Image's also for inpainting), and Flux Kontext, Qwen-Image-Edit and Flux 2 Klein
-(their loops slice the cond call's result before the uncond call): two calls per step):
+CogVideoX, LTX-Video, Mochi, Allegro, Latte (CBP only), CogView3-Plus: batched [uncond; cond];
+Lumina-Next: batched [cond; uncond]; Wan 2.1, Wan 2.2 with two experts, Wan image-to-video, Lumina2
+(with CFG truncation), Qwen-Image, Flux true CFG, CogView4 with and without a control image,
+Chroma, Flux and Chroma with an IP-Adapter (their loops write the negative image embeddings into a
+dict both calls share, between the calls), Flux and Qwen-Image with a ControlNet (run once per
+step, its residuals added between the blocks of both calls; Qwen-Image's also for inpainting), and
+Flux Kontext, Qwen-Image-Edit and Flux 2 Klein (their loops slice the cond call's result before the
+uncond call): two calls per step):
 
 * k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
   call, whole on every rank); equal bit for bit to the exact serial
@@ -17,11 +18,11 @@ both calls; Qwen-Image's also for inpainting), and Flux Kontext, Qwen-Image-Edit
   for two-call pipelines the plain pipeline itself (it already calls once per branch, so the
   two-call protocol must change nothing at all); batched pipelines also within BATCH_TOLERANCE
   (relative to the largest magnitude) of the ordinary batch-2 pipeline;
-* k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, CogVideoX, LTX-Video,
-  Mochi, Allegro, CogView3-Plus, AuraFlow, HunyuanDiT with its long skip connections, Wan 2.1 T2V
-  and I2V, Wan 2.2 with two experts, Lumina2, Qwen-Image,
-  Flux and Chroma with and without an IP-Adapter, Flux and Qwen-Image with a ControlNet,
-  CogView4 with and without a control image):
+* k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, CogVideoX, LTX-Video, Mochi,
+  Allegro, CogView3-Plus, Lumina-Next (its halves swapped into the runtime's roles), AuraFlow,
+  HunyuanDiT with its long skip connections, Wan 2.1 T2V and I2V, Wan 2.2 with two experts,
+  Lumina2, Qwen-Image, Flux and Chroma with and without an IP-Adapter, Flux and Qwen-Image with a
+  ControlNet, CogView4 with and without a control image):
   the modes follow the schedule and the output equals, bit for bit, a one-process emulation of
   the same schedule (per-branch calls on CBP steps, the staged model on the stale boundary on
   pipelined steps; Wan 2.2: the expert the pipeline called);
@@ -66,7 +67,7 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "flux-controlnet": "reuse", "qwen-image-controlnet": "off",
                 "sana-controlnet": "reuse", "qwen-image-controlnet-inpaint": "reuse",
                 "cogvideox": "off", "ltx-video": "reuse", "mochi": "off", "allegro": "reuse",
-                "cogview3-plus": "off"}
+                "cogview3-plus": "off", "lumina-next": "reuse"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
@@ -134,6 +135,8 @@ def emulate(pipe, name, kwargs, tau1, tau2, cuts, policy, seed, steps=STEPS_PIPE
             step = memory["step"]
             memory["step"] += 1
             uncond_kw, cond_kw = split_branch_kwargs(kw, kw["hidden_states"].shape[0])
+            if DIT_INFO[name].cond_first:
+                uncond_kw, cond_kw = cond_kw, uncond_kw
             if tau1 < step <= tau2:
                 cond = pipelined_cond(staged, cond_kw, step)
                 uncond = synth_uncond(cond)
@@ -141,6 +144,8 @@ def emulate(pipe, name, kwargs, tau1, tau2, cuts, policy, seed, steps=STEPS_PIPE
                 uncond = original(**uncond_kw, return_dict=False)[0]
                 cond = original(**cond_kw, return_dict=False)[0]
                 memory["difference"] = cond - uncond
+            if DIT_INFO[name].cond_first:
+                return (join_cfg_batch(cond, uncond),)
             return (join_cfg_batch(uncond, cond),)
 
         def two_call(*args, **kw_in):  # cond call first, then the uncond call of the same step

@@ -72,7 +72,7 @@ def _dit_cases(seed):
     for name in ("qwen-image", "flux-true-cfg", "cogview4", "auraflow", "lumina2", "chroma",
                  "hunyuan-dit", "skyreels-v2", "ovis-image", "krea2", "nucleus-moe",
                  "wan2.1-i2v-clip", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
-                 "cogview3-plus"):
+                 "cogview3-plus", "lumina-next"):
         size = "small" if name in ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi",
                                    "allegro", "cogview3-plus") else "tiny"
         pipe, kwargs = build_dit(name, seed=seed, size=size)

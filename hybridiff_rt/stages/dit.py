@@ -109,6 +109,7 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     "PixArtTransformer2DModel": DiTFamily(blocks=("transformer_blocks",)),
     # the context and noise refiners run before the joint layers: part of the prologue
     "Lumina2Transformer2DModel": DiTFamily(blocks=("layers",)),
+    "LuminaNextDiT2DModel": DiTFamily(blocks=("layers",)),
     "SanaTransformer2DModel": DiTFamily(blocks=("transformer_blocks",),
                                         between=("controlnet_block_samples",)),
     "WanTransformer3DModel": DiTFamily(blocks=("blocks",)),

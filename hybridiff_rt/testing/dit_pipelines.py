@@ -1,11 +1,12 @@
 """Tiny random-init DiT and video pipelines, built offline: PixArt-Sigma, Sana, AuraFlow,
-HunyuanDiT, HiDream-I1, CogVideoX, LTX-Video, Mochi, Allegro, Latte, CogView3-Plus, Wan 2.1 / 2.2
-text-to-video, Wan image-to-video, SkyReels V2 text-to-video and image-to-video, Lumina2,
-Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2 Klein, Ovis-Image, Krea 2,
-Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux and Chroma also with an
-IP-Adapter, Sana, Flux and Qwen-Image also with a ControlNet. Outside :data:`DIT_BUILDERS` (they
-run the steps their ``strength`` leaves): Chroma, Flux and Qwen-Image img2img, Flux, Qwen-Image,
-Flux Kontext, Qwen-Image-Edit and Flux 2 Klein inpainting, Wan video-to-video.
+HunyuanDiT, HiDream-I1, Lumina-Next, CogVideoX, LTX-Video, Mochi, Allegro, Latte, CogView3-Plus,
+Wan 2.1 / 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video and image-to-video,
+Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2 Klein, Ovis-Image,
+Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux and Chroma also
+with an IP-Adapter, Sana, Flux and Qwen-Image also with a ControlNet. Outside
+:data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves): Chroma, Flux and Qwen-Image
+img2img, Flux, Qwen-Image, Flux Kontext, Qwen-Image-Edit and Flux 2 Klein inpainting, Wan
+video-to-video.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -42,12 +43,14 @@ class DiTInfo:
         guidance: "batched" (one call on [uncond; cond]) or "two-call" (cond, then uncond).
         guidance_kwargs: the call arguments that switch classifier-free guidance on.
         experts: the pipeline attributes holding denoisers.
+        cond_first: a batched pipeline that stacks [cond; uncond] (cond first).
     """
 
     pipeline_class: str
     guidance: str
     guidance_kwargs: dict[str, Any]
     experts: tuple[str, ...] = ("transformer",)
+    cond_first: bool = False
 
 
 def _embeds(gen: torch.Generator, batch: int, tokens: int, width: int) -> torch.Tensor:
@@ -252,6 +255,24 @@ def hidream(seed: int = 0, size: str = "tiny"):
               "negative_pooled_prompt_embeds": torch.randn(1, 16, generator=gen),
               "height": 64, "width": 64}
     return _finish(pipe), kwargs
+
+
+def lumina_next(seed: int = 0, size: str = "tiny"):
+    """LuminaPipeline (Lumina-Next: a DiT on [cond; uncond], cond first, guiding three latent
+    channels), 32 px -> 4 x 4 latents (vae=None: factor 8)."""
+    from diffusers import LuminaNextDiT2DModel, LuminaPipeline
+
+    with seeded(seed):
+        transformer = LuminaNextDiT2DModel(
+            sample_size=4, patch_size=2, in_channels=4, hidden_size=4,
+            num_layers={"tiny": 2, "small": 3}[size], num_attention_heads=1, num_kv_heads=1,
+            multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, learn_sigma=True,
+            qk_norm=True, cross_attention_dim=8, scaling_factor=1.0)
+    pipe = LuminaPipeline(transformer=transformer, scheduler=flow_match_scheduler(), vae=None,
+                          text_encoder=None, tokenizer=None)
+    kwargs = _masked_embeds(seed, 6, 8)
+    return _finish(pipe), dict(kwargs, negative_prompt=None, height=32, width=32,
+                               clean_caption=False)
 
 
 def cogvideox(seed: int = 0, size: str = "tiny"):
@@ -1083,6 +1104,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("auraflow", auraflow),
     ("hunyuan-dit", hunyuan_dit),
     ("hidream", hidream),
+    ("lumina-next", lumina_next),
     ("cogvideox", cogvideox),
     ("ltx-video", ltx_video),
     ("mochi", mochi),
@@ -1122,6 +1144,7 @@ DIT_INFO: dict[str, DiTInfo] = {
     "auraflow": DiTInfo("AuraFlowPipeline", "batched", {"guidance_scale": 3.5}),
     "hunyuan-dit": DiTInfo("HunyuanDiTPipeline", "batched", {"guidance_scale": 5.0}),
     "hidream": DiTInfo("HiDreamImagePipeline", "batched", {"guidance_scale": 5.0}),
+    "lumina-next": DiTInfo("LuminaPipeline", "batched", {"guidance_scale": 4.0}, cond_first=True),
     "cogvideox": DiTInfo("CogVideoXPipeline", "batched", {"guidance_scale": 6.0}),
     "ltx-video": DiTInfo("LTXPipeline", "batched", {"guidance_scale": 3.0}),
     "mochi": DiTInfo("MochiPipeline", "batched", {"guidance_scale": 4.5}),
