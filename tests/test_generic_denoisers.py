@@ -265,6 +265,35 @@ def test_controlnet_residuals_between_blocks_are_reproduced_at_every_cut(seed):
             **{k: v for k, v in kw.items() if k not in residuals}).added for block in blocks)
 
 
+def test_class_conditional_dit_is_staged_though_its_forward_reads_block_0(seed):
+    """DiTTransformer2DModel's forward takes its class-label embedding from
+    ``transformer_blocks[0].norm1`` after the blocks: the stand-ins relay attribute reads to the
+    block they stand in for, and the staged forward equals the model's at every cut."""
+    from diffusers import DiTTransformer2DModel
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        sample_size=8, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        in_channels=4, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_elementwise_affine=False).eval()
+    batch = random.Random(seed).choice([1, 2])
+    kw = {"hidden_states": _randn(gen, 2 * batch, 4, 8, 8),
+          "timestep": torch.randint(0, 1000, (2 * batch,), generator=gen),
+          "class_labels": torch.cat([torch.randint(0, 1000, (batch,), generator=gen),
+                                     torch.full((batch,), 1000)])}
+    staged = hr.stage_denoiser(model)
+    with torch.no_grad():
+        expected = model(**kw, return_dict=False)[0]
+        ctx = staged.prepare(**kw)
+        for cut in range(1, len(staged.units)):
+            boundary = staged.run(ctx.initial_state, ctx, 0, cut)
+            got = staged.finish(staged.run(boundary, staged.prepare(**kw), cut, None), ctx)
+            assert torch.equal(got, expected), f"seed {seed}, cut {cut}"
+    assert all(type(block).__name__ == "BasicTransformerBlock"
+               for block in model.transformer_blocks)  # the real blocks are back
+
+
 def test_controlnet_residuals_the_forward_applies_otherwise_are_refused(seed):
     """HunyuanDiT adds its ControlNet residuals to the long skip connections (popping them off
     the caller's list) and Chroma writes its single-stream ones into a slice in place: refused

@@ -107,6 +107,8 @@ _FLUX_LISTS_JOINED: dict[str, Any] = dict(
 #: forward equals its own forward (tests/test_generic_denoisers.py).
 DIT_FAMILIES: dict[str, DiTFamily] = {
     "PixArtTransformer2DModel": DiTFamily(blocks=("transformer_blocks",)),
+    # class-conditional; its forward reads the label embedding off block 0 (the stand-ins relay)
+    "DiTTransformer2DModel": DiTFamily(blocks=("transformer_blocks",)),
     # the context and noise refiners run before the joint layers: part of the prologue
     "Lumina2Transformer2DModel": DiTFamily(blocks=("layers",)),
     "LuminaNextDiT2DModel": DiTFamily(blocks=("layers",)),
@@ -197,11 +199,20 @@ class _Stop(Exception):
 
 class _StandIn(torch.nn.Module):
     """Takes a block's place in its ModuleList for one forward; calls ``action(index, args,
-    kwargs)`` and returns what it returns."""
+    kwargs)`` and returns what it returns. Other attributes are read from the block it stands in
+    for (DiT's forward takes its class-label embedding from ``transformer_blocks[0].norm1``)."""
 
-    def __init__(self, index: int, action: Callable[[int, tuple, dict], Any]) -> None:
+    def __init__(self, index: int, action: Callable[[int, tuple, dict], Any],
+                 block: torch.nn.Module) -> None:
         super().__init__()
         self.index, self.action = index, action
+        self.__dict__["_block"] = block  # not a submodule: its parameters stay the model's
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.action(self.index, args, kwargs)
@@ -361,8 +372,8 @@ class StagedDiT(StagedDenoiser):
         afterwards whatever happens."""
         model = self.model
         for li, (attr, blocks) in enumerate(self._lists):
-            stand_ins = [_StandIn(i, lambda i, a, k, li=li: action(li, i, a, k))
-                         for i in range(len(blocks))]
+            stand_ins = [_StandIn(i, lambda i, a, k, li=li: action(li, i, a, k), block)
+                         for i, block in enumerate(blocks)]
             model._modules[attr] = torch.nn.ModuleList(stand_ins)
         try:
             return self._forward(model, **kwargs)
