@@ -54,6 +54,21 @@ def _sana(num_layers):
                                   patch_size=1)
 
 
+def _denoiser_call(name, seed, size, pick=lambda calls: 0):
+    """(transformer, forward kwargs) of one denoiser call of tiny pipeline ``name``, run for one
+    step (Mochi's sigma schedule needs two): the call at index ``pick(number of calls)``."""
+    pipe, kwargs = build_dit(name, seed=seed, size=size)
+    model, seen = pipe.transformer, []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kw: seen.append((args, kw)), with_kwargs=True)
+    pipe(num_inference_steps=2 if name == "mochi" else 1, output_type="latent",
+         **DIT_INFO[name].guidance_kwargs, **kwargs)
+    handle.remove()
+    args, kw = seen[pick(len(seen))]
+    call = dict(inspect.signature(model.forward).bind(*args, **kw).arguments)
+    return model, {k: v for k, v in call.items() if k != "return_dict"}
+
+
 def _dit_cases(seed):
     """(model, forward kwargs) per described DiT family, random weights and inputs."""
     gen = torch.Generator().manual_seed(seed)
@@ -75,17 +90,8 @@ def _dit_cases(seed):
                  "cogview3-plus", "lumina-next"):
         size = "small" if name in ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi",
                                    "allegro", "cogview3-plus") else "tiny"
-        pipe, kwargs = build_dit(name, seed=seed, size=size)
-        model, seen = pipe.transformer, []
-        handle = model.register_forward_pre_hook(
-            lambda module, args, kw, seen=seen: seen.append((args, kw)), with_kwargs=True)
-        # (Mochi's sigma schedule needs two steps at least)
-        pipe(num_inference_steps=1 if name != "mochi" else 2, output_type="latent",
-             **DIT_INFO[name].guidance_kwargs, **kwargs)
-        handle.remove()
-        args, kw = seen[random.Random(seed).randrange(len(seen))]  # the cond or the uncond call
-        call = dict(inspect.signature(model.forward).bind(*args, **kw).arguments)
-        cases[name] = (model, {k: v for k, v in call.items() if k != "return_dict"})
+        # the cond or the uncond call
+        cases[name] = _denoiser_call(name, seed, size, pick=random.Random(seed).randrange)
     # Lumina2 with texts of different lengths in one batch: its layers get an attention mask
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, random.Random(seed).randrange(1, 6):] = 0
@@ -204,18 +210,6 @@ def test_a_description_that_does_not_fit_is_refused_at_first_use(seed, monkeypat
     assert model.transformer_blocks is blocks  # the real blocks are back
 
 
-def _first_call(name, seed, size):
-    """(transformer, forward kwargs) of the first denoiser call of tiny pipeline ``name``."""
-    pipe, kwargs = build_dit(name, seed=seed, size=size)
-    model, seen = pipe.transformer, []
-    handle = model.register_forward_pre_hook(
-        lambda module, args, kw: seen.append((args, kw)), with_kwargs=True)
-    pipe(num_inference_steps=1, output_type="latent", **DIT_INFO[name].guidance_kwargs, **kwargs)
-    handle.remove()
-    call = dict(inspect.signature(model.forward).bind(*seen[0][0], **seen[0][1]).arguments)
-    return model, {k: v for k, v in call.items() if k != "return_dict"}
-
-
 def _controlnet_cases(seed):
     """Per family whose forward adds ControlNet residuals between blocks: (model, forward
     kwargs with random residuals). Flux: 3 dual- and 3 single-stream blocks, 1 to 3 residuals
@@ -223,13 +217,13 @@ def _controlnet_cases(seed):
     a residual after each block but the first."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     cases = {}
-    flux, kw = _first_call("flux-true-cfg", seed, "small")
+    flux, kw = _denoiser_call("flux-true-cfg", seed, "small")
     tokens = (*kw["hidden_states"].shape[:2], flux.inner_dim)
     cases["flux"] = (flux, dict(
         kw, controlnet_blocks_repeat=rng.choice([False, True]),
         controlnet_block_samples=[_randn(gen, *tokens) for _ in range(rng.randint(1, 3))],
         controlnet_single_block_samples=[_randn(gen, *tokens) for _ in range(rng.randint(1, 3))]))
-    qwen, kw = _first_call("qwen-image", seed, "small")
+    qwen, kw = _denoiser_call("qwen-image", seed, "small")
     tokens = (*kw["hidden_states"].shape[:2], qwen.inner_dim)
     cases["qwen-image"] = (qwen, dict(kw, controlnet_block_samples=[
         _randn(gen, *tokens) for _ in range(rng.randint(1, 3))]))

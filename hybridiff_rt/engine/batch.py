@@ -8,6 +8,7 @@ another leading size) is passed to both branches unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,6 +52,19 @@ def split_cfg_batch(value: Any, full_batch: int, frames: int = 1) -> tuple[Any, 
         pairs = [split_cfg_batch(v, full_batch, frames) for v in value]
         return (type(value)(p[0] for p in pairs), type(value)(p[1] for p in pairs))
     return value, value
+
+
+def on_batch_axis(fn: Callable[[Any], Any], value: Any, axis: int) -> Any:
+    """``fn(value)`` for a ``value`` whose batch axis is ``axis``: a tensor with more than
+    ``axis`` dimensions goes to ``fn`` with that axis moved first, and the tensors ``fn``
+    returns (one, or a tuple of them) come back with it moved back; anything else, and axis 0,
+    goes to ``fn`` as it is."""
+    if not axis or not isinstance(value, torch.Tensor) or value.dim() <= axis:
+        return fn(value)
+    out = fn(value.movedim(axis, 0))
+    if isinstance(out, tuple):
+        return tuple(part.movedim(0, axis) for part in out)
+    return out.movedim(0, axis)
 
 
 def join_cfg_batch(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedModelError
-from .batch import split_cfg_batch
+from .batch import on_batch_axis, split_cfg_batch
 
 #: Arguments that are per-token tables shared by every row of the batch (shape (N, ...) with N
 #: tokens, never (batch, ...)); they go to both branches unchanged whatever their length.
@@ -122,17 +122,9 @@ def split_branch_kwargs(kw: dict[str, Any], batch: int, frames: int = 1,
     per-frame conditioning) are split at the middle as well. The tensors named in ``axes``
     (:func:`batch_axes`) are split along their given axis instead of the first."""
     axes = axes or {}
-
-    def split(name: str, value: Any) -> tuple[Any, Any]:
-        if name in SHARED_ARGUMENTS:
-            return value, value
-        axis = axes.get(name, 0)
-        if axis and isinstance(value, torch.Tensor) and value.dim() > axis:
-            uncond, cond = split_cfg_batch(value.movedim(axis, 0), batch, frames)
-            return uncond.movedim(0, axis), cond.movedim(0, axis)
-        return split_cfg_batch(value, batch, frames)
-
-    pairs = {k: split(k, v) for k, v in kw.items()}
+    pairs = {k: (v, v) if k in SHARED_ARGUMENTS else
+             on_batch_axis(lambda v: split_cfg_batch(v, batch, frames), v, axes.get(k, 0))
+             for k, v in kw.items()}
     return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .batch import rows_per_item
+from .batch import on_batch_axis, rows_per_item
 
 
 def take_rows(value: Any, batch: int, start: int, stop: int, frames: int = 1) -> Any:
@@ -35,15 +35,9 @@ def take_branch_rows(kw: dict[str, Any], batch: int, start: int, stop: int, fram
     """:func:`take_rows` of each argument of a branch call ``kw``, the tensors named in ``axes``
     (``branch_layout.batch_axes``: argument -> batch axis) taken along that axis instead."""
     axes = axes or {}
-    taken = {}
-    for name, value in kw.items():
-        axis = axes.get(name, 0)
-        if axis and isinstance(value, torch.Tensor) and value.dim() > axis:
-            taken[name] = take_rows(value.movedim(axis, 0), batch, start, stop,
-                                    frames).movedim(0, axis)
-        else:
-            taken[name] = take_rows(value, batch, start, stop, frames)
-    return taken
+    return {k: on_batch_axis(lambda v: take_rows(v, batch, start, stop, frames), v,
+                             axes.get(k, 0))
+            for k, v in kw.items()}
 
 
 def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

@@ -242,7 +242,7 @@ class DiTContext(StageContext):
     forward_kwargs: dict[str, Any]
     carried: list[list[dict[str, tuple[str, bool]]]]
     kept: list[list[dict[str, str]]]
-    added: list[list[dict[str, torch.Tensor]]] = dataclasses.field(default_factory=list)
+    added: list[list[dict[str, torch.Tensor]]]
 
 
 class DiTBlock(Unit):
@@ -263,7 +263,7 @@ class DiTBlock(Unit):
         out = self.block(**kwargs)
         values = (out,) if len(self.returns) == 1 else tuple(out)
         new = dict(zip(self.returns, values))
-        for name, residual in (ctx.added[li][i].items() if ctx.added else ()):
+        for name, residual in ctx.added[li][i].items():
             new[name] = new[name] + residual
         riding.update({key: new[name] for name, key in ctx.kept[li][i].items()})
         return {**new, **riding}
