@@ -1,8 +1,9 @@
 """Two-call CFG: pipelines that call their denoiser once per guidance branch in each step.
 
-Wan, Lumina2, CogView4, Chroma, and Qwen-Image and Flux with ``true_cfg_scale > 1``, do not
-stack ``[uncond; cond]`` into one batch; each step calls the denoiser with the cond inputs and
-then again with the uncond inputs, and only after the second call combines the two predictions.
+Wan, Lumina2, CogView4, Chroma, Qwen-Image, Flux and HunyuanVideo with ``true_cfg_scale > 1``,
+and HunyuanVideo 1.5 through its ``ClassifierFreeGuidance`` guider, do not stack
+``[uncond; cond]`` into one batch; each step calls the denoiser with the cond inputs and then
+again with the uncond inputs, and only after the second call combines the two predictions.
 The protocol that lets rank 1 compute the cond call while rank 0 computes the uncond call, with
 the pipeline unchanged:
 
@@ -76,10 +77,48 @@ def _guidance_above_one(pipe: Any, args: dict[str, Any]) -> bool:
     return float(args.get("guidance_scale", 1.0)) > 1
 
 
-def _lumina2_untruncated(args: dict[str, Any], step: int) -> bool:
+def _lumina2_untruncated(pipe: Any, args: dict[str, Any], step: int) -> bool:
     """Lumina2's CFG truncation: step i makes its uncond call only while
     ``(i + 1) / num_inference_steps <= cfg_trunc_ratio``."""
     return (step + 1) / int(args["num_inference_steps"]) <= float(args["cfg_trunc_ratio"])
+
+
+def cfg_guider(pipe: Any) -> Any:
+    """``pipe.guider`` if it is diffusers' ``ClassifierFreeGuidance`` (exactly that class: its
+    ``prepare_inputs`` makes the cond batch, then the uncond batch, and its combination reads both
+    predictions only after both calls), the guider loop the verified guider pipelines are tested
+    with.
+
+    Raises:
+        UnsupportedModelError: another guider (adaptive projected, perturbed-attention or
+            skip-layer guidance, ...: other combinations, or more than two batches per step).
+    """
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    guider = getattr(pipe, "guider", None)
+    if type(guider) is not ClassifierFreeGuidance:
+        raise UnsupportedModelError(
+            f"{type(pipe).__name__}.guider is {type(guider).__name__}; hybridiff_rt splits guider "
+            "loops only with diffusers' ClassifierFreeGuidance (one cond and one uncond call per "
+            "step). Set pipe.guider = ClassifierFreeGuidance(guidance_scale=...), or run this "
+            "pipeline without hybridiff_rt")
+    return guider
+
+
+def _guider_enabled(pipe: Any, args: dict[str, Any]) -> bool:
+    """A guider pipeline's rule: guided while its guider is enabled (the loop's own test,
+    ``guider._enabled``); which steps are, the guider decides per step."""
+    return bool(getattr(cfg_guider(pipe), "_enabled", True))
+
+
+def _guider_step(pipe: Any, args: dict[str, Any], step: int) -> bool:
+    """Whether the guider makes two batches at this step (its state is set for the step before
+    the step's first call): not outside its ``start``/``stop`` fractions, nor at scale 1."""
+    return cfg_guider(pipe).num_conditions > 1
+
+
+def _guider_scale(pipe: Any, args: dict[str, Any]) -> Any:
+    return cfg_guider(pipe).guidance_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,22 +131,28 @@ class TwoCallLayout:
             (evaluated at its first denoiser call, when the pipeline has set its own state).
         scale_argument: the call argument holding the guidance scale (for the agreement check).
         experts: pipeline attributes of the denoisers the loop may call (all are proxied).
-        step_guided: ``step_guided(call_args, step)``: whether step ``step`` of a guided call
-            makes both calls (None: every step does); a step that does not makes one cond call,
-            run whole on every rank.
+        step_guided: ``step_guided(pipe, call_args, step)``: whether step ``step`` of a guided
+            call makes both calls (None: every step does), evaluated at the step's first call; a
+            step that does not makes one cond call, run whole on every rank.
         buffer_like_sample: the loop takes a view of the first call's result before the second
             call (image-conditioned edits slice off the reference image's tokens:
             ``noise_pred[:, :n]``). The deferred buffer is then allocated with the sample's
             shape, holds NaN until it is filled, and the prediction is copied into it, so that
             views taken of it see the prediction (the denoiser must predict the sample's shape).
+        scale_of: ``scale_of(pipe, call_args)``: the guidance scale, where it is not a call
+            argument (a guider's ``guidance_scale``); None: read ``scale_argument``.
+        check: ``check(pipe)`` at ``hr.parallelize``, raising UnsupportedModelError for a
+            pipeline of the class set up in a way the verification does not cover (None: none).
     """
 
     first_branch: str
     guided: Callable[[Any, dict[str, Any]], bool]
     scale_argument: str = "guidance_scale"
     experts: tuple[str, ...] = ("transformer",)
-    step_guided: Callable[[dict[str, Any], int], bool] | None = None
+    step_guided: Callable[[Any, dict[str, Any], int], bool] | None = None
     buffer_like_sample: bool = False
+    scale_of: Callable[[Any, dict[str, Any]], Any] | None = None
+    check: Callable[[Any], Any] | None = None
 
 
 _WAN = TwoCallLayout("cond", _pipeline_flag, experts=("transformer", "transformer_2"))
@@ -119,6 +164,9 @@ _FLUX = TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
 _QWEN_EDIT = dataclasses.replace(_QWEN, buffer_like_sample=True)
 _FLUX_KONTEXT = dataclasses.replace(_FLUX, buffer_like_sample=True)
 _FLUX2_KLEIN = TwoCallLayout("cond", _pipeline_flag, buffer_like_sample=True)
+# a diffusers guider's loop: one call per batch its prepare_inputs makes, combined by the guider
+_CFG_GUIDER = TwoCallLayout("cond", _guider_enabled, step_guided=_guider_step,
+                            scale_of=_guider_scale, check=cfg_guider)
 
 #: Pipeline classes whose loops were verified (tests/test_dit_pipelines.py): the first call's
 #: result is not read before the second call returns (or, with ``buffer_like_sample``, only
@@ -127,6 +175,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "WanPipeline": _WAN,
     "WanImageToVideoPipeline": _WAN,
     "WanVideoToVideoPipeline": TwoCallLayout("cond", _pipeline_flag),
+    "LucyEditPipeline": _WAN,
     "QwenImagePipeline": _QWEN,
     "QwenImageImg2ImgPipeline": _QWEN,
     "QwenImageInpaintPipeline": _QWEN,
@@ -139,6 +188,8 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "FluxImg2ImgPipeline": _FLUX,
     "FluxInpaintPipeline": _FLUX,
     "FluxControlNetPipeline": _FLUX,
+    "HunyuanVideoPipeline": _FLUX,
+    "HunyuanVideo15Pipeline": _CFG_GUIDER,
     "FluxKontextPipeline": _FLUX_KONTEXT,
     "FluxKontextInpaintPipeline": _FLUX_KONTEXT,
     "Flux2KleinPipeline": _FLUX2_KLEIN,
@@ -167,7 +218,7 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
         "HeliosPyramidPipeline", "JoyImageEditPipeline", "Kandinsky5I2IPipeline",
         "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5T2VPipeline",
         "Kandinsky6TI2VAPipeline", "LongCatAudioDiTPipeline", "LongCatImageEditPipeline",
-        "LongCatImagePipeline", "LucyEditPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+        "LongCatImagePipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
         "WanAnimatePipeline", "WanVACEPipeline")
 }
@@ -178,12 +229,16 @@ def two_call_layout(pipe: Any) -> TwoCallLayout | None:
     two-call pipeline.
 
     Raises:
-        UnsupportedModelError: a pipeline known (or, from a ``true_cfg_scale`` argument, seen) to
-            call its denoiser once per branch whose loop is not verified.
+        UnsupportedModelError: a pipeline known (or, from a ``true_cfg_scale`` argument or a
+            guider among its components, seen) to call its denoiser once per branch whose loop
+            is not verified.
     """
     name = type(pipe).__name__
     if name in TWO_CALL_PIPELINES:
-        return TWO_CALL_PIPELINES[name]
+        layout = TWO_CALL_PIPELINES[name]
+        if layout.check is not None:
+            layout.check(pipe)
+        return layout
     why = UNVERIFIED_TWO_CALL.get(name)
     base = next((c.__name__ for c in type(pipe).__mro__[1:]
                  if c.__name__ in TWO_CALL_PIPELINES or c.__name__ in UNVERIFIED_TWO_CALL), None)
@@ -191,12 +246,26 @@ def two_call_layout(pipe: Any) -> TwoCallLayout | None:
         why = f"it subclasses {base}, and a subclass's loop is not the verified one"
     if why is None and "true_cfg_scale" in _call_parameters(pipe):
         why = "it takes true_cfg_scale (one denoiser call per guidance branch)"
+    guiders = guider_components(pipe)
+    if why is None and guiders:
+        why = (f"it guides through a diffusers guider ({', '.join(guiders)}: one denoiser call "
+               "per guidance batch, combined by the guider), a loop not verified")
     if why is not None:
         raise UnsupportedModelError(
             f"{name} calls its denoiser once per guidance branch and {why}; hybridiff_rt splits "
             f"such pipelines only where their loop is verified ({', '.join(TWO_CALL_PIPELINES)}). "
             "Run it without hybridiff_rt, or without guidance")
     return None
+
+
+def guider_components(pipe: Any) -> list[str]:
+    """The constructor parameters of ``pipe``'s class that take a diffusers guider (named
+    ``guider`` or ``*_guider``: HunyuanImage, HunyuanVideo 1.5, Motif-Video), in order."""
+    try:
+        params = inspect.signature(type(pipe).__init__).parameters
+    except (TypeError, ValueError):
+        return []
+    return [name for name in params if name == "guider" or name.endswith("_guider")]
 
 
 def _call_parameters(pipe: Any) -> set[str]:
@@ -258,7 +327,7 @@ class TwoCallSteps:
             self.guided = bool(self.layout.guided(self.adapter.pipe, self.call_args))
         step = engine._next_step
         truncated = (self.guided and self.pending is None and self.layout.step_guided is not None
-                     and not self.layout.step_guided(self.call_args, step))
+                     and not self.layout.step_guided(self.adapter.pipe, self.call_args, step))
         if not self.guided or truncated:
             return engine.serial_step(
                 kw, step=step, num_steps=self.adapter._planned_calls() if step == 0 else None,
@@ -303,7 +372,9 @@ class TwoCallSteps:
                 "expert, sample or timestep); the two-call protocol does not hold")
         cond_kw, uncond_kw = ((first_kw, kw) if self.layout.first_branch == "cond"
                               else (kw, first_kw))
-        scale = self.call_args.get(self.layout.scale_argument)
+        scale = (self.layout.scale_of(self.adapter.pipe, self.call_args)
+                 if self.layout.scale_of is not None
+                 else self.call_args.get(self.layout.scale_argument))
         uncond, cond = engine.predict_branches(
             uncond_kw, cond_kw, guidance_scale=guidance_value(scale),
             step=step, num_steps=self.adapter._planned_calls() if step == 0 else None,

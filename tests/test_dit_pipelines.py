@@ -67,7 +67,8 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "flux-controlnet": "reuse", "qwen-image-controlnet": "off",
                 "sana-controlnet": "reuse", "qwen-image-controlnet-inpaint": "reuse",
                 "cogvideox": "off", "ltx-video": "reuse", "mochi": "off", "allegro": "reuse",
-                "cogview3-plus": "off", "lumina-next": "reuse"}
+                "cogview3-plus": "off", "lumina-next": "reuse", "lucy-edit": "off",
+                "hunyuan-video": "reuse", "hunyuan-video15": "off"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
@@ -76,7 +77,12 @@ PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
 UNGUIDED_CALL = {"flux-true-cfg": {"true_cfg_scale": 1.0}, "flux-kontext": {"true_cfg_scale": 1.0},
                  "ovis-image": {"guidance_scale": 1.0},
                  "krea2": {"guidance_scale": 0.0}, "nucleus-moe": {"guidance_scale": 1.0},
-                 "flux2-klein": {"guidance_scale": 1.0}}
+                 "flux2-klein": {"guidance_scale": 1.0}, "hunyuan-video": {"true_cfg_scale": 1.0}}
+#: ClassifierFreeGuidance settings of the guider pipeline (HunyuanVideo 1.5) and the modes of
+#: its STEPS_K0 = 3 steps: start 0.34 skips step 0 (int(0.34 * 3) = 1), disabled skips all
+GUIDER_VARIANTS = {"guider-late-start": {"guidance_scale": 6.0, "start": 0.34},
+                   "guider-disabled": {"guidance_scale": 6.0, "enabled": False}}
+GUIDER_MODES = {"guider-late-start": ["serial", "cbp", "cbp"], "guider-disabled": ["serial"] * 3}
 #: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
 #: difference relative to the largest magnitude of the plain result (random models drive the
 #: latents to magnitudes of hundreds; measured: 3e-7 of that for Sana, up to 2.3e-5 for the
@@ -229,6 +235,18 @@ def _rank_dit(rank, seed):
                 cell["unguided_plain"] = _call(pipe, name, kwargs, STEPS_K0, seed,
                                                **UNGUIDED_CALL[name])
         results[name] = cell
+    # a guider that makes one batch at some steps (a late start) or at all (disabled): those
+    # steps make one call, which every rank runs whole
+    from diffusers import ClassifierFreeGuidance
+
+    for key, guider in GUIDER_VARIANTS.items():
+        pipe, kwargs = build_dit("hunyuan-video15", seed=seed)
+        pipe.guider = ClassifierFreeGuidance(**guider)
+        runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
+        got = _call(runner, "hunyuan-video15", kwargs, STEPS_K0, seed)
+        modes = list(hr.last_report(runner).modes)
+        pipe = runner.restore()
+        results[key] = (got, _call(pipe, "hunyuan-video15", kwargs, STEPS_K0, seed), modes)
     # a denoiser with a second output cannot be split: refused at step 0 on every rank
     torch.manual_seed(seed)
     den = hr.HybridDenoiser(TwoOutputs(), hr.HybridConfig(k=0))
@@ -407,6 +425,19 @@ def test_unguided_calls_run_whole_on_every_rank(ranks, name):
     np.testing.assert_array_equal(a["unguided"], a["unguided_plain"])
     assert a["unguided_report"]["modes"] == ["serial"] * STEPS_K0
     assert not np.array_equal(a["unguided"], a["k0"])  # guidance changed the result
+
+
+@pytest.mark.parametrize("key", list(GUIDER_VARIANTS))
+def test_guider_steps_with_one_batch_run_whole_on_every_rank(ranks, key):
+    """HunyuanVideo 1.5's guider decides per step whether the step makes one or two calls: the
+    steps it leaves unguided (before its ``start``; all, when disabled) run whole on every rank,
+    the others CBP, and the output equals the plain pipeline bit for bit."""
+    seed, (r0, r1) = ranks
+    assert np.array_equal(r0[key][0], r1[key][0])
+    for got, plain, modes in (r0[key], r1[key]):
+        np.testing.assert_array_equal(got, plain, err_msg=f"{key} seed {seed}")
+        assert modes == GUIDER_MODES[key]
+    assert not np.array_equal(r0[key][0], r0["hunyuan-video15"]["k0"])
 
 
 def test_a_prediction_not_shaped_like_the_sample_is_an_error_where_the_loop_slices(ranks):

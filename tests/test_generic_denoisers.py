@@ -82,14 +82,15 @@ def _dit_cases(seed):
     # dual-stream (and AuraFlow's, Chroma's and Flux 2's dual- then single-stream, Chroma's
     # per-block modulation, Lumina2's refiners before its layers, HunyuanDiT's long skip
     # connections, its sample and timestep passed positionally; the video DiTs CogVideoX, LTX,
-    # Mochi, Allegro): inputs as their pipelines make them
+    # Mochi, Allegro, HunyuanVideo and 1.5): inputs as their pipelines make them
     # (CogView4: the uncond call's text is longer than the cond call's, a layout of its own)
     for name in ("qwen-image", "flux-true-cfg", "cogview4", "auraflow", "lumina2", "chroma",
                  "hunyuan-dit", "skyreels-v2", "ovis-image", "krea2", "nucleus-moe",
                  "wan2.1-i2v-clip", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
-                 "cogview3-plus", "lumina-next"):
+                 "cogview3-plus", "lumina-next", "hunyuan-video", "hunyuan-video15"):
         size = "small" if name in ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi",
-                                   "allegro", "cogview3-plus") else "tiny"
+                                   "allegro", "cogview3-plus", "hunyuan-video",
+                                   "hunyuan-video15") else "tiny"
         # the cond or the uncond call
         cases[name] = _denoiser_call(name, seed, size, pick=random.Random(seed).randrange)
     # Lumina2 with texts of different lengths in one batch: its layers get an attention mask
@@ -288,6 +289,55 @@ def test_class_conditional_dit_is_staged_though_its_forward_reads_block_0(seed):
                for block in model.transformer_blocks)  # the real blocks are back
 
 
+class _ArgsBlock(torch.nn.Module):
+    """A block that takes more positional values than it names (``*args``), as HunyuanVideo's
+    blocks do; this one uses them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden_states, temb, *args):
+        scale, shift = args
+        return self.lin(hidden_states) * scale + temb + shift
+
+
+class ToyArgsDiT(torch.nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_ArgsBlock() for _ in range(layers))
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden_states, timestep, return_dict=True):
+        temb = timestep[:, None, None] * 0.01
+        for i, block in enumerate(self.blocks):
+            hidden_states = block(hidden_states, temb, 1.0 + 0.5 * i, temb * i)
+        return (self.proj(hidden_states),)
+
+
+def test_blocks_given_values_through_their_star_args_get_them_back_at_every_cut(seed,
+                                                                                 monkeypatch):
+    """A block call's ``*args`` values are recorded with its other context and passed again,
+    after the named parameters, when its unit runs (HunyuanVideo's blocks are called so)."""
+    from hybridiff_rt.stages import dit
+
+    monkeypatch.setitem(dit.DIT_FAMILIES, "ToyArgsDiT", dit.DiTFamily(blocks=("blocks",)))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = ToyArgsDiT(random.Random(seed).randint(2, 4))
+    kw = {"hidden_states": _randn(gen, 2, 5, 8), "timestep": torch.rand(2, generator=gen)}
+    staged = hr.stage_denoiser(model)
+    with torch.no_grad():
+        expected = model(**kw)[0]
+        ctx = staged.prepare(**kw)
+        assert [call[dit.VAR_POSITIONAL][0] for call in ctx.block_kwargs[0]] == [
+            1.0 + 0.5 * i for i in range(len(model.blocks))]
+        for cut in range(1, len(staged.units)):
+            boundary = staged.run(ctx.initial_state, ctx, 0, cut)
+            got = staged.finish(staged.run(boundary, staged.prepare(**kw), cut, None), ctx)
+            assert torch.equal(got, expected), f"seed {seed}, cut {cut}"
+
+
 def test_controlnet_residuals_the_forward_applies_otherwise_are_refused(seed):
     """HunyuanDiT adds its ControlNet residuals to the long skip connections (popping them off
     the caller's list) and Chroma writes its single-stream ones into a slice in place: refused
@@ -440,6 +490,60 @@ def test_unverified_two_call_pipelines_are_refused_at_parallelize(seed):
 
     with pytest.raises(hr.UnsupportedModelError, match="takes true_cfg_scale"):
         hr.parallelize(TrueCfgSomething())
+
+
+def test_pipelines_that_guide_through_a_diffusers_guider_are_refused_at_parallelize(seed):
+    """A guider (diffusers.guiders) runs the denoiser once per guidance batch and combines the
+    batches itself: every diffusers pipeline class built with one whose loop is not verified is
+    refused by name, as is a user's pipeline that takes a ``*_guider``; nothing is wrapped."""
+    import diffusers
+
+    from hybridiff_rt.two_call import TWO_CALL_PIPELINES, guider_components, two_call_layout
+
+    classes = [getattr(diffusers, n) for n in dir(diffusers) if n.endswith("Pipeline")]
+    with_guider = [c for c in classes if isinstance(c, type)
+                   and guider_components(object.__new__(c))
+                   and c.__name__ not in TWO_CALL_PIPELINES]
+    assert {"HunyuanImagePipeline", "HunyuanVideo15ImageToVideoPipeline"} <= {
+        c.__name__ for c in with_guider}
+    for cls in with_guider:
+        with pytest.raises(hr.UnsupportedModelError, match=f"{cls.__name__} calls its denoiser "
+                           "once per guidance branch and it guides through a diffusers guider"):
+            two_call_layout(object.__new__(cls))
+    flux = build_dit("flux-true-cfg", seed=seed)[0]
+
+    class MyGuided:
+        def __init__(self, transformer, style_guider=None):
+            self.transformer, self.style_guider = transformer, style_guider
+
+        def __call__(self, prompt=None):
+            raise AssertionError("never called")
+
+    with pytest.raises(hr.UnsupportedModelError, match=r"diffusers guider \(style_guider"):
+        hr.parallelize(MyGuided(flux.transformer))
+    assert "forward" not in vars(flux.transformer)  # nothing was wrapped
+
+
+def test_a_verified_guider_pipeline_with_another_guider_is_refused(seed):
+    """HunyuanVideo 1.5 is verified with ClassifierFreeGuidance: another guider (other
+    combinations, or more batches per step) is refused at parallelize, and one swapped in
+    afterwards at the first denoiser call; both name the guider and the fix."""
+    from diffusers.guiders import AdaptiveProjectedGuidance, PerturbedAttentionGuidance
+
+    pipe, kwargs = build_dit("hunyuan-video15", seed=seed)
+    cfg = pipe.guider
+    pipe.guider = AdaptiveProjectedGuidance(guidance_scale=6.0)
+    with pytest.raises(hr.UnsupportedModelError,
+                       match="guider is AdaptiveProjectedGuidance; .* Set pipe.guider = "
+                             r"ClassifierFreeGuidance\(guidance_scale=...\)"):
+        hr.parallelize(pipe)
+    assert "forward" not in vars(pipe.transformer)  # nothing was wrapped
+    pipe.guider = cfg
+    runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
+    pipe.guider = PerturbedAttentionGuidance(guidance_scale=6.0, perturbed_guidance_layers=[0])
+    with pytest.raises(hr.UnsupportedModelError, match="guider is PerturbedAttentionGuidance"):
+        runner(**kwargs, num_inference_steps=2, output_type="latent")
+    runner.restore()
 
 
 def test_every_pipeline_named_in_the_two_call_lists_is_a_diffusers_pipeline():

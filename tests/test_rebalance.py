@@ -24,7 +24,9 @@ report says why; with the default (off) every run keeps the first run's cut.
 
 Four CPU ranks, both layouts (two images: two 2-stage pair chains; one image: one 4-stage chain):
 the ranks of each chain cut and re-plan alike, every rank returns the same latents, and each
-chain's first stage gives up units after the slow run.
+chain's first stage gives up units after the slow run, unless it already held only ``conv_in`` and
+one other unit: then the report must show the cut kept because no candidate was worth
+``min_gain`` less.
 
 ``bench/rebalance_sim.py`` runs and writes its table; each row keeps the bound the rule promises.
 """
@@ -304,11 +306,29 @@ def _assert_stage_0_gave_up_units(runs):
     assert last["cuts"] == cuts[-2]  # what the last run learned from: the run before it
     assert last["measured_stage_ms"][0] >= SLEEP_S * 1e3
     assert last["measured_stage_ms"][0] > last["eager_stage_ms"][0] + 0.5 * SLEEP_S * 1e3
+    if cuts[-1][1] <= 2 and all(c == cuts[0] for c in cuts):
+        _assert_kept_for_want_of_gain(runs[-1])
+        return
     assert cuts[-1][1] < max(c[1] for c in cuts[1:-1]), cuts
     assert cuts[-1] != cuts[-2] or not last["changed"]
     changes = [n for run in runs for n in run["notes"]
                if n.startswith("stage cut re-planned from measured stage times: ")]
     assert changes, [run["notes"] for run in runs]
+
+
+def _assert_kept_for_want_of_gain(run):
+    """The one way stage 0 may keep its units: it already holds no more than ``conv_in`` (the
+    slow unit, never movable) and one other, so handing that other unit on saves its few
+    milliseconds against ``SLEEP_S``, below ``min_gain`` (seen on four loaded ranks: cut
+    (0, 2, 7, 10, 12) in every run). The rule must then have said so: not changed, with every
+    candidate it weighed worth no more than ``min_gain`` less than the cut kept."""
+    info = run["rebalance"]
+    assert not info["changed"], info
+    kept = info["worth_ms"][",".join(map(str, run["cuts"]))]
+    others = [w for c, w in info["worth_ms"].items() if c != ",".join(map(str, run["cuts"]))]
+    assert all(w * (1.0 + info["min_gain"]) >= kept for w in others), info
+    assert not any(n.startswith("stage cut re-planned from measured stage times: ")
+                   for n in run["notes"]), run["notes"]
 
 
 def test_the_simulation_benchmark_writes_its_rows(tmp_path):

@@ -348,6 +348,22 @@ def _rank_engine(rank, seed):
         _call(den, step, i, len(steps), w)
     results["setup_link"] = den.report.to_dict()["extra"]["pipeline"]
 
+    # guidance that starts late (a guider's start, a custom loop's choice): steps 0 and 1 run
+    # whole (serial_step), steps 2 and 3 CBP; each agreement round of the run has its own key
+    den = hr.HybridDenoiser(model, hr.HybridConfig(k=0))
+    steps = _inputs(seed + 5, 4)
+    exact = []
+    for i, step in enumerate(steps):
+        if i < 2:
+            out = den.serial_step(dict(sample=step["sample"], timestep=step["timestep"],
+                                       **step["cond"], return_dict=False),
+                                  step=i, num_steps=4 if i == 0 else None, reason="unguided")
+            exact.append(torch.equal(out[0], _direct(model, step, "cond")))
+        else:
+            u, c = _direct(model, step, "uncond"), _direct(model, step, "cond")
+            exact.append(torch.equal(_call(den, step, i, None, w), u + w * (c - u)))
+    results["late_guidance"] = dict(exact=exact, modes=den.report.to_dict()["modes"])
+
     # a NaN in the cond branch at step 1: rank 1 computes it, both ranks raise
     den = hr.HybridDenoiser(model, hr.HybridConfig(k=0))
     steps = _inputs(seed + 4, 2)
@@ -406,6 +422,17 @@ def test_pipelined_steps_equal_a_one_process_stale_emulation_bit_for_bit(two_ran
             report["extra"]["pipeline"]["unit_names"])
     for a, b in zip(ranks[0]["hybrid"]["guided"], ranks[1]["hybrid"]["guided"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_guidance_that_starts_after_serial_steps_agrees_again_and_runs_cbp(two_ranks):
+    """A run whose first steps are unguided (serial_step: agreed without guidance) agrees again
+    at its first guided step, under a key of its own; before, both rounds shared one key and a
+    rank could read its peer's first round (all fields "differed")."""
+    seed, ranks = two_ranks
+    for rank, results in enumerate(ranks):
+        r = results["late_guidance"]
+        assert r["exact"] == [True] * 4, f"seed {seed} rank {rank}: {r['exact']}"
+        assert r["modes"] == ["serial", "serial", "cbp", "cbp"]
 
 
 def test_a_link_measured_at_transport_set_up_is_used_without_probing_again(two_ranks):

@@ -220,6 +220,7 @@ class HybridDenoiser:
         self._next_step = 0
         self._pipeline_builds = 0  # stage pipelines set up in this run (their store keys)
         self._agreed = False
+        self._agreements = 0  # agreement rounds in this run (their store keys)
         self._last_difference: torch.Tensor | None = None
         self._context = dict(context or {})
 
@@ -469,9 +470,13 @@ class HybridDenoiser:
         }
 
     def _check_agreement(self, fields: Kwargs) -> None:
+        """Every rank's ``fields`` compared. A run may hold more than one round: its first
+        (serial) steps agree without guidance, and its first guided step agrees again before
+        anything collective is set up; each round has its own store key."""
         check_agreement(default_store(), self.rank, self.world_size,
-                        f"hybridiff_rt/agree/{self._instance}/{self._run_index}", fields,
-                        self.cfg.handshake_timeout_s)
+                        f"hybridiff_rt/agree/{self._instance}/{self._run_index}/"
+                        f"{self._agreements}", fields, self.cfg.handshake_timeout_s)
+        self._agreements += 1
         self._agreed = True
 
     def _stage_or_note(self, model: torch.nn.Module) -> StagedDenoiser | None:

@@ -162,6 +162,14 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     "CogView3PlusTransformer2DModel": DiTFamily(
         blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
         returns=("hidden_states", "encoder_hidden_states")),
+    # dual-stream, then single-stream blocks that take and return both streams too
+    "HunyuanVideoTransformer3DModel": DiTFamily(
+        blocks=("transformer_blocks", "single_transformer_blocks"),
+        flow=("hidden_states", "encoder_hidden_states"),
+        returns=("hidden_states", "encoder_hidden_states")),
+    "HunyuanVideo15Transformer3DModel": DiTFamily(
+        blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
+        returns=("hidden_states", "encoder_hidden_states")),
     # ... and image-stream blocks with cross-attention to the fixed text
     "LTXVideoTransformer3DModel": DiTFamily(blocks=("transformer_blocks",)),
     "AllegroTransformer3DModel": DiTFamily(blocks=("transformer_blocks",)),
@@ -186,6 +194,21 @@ def _layout(value: Any) -> tuple:
 def _block_output(values: tuple) -> Any:
     """``values`` as a block returns them: the tensor itself for one name, else the tuple."""
     return values[0] if len(values) == 1 else values
+
+
+#: the key of a block call's ``*args`` values among its recorded arguments (not an identifier,
+#: so no parameter can have it)
+VAR_POSITIONAL = "*args"
+
+
+def _named_before_var_positional(block: torch.nn.Module) -> list[str]:
+    """The parameters of ``block.forward`` before its ``*args``, in order."""
+    names = []
+    for name, param in inspect.signature(block.forward).parameters.items():
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            return names
+        names.append(name)
+    return names
 
 
 def dit_family(model: torch.nn.Module) -> DiTFamily | None:
@@ -260,7 +283,12 @@ class DiTBlock(Unit):
         riding = {k: v for k, v in state.items() if k not in self.flow}  # carried outputs
         for argument, (key, last_use) in ctx.carried[li][i].items():
             kwargs[argument] = riding.pop(key) if last_use else riding[key]
-        out = self.block(**kwargs)
+        extra = kwargs.pop(VAR_POSITIONAL, ())
+        if extra:  # the named parameters before *args go positionally, then *args
+            before = _named_before_var_positional(self.block)
+            out = self.block(*(kwargs.pop(k) for k in before), *extra, **kwargs)
+        else:
+            out = self.block(**kwargs)
         values = (out,) if len(self.returns) == 1 else tuple(out)
         new = dict(zip(self.returns, values))
         for name, residual in ctx.added[li][i].items():
@@ -382,7 +410,8 @@ class StagedDiT(StagedDenoiser):
                 model._modules[attr] = blocks
 
     def _bind_block_call(self, li: int, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """A block call's arguments by parameter name (``**kwargs`` of the block expanded)."""
+        """A block call's arguments by parameter name (``**kwargs`` of the block expanded, the
+        values its ``*args`` took, if any, under :data:`VAR_POSITIONAL`)."""
         block = self._lists[li][1][0]
         signature = self._block_signatures[li]
         bound = signature.bind(block, *args, **kwargs).arguments
@@ -394,8 +423,8 @@ class StagedDiT(StagedDenoiser):
             if kind is inspect.Parameter.VAR_KEYWORD:
                 named.update(value)
             elif kind is inspect.Parameter.VAR_POSITIONAL:
-                raise UnsupportedModelError(f"{type(block).__name__} takes *args; the DiT adapter "
-                                            "needs blocks called with named arguments")
+                if value:  # passed positionally after the named ones (HunyuanVideo's blocks)
+                    named[VAR_POSITIONAL] = value
             else:
                 named[name] = value
         missing = [k for k in self._flows[li] if k not in named]

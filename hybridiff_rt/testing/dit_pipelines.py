@@ -565,6 +565,23 @@ def wan21_v2v(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), dict(kwargs, video=video, strength=0.6)
 
 
+def lucy_edit(seed: int = 0, size: str = "tiny"):
+    """LucyEditPipeline (video editing on a Wan transformer: the edited video's latents are
+    concatenated to the noise in every call, 4 + 4 input channels), a tiny ``AutoencoderKLWan``
+    encoding ``video`` (5 frames of 64 px, seeded noise) -> 2 x 8 x 8 latents, UniPC."""
+    from diffusers import LucyEditPipeline
+
+    with seeded(seed):
+        autoencoder = wan_vae()
+        transformer = wan_transformer(size, in_channels=8)
+    pipe = LucyEditPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
+                            transformer=transformer, scheduler=_flow_unipc(3.0))
+    kwargs = _video_call(seed)
+    gen = torch.Generator().manual_seed(seed + 6)
+    video = [_random_picture(gen, kwargs["height"]) for _ in range(kwargs["num_frames"])]
+    return _finish(pipe), dict(kwargs, video=video)
+
+
 def lumina2(seed: int = 0, size: str = "tiny"):
     """Lumina2Pipeline (Lumina-Image 2.0: two calls per step, CFG renormalised, and truncated to
     cond-only calls after ``cfg_trunc_ratio`` of the steps), 64 px -> 8 x 8 latents."""
@@ -758,6 +775,69 @@ def flux(seed: int = 0, size: str = "tiny"):
               "negative_prompt_embeds": _embeds(gen, 1, 6, 32),
               "negative_pooled_prompt_embeds": torch.randn(1, 32, generator=gen),
               "height": 64, "width": 64}
+    return _finish(pipe), kwargs
+
+
+def hunyuan_video(seed: int = 0, size: str = "tiny"):
+    """HunyuanVideoPipeline (dual- then single-stream blocks, a token refiner on the text, a
+    guidance embedding; true CFG when ``true_cfg_scale > 1`` and negative embeddings are given),
+    5 frames of 32 px -> 2 x 4 x 4 latents of 4 channels (vae=None: 4x temporal and 8x spatial
+    compression); the negative prompt's last two tokens masked out."""
+    from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+
+    layers = {"tiny": 1, "small": 3}[size]
+    with seeded(seed):
+        transformer = HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+            num_layers=layers, num_single_layers=layers, num_refiner_layers=1, patch_size=1,
+            patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
+    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer,
+                                vae=None, scheduler=flow_match_scheduler(), text_encoder_2=None,
+                                tokenizer_2=None)
+    kwargs = _masked_embeds(seed, 6, 16)
+    kwargs["negative_prompt_attention_mask"][:, -2:] = 0
+    gen = torch.Generator().manual_seed(seed + 2)
+    return _finish(pipe), dict(kwargs, negative_prompt=None,
+                               pooled_prompt_embeds=torch.randn(1, 8, generator=gen),
+                               negative_pooled_prompt_embeds=torch.randn(1, 8, generator=gen),
+                               height=32, width=32, num_frames=5)
+
+
+def hunyuan_video15(seed: int = 0, size: str = "tiny"):
+    """HunyuanVideo15Pipeline (text-to-video; dual-stream blocks on the noise, zero condition
+    latents and a mask, 4 + 4 + 1 input channels; the text of two encoders and 729 masked-out
+    image tokens joined into one context), guided by a ``ClassifierFreeGuidance`` guider at
+    scale 6, 5 frames of 64 px -> 2 x 4 x 4 latents (a tiny ``AutoencoderKLHunyuanVideo15``,
+    16x spatial compression, which only its configuration is read of); the negative prompt's
+    last two tokens masked out."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+
+    with seeded(seed):
+        autoencoder = AutoencoderKLHunyuanVideo15(
+            latent_channels=4, block_out_channels=(32,) * 5, layers_per_block=1)
+        transformer = HunyuanVideo15Transformer3DModel(
+            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+            num_layers={"tiny": 2, "small": 4}[size], num_refiner_layers=1, text_embed_dim=16,
+            text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4), target_size=64,
+            task_type="t2v")
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer, vae=autoencoder,
+        scheduler=flow_match_scheduler(), text_encoder_2=None, tokenizer_2=None,
+        guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = {"prompt": None, "negative_prompt": None, "height": 64, "width": 64,
+              "num_frames": 5}
+    for prefix in ("", "negative_"):
+        kwargs[prefix + "prompt_embeds"] = _embeds(gen, 1, 6, 16)
+        kwargs[prefix + "prompt_embeds_mask"] = torch.ones(1, 6)
+        kwargs[prefix + "prompt_embeds_2"] = _embeds(gen, 1, 4, 8)
+        kwargs[prefix + "prompt_embeds_mask_2"] = torch.ones(1, 4)
+    kwargs["negative_prompt_embeds_mask"][:, -2:] = 0
     return _finish(pipe), kwargs
 
 
@@ -1117,6 +1197,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("wan2.1-i2v-clip", wan21_i2v_clip),
     ("skyreels-v2", skyreels_v2),
     ("skyreels-v2-i2v", skyreels_v2_i2v),
+    ("lucy-edit", lucy_edit),
     ("lumina2", lumina2),
     ("qwen-image", qwen_image),
     ("qwen-image-controlnet", qwen_image_controlnet),
@@ -1125,6 +1206,8 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("qwen-image-edit-plus", qwen_image_edit_plus),
     ("flux-true-cfg", flux),
     ("flux-controlnet", flux_controlnet),
+    ("hunyuan-video", hunyuan_video),
+    ("hunyuan-video15", hunyuan_video15),
     ("flux-kontext", flux_kontext),
     ("flux2-klein", flux2_klein),
     ("ovis-image", ovis_image),
@@ -1159,6 +1242,7 @@ DIT_INFO: dict[str, DiTInfo] = {
     "skyreels-v2": DiTInfo("SkyReelsV2Pipeline", "two-call", {"guidance_scale": 6.0}),
     "skyreels-v2-i2v": DiTInfo("SkyReelsV2ImageToVideoPipeline", "two-call",
                                {"guidance_scale": 5.0}),
+    "lucy-edit": DiTInfo("LucyEditPipeline", "two-call", {"guidance_scale": 5.0}),
     # with 3 steps, steps 0 and 1 make two calls, step 2 one: (2 + 1) / 3 > 0.7
     "lumina2": DiTInfo("Lumina2Pipeline", "two-call", {"guidance_scale": 4.0,
                                                        "cfg_trunc_ratio": 0.7}),
@@ -1171,6 +1255,9 @@ DIT_INFO: dict[str, DiTInfo] = {
     "qwen-image-edit-plus": DiTInfo("QwenImageEditPlusPipeline", "two-call",
                                     {"true_cfg_scale": 4.0}),
     "flux-true-cfg": DiTInfo("FluxPipeline", "two-call", {"true_cfg_scale": 4.0}),
+    "hunyuan-video": DiTInfo("HunyuanVideoPipeline", "two-call", {"true_cfg_scale": 4.0}),
+    # the guidance scale is the guider's (6.0), not a call argument
+    "hunyuan-video15": DiTInfo("HunyuanVideo15Pipeline", "two-call", {}),
     "flux-controlnet": DiTInfo("FluxControlNetPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-kontext": DiTInfo("FluxKontextPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux2-klein": DiTInfo("Flux2KleinPipeline", "two-call", {"guidance_scale": 4.0}),
