@@ -138,7 +138,15 @@ class SwitchSchedule:
         self._end_steps_before(i)
         if self.k == 0 or self.tau1 is None:
             return MODE_CBP
-        return MODE_PIPELINE if self.tau1 < i <= self.tau1 + self.k else MODE_CBP
+        return MODE_PIPELINE if self.tau1 < i <= self.tau2 else MODE_CBP
+
+    def end_pipelining(self, i: int) -> None:
+        """No pipelined step from step ``i`` on: ``tau2`` becomes ``i - 1`` if it was later (the
+        run's inputs changed shape inside the pipelined phase, so its stale activations no
+        longer fit). Steps after ``tau2`` run CBP as usual."""
+        i = self._check_step(i, "end_pipelining")
+        if self.tau2 is not None and self.tau2 >= i:
+            self.tau2 = max(i - 1, self.tau1)
 
     def finish(self) -> None:
         """End every step of the run (call after the last step). Only matters when the cap step

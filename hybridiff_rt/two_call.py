@@ -176,6 +176,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "WanImageToVideoPipeline": _WAN,
     "WanVideoToVideoPipeline": TwoCallLayout("cond", _pipeline_flag),
     "LucyEditPipeline": _WAN,
+    "ChronoEditPipeline": TwoCallLayout("cond", _pipeline_flag),
     "QwenImagePipeline": _QWEN,
     "QwenImageImg2ImgPipeline": _QWEN,
     "QwenImageInpaintPipeline": _QWEN,
@@ -211,7 +212,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
 #: pipeline taking ``true_cfg_scale`` is refused likewise.
 UNVERIFIED_TWO_CALL: dict[str, str] = {
     name: "its two-call loop is not verified by a test" for name in (
-        "BriaFibo2Pipeline", "ChromaInpaintPipeline", "ChronoEditPipeline",
+        "BriaFibo2Pipeline", "ChromaInpaintPipeline",
         "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline",
         "Cosmos2_5_TransferPipeline", "Cosmos3OmniPipeline", "CosmosTextToWorldPipeline",
         "CosmosVideoToWorldPipeline", "GlmImagePipeline", "HeliosPipeline",

@@ -68,7 +68,8 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "sana-controlnet": "reuse", "qwen-image-controlnet-inpaint": "reuse",
                 "cogvideox": "off", "ltx-video": "reuse", "mochi": "off", "allegro": "reuse",
                 "cogview3-plus": "off", "lumina-next": "reuse", "lucy-edit": "off",
-                "hunyuan-video": "reuse", "hunyuan-video15": "off"}
+                "hunyuan-video": "reuse", "hunyuan-video15": "off",
+                "chronoedit": "reuse"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
@@ -78,6 +79,10 @@ UNGUIDED_CALL = {"flux-true-cfg": {"true_cfg_scale": 1.0}, "flux-kontext": {"tru
                  "ovis-image": {"guidance_scale": 1.0},
                  "krea2": {"guidance_scale": 0.0}, "nucleus-moe": {"guidance_scale": 1.0},
                  "flux2-klein": {"guidance_scale": 1.0}, "hunyuan-video": {"true_cfg_scale": 1.0}}
+#: ChronoEdit with temporal reasoning: 9 frames (3 latent frames), of which the loop keeps the
+#: first and the last from step 4 on (latents[:, :, [0, -1]]), inside the pipelined steps 3, 4
+TEMPORAL_REASONING = {"num_frames": 9, "enable_temporal_reasoning": True,
+                      "num_temporal_reasoning_steps": 4}
 #: ClassifierFreeGuidance settings of the guider pipeline (HunyuanVideo 1.5) and the modes of
 #: its STEPS_K0 = 3 steps: start 0.34 skips step 0 (int(0.34 * 3) = 1), disabled skips all
 GUIDER_VARIANTS = {"guider-late-start": {"guidance_scale": 6.0, "start": 0.34},
@@ -247,6 +252,21 @@ def _rank_dit(rank, seed):
         modes = list(hr.last_report(runner).modes)
         pipe = runner.restore()
         results[key] = (got, _call(pipe, "hunyuan-video15", kwargs, STEPS_K0, seed), modes)
+    # ChronoEdit's temporal reasoning keeps 2 of its 3 latent frames from step 4 on: CBP stays
+    # exact; the pipelined phase (steps 3 and 4) ends at the change, the rest runs CBP
+    pipe, kwargs = build_dit("chronoedit", seed=seed)
+    kwargs = dict(kwargs, **TEMPORAL_REASONING)
+    cell = {}
+    for key, config in (("k0", {"k": 0}), ("k2", dict(PIPELINED, pipeline_guidance="reuse"))):
+        runner = hr.parallelize(pipe, hr.HybridConfig(**config))
+        cell[key] = _call(runner, "chronoedit", kwargs, STEPS_PIPELINED, seed)
+        cell[key + "_report"] = report = hr.last_report(runner).to_dict()
+        pipe = runner.restore()
+    if rank == 0:
+        cell["plain"] = _call(pipe, "chronoedit", kwargs, STEPS_PIPELINED, seed)
+        cell["emulated"] = emulate(pipe, "chronoedit", kwargs, report["tau1"], report["tau2"],
+                                   report["extra"]["pipeline"]["plan"]["cuts"], "reuse", seed)
+    results["chronoedit-reasoning"] = cell
     # a denoiser with a second output cannot be split: refused at step 0 on every rank
     torch.manual_seed(seed)
     den = hr.HybridDenoiser(TwoOutputs(), hr.HybridConfig(k=0))
@@ -438,6 +458,25 @@ def test_guider_steps_with_one_batch_run_whole_on_every_rank(ranks, key):
         np.testing.assert_array_equal(got, plain, err_msg=f"{key} seed {seed}")
         assert modes == GUIDER_MODES[key]
     assert not np.array_equal(r0[key][0], r0["hunyuan-video15"]["k0"])
+
+
+def test_a_sample_that_changes_shape_inside_the_pipelined_phase_ends_the_phase(ranks):
+    """ChronoEdit with temporal reasoning: CBP equals the plain pipeline bit for bit across the
+    change; pipelined, the stale activations of step 3 do not fit step 4's sample, so the phase
+    ends there (tau2 = 3, a note) and the result equals the emulation of that schedule."""
+    seed, (r0, r1) = ranks
+    a, b = r0["chronoedit-reasoning"], r1["chronoedit-reasoning"]
+    for key in ("k0", "k2"):
+        assert np.array_equal(a[key], b[key]), key
+        assert a[key + "_report"]["modes"] == b[key + "_report"]["modes"]
+    np.testing.assert_array_equal(a["k0"], a["plain"], err_msg=f"seed {seed}")
+    assert a["k0_report"]["modes"] == ["cbp"] * STEPS_PIPELINED
+    report = a["k2_report"]
+    assert report["modes"] == ["cbp", "cbp", "cbp", "pipeline", "cbp", "cbp"]
+    assert (report["tau1"], report["tau2"]) == (2, 3)
+    assert any(n.startswith("step 4: the sample's shape changed from (1, 12, 3, 8, 8) to "
+                            "(1, 12, 2, 8, 8) inside the pipelined phase") for n in report["notes"])
+    np.testing.assert_array_equal(a["k2"], a["emulated"], err_msg=f"seed {seed}")
 
 
 def test_a_prediction_not_shaped_like_the_sample_is_an_error_where_the_loop_slices(ranks):

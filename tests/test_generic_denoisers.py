@@ -87,7 +87,8 @@ def _dit_cases(seed):
     for name in ("qwen-image", "flux-true-cfg", "cogview4", "auraflow", "lumina2", "chroma",
                  "hunyuan-dit", "skyreels-v2", "ovis-image", "krea2", "nucleus-moe",
                  "wan2.1-i2v-clip", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
-                 "cogview3-plus", "lumina-next", "hunyuan-video", "hunyuan-video15"):
+                 "cogview3-plus", "lumina-next", "hunyuan-video", "hunyuan-video15",
+                 "chronoedit"):
         size = "small" if name in ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi",
                                    "allegro", "cogview3-plus", "hunyuan-video",
                                    "hunyuan-video15") else "tiny"

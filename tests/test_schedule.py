@@ -173,6 +173,26 @@ def test_mode_queries_are_stable_and_repeatable():
     assert sched.tau1 == 10 and first == expected_modes(20, 10, 3)
 
 
+@pytest.mark.parametrize("at", range(20))
+def test_end_pipelining_cuts_the_phase_short_and_nothing_else(at):
+    """end_pipelining(i): no pipelined step from i on (tau2 = i - 1 when it was later, never
+    before tau1); the steps before i keep their modes, and a call before the phase is set, or
+    after it, changes nothing."""
+    sched = SwitchSchedule(cfg(window=3, tau_cap=10, k=4), 20)
+    before = [sched.mode(i) for i in range(at)]
+    sched.end_pipelining(at)
+    modes = before + [sched.mode(i) for i in range(at, 20)]
+    full = expected_modes(20, 10, 4)
+    assert sched.tau1 == 10
+    if at <= 10:  # tau1 was not known yet (the cap fires when step 9 ends, at mode(10))
+        assert modes == full and sched.tau2 == 14
+    else:
+        assert sched.tau2 == min(14, at - 1)
+        assert modes == ["pipeline" if 10 < i <= min(14, at - 1) else "cbp" for i in range(20)]
+    with pytest.raises(ConfigError, match="end_pipelining: step 20 is outside"):
+        sched.end_pipelining(20)
+
+
 # ------------------------------------------------------------------------------ refused configs
 REFUSED = [
     ("k < 0", cfg(k=-1), 20, r"k must be an integer >= 0"),

@@ -221,6 +221,7 @@ class HybridDenoiser:
         self._pipeline_builds = 0  # stage pipelines set up in this run (their store keys)
         self._agreed = False
         self._agreements = 0  # agreement rounds in this run (their store keys)
+        self._sample_shape: tuple[int, ...] | None = None  # the last guided step's sample
         self._last_difference: torch.Tensor | None = None
         self._context = dict(context or {})
 
@@ -320,6 +321,8 @@ class HybridDenoiser:
                 if self._schedule is None:
                     self._start_run(uncond_kw, cond_kw, guidance_scale)
                 mode = "serial" if self.world_size == 1 else self._schedule.mode(step)
+                if mode == "pipeline" and self._sample_shape_changed(cond_kw, step):
+                    mode = "cbp"
                 if mode == "pipeline":
                     uncond_pred, cond_pred = self._pipeline_step(cond_kw, step, forward)
                     measured = math.nan
@@ -335,6 +338,7 @@ class HybridDenoiser:
             self._discard_pipeline()  # a failed run leaves nothing the next run would wait on
             self._phase = self._closed_phase = None
             raise
+        self._sample_shape = tuple(cond_kw[self.sample_key].shape)
         self._finish_step(step, mode, measured, started, sent_before)
         return uncond_pred, cond_pred
 
@@ -596,6 +600,25 @@ class HybridDenoiser:
         if self.cfg.pipeline_guidance == "reuse" and self.cfg.k > 0:
             self._last_difference = cond_pred - uncond_pred
         return measured
+
+    def _sample_shape_changed(self, cond_kw: Kwargs, step: int) -> bool:
+        """Whether this pipelined step's sample has another shape than the last guided step's
+        (ChronoEdit's temporal reasoning keeps two of its frames from some step on). The stale
+        boundary and the last measured cond - uncond difference no longer fit it, so the phase
+        ends here: its transfers complete, and this step and the rest of the run are CBP. Every
+        rank has the same shapes (its inputs were agreed), so every rank decides alike."""
+        shape = tuple(cond_kw[self.sample_key].shape)
+        if self._sample_shape is None or shape == self._sample_shape:
+            return False
+        self._discard_pipeline(wait=True)
+        if self._phase is not None:
+            self._close_phase(step - 1)
+        self._schedule.end_pipelining(step)
+        self._report.note(
+            f"step {step}: the sample's shape changed from {self._sample_shape} to {shape} "
+            "inside the pipelined phase (the pipeline's loop reshaped its latents); the stale "
+            "activations no longer fit, so the phase ended and the rest of the run is CBP")
+        return True
 
     def _pipeline_step(self, cond_kw: Kwargs, step: int,
                        forward: Callable[..., Any] | None = None,

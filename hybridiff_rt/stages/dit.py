@@ -117,6 +117,7 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     "WanTransformer3DModel": DiTFamily(blocks=("blocks",)),
     # Wan-shaped blocks; the diffusion-forcing pipelines' per-frame timesteps are not tested
     "SkyReelsV2Transformer3DModel": DiTFamily(blocks=("blocks",)),
+    "ChronoEditTransformer3DModel": DiTFamily(blocks=("blocks",)),
     # long skip connections: the second half of the blocks takes outputs of the first (carried)
     "HunyuanDiT2DModel": DiTFamily(blocks=("blocks",), refused=("controlnet_block_samples",)),
     # dual-stream (MMDiT) blocks carry the text tokens too and return (encoder, hidden)

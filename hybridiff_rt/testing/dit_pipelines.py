@@ -546,6 +546,21 @@ def skyreels_v2_i2v(seed: int = 0, size: str = "tiny"):
                           5.0)
 
 
+def chronoedit_transformer(size: str = "tiny", **overrides: Any):
+    """A ``ChronoEditTransformer3DModel`` (Wan-shaped blocks; :func:`wan_transformer_kwargs`)."""
+    from diffusers import ChronoEditTransformer3DModel
+
+    return ChronoEditTransformer3DModel(**wan_transformer_kwargs(size, **overrides))
+
+
+def chronoedit(seed: int = 0, size: str = "tiny"):
+    """ChronoEditPipeline (image editing as a short video: :func:`wan21_i2v_clip`'s layout, a
+    tiny CLIP image encoder, 512 text tokens, the input image's latents concatenated to the
+    noise) on a ``ChronoEditTransformer3DModel``; without temporal reasoning the pipeline makes
+    5 frames (2 x 8 x 8 latents)."""
+    return _i2v_with_clip(seed, size, chronoedit_transformer, "ChronoEditPipeline", 5.0)
+
+
 def wan21_v2v(seed: int = 0, size: str = "tiny"):
     """WanVideoToVideoPipeline: :func:`wan21`'s transformer and scheduler, a tiny
     ``AutoencoderKLWan`` encoding ``video`` (5 frames of 64 px, seeded noise) and ``strength``
@@ -1197,6 +1212,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("wan2.1-i2v-clip", wan21_i2v_clip),
     ("skyreels-v2", skyreels_v2),
     ("skyreels-v2-i2v", skyreels_v2_i2v),
+    ("chronoedit", chronoedit),
     ("lucy-edit", lucy_edit),
     ("lumina2", lumina2),
     ("qwen-image", qwen_image),
@@ -1242,6 +1258,7 @@ DIT_INFO: dict[str, DiTInfo] = {
     "skyreels-v2": DiTInfo("SkyReelsV2Pipeline", "two-call", {"guidance_scale": 6.0}),
     "skyreels-v2-i2v": DiTInfo("SkyReelsV2ImageToVideoPipeline", "two-call",
                                {"guidance_scale": 5.0}),
+    "chronoedit": DiTInfo("ChronoEditPipeline", "two-call", {"guidance_scale": 5.0}),
     "lucy-edit": DiTInfo("LucyEditPipeline", "two-call", {"guidance_scale": 5.0}),
     # with 3 steps, steps 0 and 1 make two calls, step 2 one: (2 + 1) / 3 > 0.7
     "lumina2": DiTInfo("Lumina2Pipeline", "two-call", {"guidance_scale": 4.0,
