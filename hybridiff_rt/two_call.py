@@ -72,8 +72,8 @@ def _pipeline_flag(pipe: Any, args: dict[str, Any]) -> bool:
 
 
 def _guidance_above_one(pipe: Any, args: dict[str, Any]) -> bool:
-    """Ovis-Image's and Nucleus-MoE-Image's rule (a local variable of their loops): guided when
-    ``guidance_scale > 1``."""
+    """Ovis-Image's, Nucleus-MoE-Image's and Kandinsky 5's rule (a local variable or a property
+    of their loops): guided when ``guidance_scale > 1``."""
     return float(args.get("guidance_scale", 1.0)) > 1
 
 
@@ -176,6 +176,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "WanImageToVideoPipeline": _WAN,
     "WanVideoToVideoPipeline": TwoCallLayout("cond", _pipeline_flag),
     "LucyEditPipeline": _WAN,
+    "WanVACEPipeline": _WAN,
     "ChronoEditPipeline": TwoCallLayout("cond", _pipeline_flag),
     "QwenImagePipeline": _QWEN,
     "QwenImageImg2ImgPipeline": _QWEN,
@@ -191,6 +192,8 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "FluxControlNetPipeline": _FLUX,
     "HunyuanVideoPipeline": _FLUX,
     "HunyuanVideo15Pipeline": _CFG_GUIDER,
+    "Kandinsky5T2VPipeline": TwoCallLayout("cond", _guidance_above_one),
+    "Kandinsky5T2IPipeline": TwoCallLayout("cond", _guidance_above_one),
     "FluxKontextPipeline": _FLUX_KONTEXT,
     "FluxKontextInpaintPipeline": _FLUX_KONTEXT,
     "Flux2KleinPipeline": _FLUX2_KLEIN,
@@ -217,11 +220,11 @@ UNVERIFIED_TWO_CALL: dict[str, str] = {
         "Cosmos2_5_TransferPipeline", "Cosmos3OmniPipeline", "CosmosTextToWorldPipeline",
         "CosmosVideoToWorldPipeline", "GlmImagePipeline", "HeliosPipeline",
         "HeliosPyramidPipeline", "JoyImageEditPipeline", "Kandinsky5I2IPipeline",
-        "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5T2VPipeline",
+        "Kandinsky5I2VPipeline",
         "Kandinsky6TI2VAPipeline", "LongCatAudioDiTPipeline", "LongCatImageEditPipeline",
         "LongCatImagePipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
-        "WanAnimatePipeline", "WanVACEPipeline")
+        "WanAnimatePipeline")
 }
 
 
@@ -343,11 +346,16 @@ class TwoCallSteps:
         return self._complete(expert, kw, return_dict, step)
 
     def _wrap(self, prediction: torch.Tensor, return_dict: bool) -> Any:
-        kind = self.adapter.engine.output_kind or OutputKind(None)
+        """``prediction`` as the model would return it. Before the model has run once (the
+        deferred first call of the first step), the output class is read off the forward's
+        return annotation."""
+        kind = (self.adapter.engine.output_kind or OutputKind.from_annotation(self.forwards[0])
+                or OutputKind(None))
         if return_dict and kind.cls is None:
             raise HybridError(f"{type(self.adapter.pipe).__name__} asked its denoiser for "
-                              "return_dict=True before any step ran; the two-call protocol needs "
-                              "return_dict=False (as the verified pipelines call it)")
+                              "return_dict=True before any step ran, and its forward's return "
+                              "annotation names no single diffusers output class; the two-call "
+                              "protocol then needs return_dict=False")
         return kind.wrap(prediction, return_dict)
 
     def _defer(self, expert: int, kw: dict[str, Any], return_dict: bool) -> Any:

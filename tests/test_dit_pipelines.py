@@ -69,7 +69,7 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "cogvideox": "off", "ltx-video": "reuse", "mochi": "off", "allegro": "reuse",
                 "cogview3-plus": "off", "lumina-next": "reuse", "lucy-edit": "off",
                 "hunyuan-video": "reuse", "hunyuan-video15": "off",
-                "chronoedit": "reuse"}
+                "chronoedit": "reuse", "wan-vace": "off", "kandinsky5-t2v": "reuse"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
@@ -78,7 +78,8 @@ PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
 UNGUIDED_CALL = {"flux-true-cfg": {"true_cfg_scale": 1.0}, "flux-kontext": {"true_cfg_scale": 1.0},
                  "ovis-image": {"guidance_scale": 1.0},
                  "krea2": {"guidance_scale": 0.0}, "nucleus-moe": {"guidance_scale": 1.0},
-                 "flux2-klein": {"guidance_scale": 1.0}, "hunyuan-video": {"true_cfg_scale": 1.0}}
+                 "flux2-klein": {"guidance_scale": 1.0}, "hunyuan-video": {"true_cfg_scale": 1.0},
+                 "kandinsky5-t2v": {"guidance_scale": 1.0}}
 #: ChronoEdit with temporal reasoning: 9 frames (3 latent frames), of which the loop keeps the
 #: first and the last from step 4 on (latents[:, :, [0, -1]]), inside the pipelined steps 3, 4
 TEMPORAL_REASONING = {"num_frames": 9, "enable_temporal_reasoning": True,
@@ -96,7 +97,8 @@ BATCH_TOLERANCE = 1e-4
 
 
 def _latents(out):
-    x = out.frames if hasattr(out, "frames") else out.images
+    # video pipelines return frames; Kandinsky 5's text-to-image pipeline names its field image
+    x = next(getattr(out, name) for name in ("frames", "images", "image") if hasattr(out, name))
     return x.detach().float().numpy().copy()
 
 
@@ -115,6 +117,8 @@ def emulate(pipe, name, kwargs, tau1, tau2, cuts, policy, seed, steps=STEPS_PIPE
     in sequence), later steps with stage j on the boundary stage j-1 made one step earlier.
     With two experts (Wan 2.2) each step runs the expert the pipeline called, and a pipelined
     step whose expert differs from the previous step's is a fill step too."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
     import hybridiff_rt as hr
     from hybridiff_rt.engine.batch import join_cfg_batch
     from hybridiff_rt.engine.branch_layout import split_branch_kwargs
@@ -161,21 +165,23 @@ def emulate(pipe, name, kwargs, tau1, tau2, cuts, policy, seed, steps=STEPS_PIPE
 
         def two_call(*args, **kw_in):  # cond call first, then the uncond call of the same step
             kw = dict(signature.bind(*args, **kw_in).arguments)
-            kw.pop("return_dict", None)
+            # Kandinsky 5 asks for its model's output class
+            wrap = ((lambda p: Transformer2DModelOutput(sample=p)) if kw.pop("return_dict", True)
+                    else (lambda p: (p,)))
             step = memory["step"]
             if memory["cond"] is None:  # the cond call
                 if tau1 < step <= tau2:
                     memory["cond"] = pipelined_cond(staged, kw, step)
                 else:
                     memory["cond"] = original(**kw, return_dict=False)[0]
-                return (memory["cond"],)
+                return wrap(memory["cond"])
             cond, memory["cond"] = memory["cond"], None
             memory["step"] += 1
             if tau1 < step <= tau2:
-                return (synth_uncond(cond),)
+                return wrap(synth_uncond(cond))
             uncond = original(**kw, return_dict=False)[0]
             memory["difference"] = cond - uncond
-            return (uncond,)
+            return wrap(uncond)
 
         return batched if DIT_INFO[name].guidance == "batched" else two_call
 

@@ -88,7 +88,7 @@ def _dit_cases(seed):
                  "hunyuan-dit", "skyreels-v2", "ovis-image", "krea2", "nucleus-moe",
                  "wan2.1-i2v-clip", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
                  "cogview3-plus", "lumina-next", "hunyuan-video", "hunyuan-video15",
-                 "chronoedit"):
+                 "chronoedit", "wan-vace", "kandinsky5-t2v"):
         size = "small" if name in ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi",
                                    "allegro", "cogview3-plus", "hunyuan-video",
                                    "hunyuan-video15") else "tiny"
@@ -683,3 +683,50 @@ def test_a_deferred_call_keeps_its_arguments_as_the_loop_passed_them(seed):
     assert torch.equal(first, sample + positive.sum())  # the buffer holds the cond prediction
     assert torch.equal(second, sample + negative.sum())
     steps.end()
+
+
+def test_a_first_call_asking_for_return_dict_gets_the_annotated_output_class(seed):
+    """Kandinsky 5's loops call the denoiser with return_dict=True: before the model has run,
+    the deferred first call returns the output class its forward's return annotation names,
+    holding the buffer the second call fills; a forward whose annotation names no single output
+    class is an error asking for return_dict=False."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    from hybridiff_rt.engine.branch_layout import OutputKind
+    from hybridiff_rt.two_call import TWO_CALL_PIPELINES, TwoCallSteps
+
+    def annotated(hidden_states, timestep, encoder_hidden_states, joint_attention_kwargs=None,
+                  return_dict=True):
+        raise AssertionError("the protocol runs the branches through the engine")
+
+    def unannotated(hidden_states, timestep, encoder_hidden_states, joint_attention_kwargs=None,
+                    return_dict=True):
+        raise AssertionError("the protocol runs the branches through the engine")
+
+    # as evaluated objects (this module's annotations are strings, its names local)
+    annotated.__annotations__["return"] = Transformer2DModelOutput | torch.Tensor
+    unannotated.__annotations__["return"] = torch.Tensor | dict[str, torch.Tensor]
+
+    assert OutputKind.from_annotation(annotated) == OutputKind(Transformer2DModelOutput, "sample")
+    assert OutputKind.from_annotation(unannotated) is None
+    gen = torch.Generator().manual_seed(seed)
+    sample, timestep = torch.randn(1, 4, 2, generator=gen), torch.tensor([0.5])
+    positive, negative = torch.randn(1, 3, generator=gen), torch.randn(1, 3, generator=gen)
+    calls = [{"hidden_states": sample, "timestep": timestep, "return_dict": True,
+              "encoder_hidden_states": torch.ones(1, 2, 8),
+              "joint_attention_kwargs": {"image_embeds": [embeds]}}
+             for embeds in (positive, negative)]
+    steps = TwoCallSteps(_BranchRecorder(), TWO_CALL_PIPELINES["ChromaPipeline"], [annotated])
+    steps.begin({"guidance_scale": 4.0})
+    first = steps.forward(0, (), calls[0])
+    assert type(first) is Transformer2DModelOutput and first.sample.numel() == 0
+    second = steps.forward(0, (), calls[1])
+    assert type(second) is Transformer2DModelOutput
+    assert torch.equal(first.sample, sample + positive.sum())
+    assert torch.equal(second.sample, sample + negative.sum())
+    steps.end()
+    steps = TwoCallSteps(_BranchRecorder(), TWO_CALL_PIPELINES["ChromaPipeline"], [unannotated])
+    steps.begin({"guidance_scale": 4.0})
+    with pytest.raises(hr.HybridError, match="names no single diffusers output class; .* "
+                                             "return_dict=False"):
+        steps.forward(0, (), calls[0])

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import types
+import typing
 from typing import Any
 
 import torch
@@ -153,12 +155,39 @@ class OutputKind:
             found = getattr(found, part)
         return cls(found, field or None)
 
+    @classmethod
+    def from_annotation(cls, forward: Any) -> OutputKind | None:
+        """The output class ``forward``'s return annotation names, when it names exactly one
+        diffusers ``BaseOutput`` (``Transformer2DModelOutput | torch.Tensor``), with its first
+        field; None when it names none, several, or cannot be read. For a call that must return
+        before the model has run once (the deferred first call of a two-call step)."""
+        try:
+            annotation = inspect.signature(forward, eval_str=True).return_annotation
+        except Exception:  # noqa: BLE001 - an unresolvable annotation names nothing usable
+            return None
+        found = [t for t in _union_members(annotation)
+                 if isinstance(t, type) and dataclasses.is_dataclass(t) and hasattr(t, "to_tuple")
+                 and dataclasses.fields(t)]
+        if len(found) != 1:
+            return None
+        return cls(found[0], dataclasses.fields(found[0])[0].name)
+
     def wrap(self, prediction: torch.Tensor, return_dict: bool) -> Any:
         """The prediction in the form the caller asked for (``return_dict``), as the model would
         return it: a 1-tuple, or the model's own output class."""
         if not return_dict or self.cls is None:
             return (prediction,)
         return self.cls(**{self.field: prediction})
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    """The members of a union annotation (``A | B``, ``Union[A, B]``, ``Optional[A]``), nested
+    unions flattened; the annotation itself when it is not a union."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (
+        typing.Union, types.UnionType) else ()
+    if not members:
+        return [annotation]
+    return [m for member in members for m in _union_members(member)]
 
 
 def first_output(out: Any, model_name: str) -> tuple[torch.Tensor, OutputKind]:

@@ -118,6 +118,8 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     # Wan-shaped blocks; the diffusion-forcing pipelines' per-frame timesteps are not tested
     "SkyReelsV2Transformer3DModel": DiTFamily(blocks=("blocks",)),
     "ChronoEditTransformer3DModel": DiTFamily(blocks=("blocks",)),
+    # the VACE blocks run in the prologue; the hints they make are added after some main blocks
+    "WanVACETransformer3DModel": DiTFamily(blocks=("blocks",), between=("control_hidden_states",)),
     # long skip connections: the second half of the blocks takes outputs of the first (carried)
     "HunyuanDiT2DModel": DiTFamily(blocks=("blocks",), refused=("controlnet_block_samples",)),
     # dual-stream (MMDiT) blocks carry the text tokens too and return (encoder, hidden)
@@ -171,6 +173,9 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     "HunyuanVideo15Transformer3DModel": DiTFamily(
         blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
         returns=("hidden_states", "encoder_hidden_states")),
+    # the text blocks run in the prologue; the visual blocks carry the visual tokens
+    "Kandinsky5Transformer3DModel": DiTFamily(
+        blocks=("visual_transformer_blocks",), flow=("visual_embed",), returns=("visual_embed",)),
     # ... and image-stream blocks with cross-attention to the fixed text
     "LTXVideoTransformer3DModel": DiTFamily(blocks=("transformer_blocks",)),
     "AllegroTransformer3DModel": DiTFamily(blocks=("transformer_blocks",)),

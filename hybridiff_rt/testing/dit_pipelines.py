@@ -561,6 +561,30 @@ def chronoedit(seed: int = 0, size: str = "tiny"):
     return _i2v_with_clip(seed, size, chronoedit_transformer, "ChronoEditPipeline", 5.0)
 
 
+def wan_vace(seed: int = 0, size: str = "tiny"):
+    """WanVACEPipeline (Wan with a VACE control branch: its blocks, run before the main ones,
+    make hints the forward adds after main blocks 0 and 2 of 3, at per-layer scales 0.7 and 1.3):
+    :func:`wan21`'s call, a tiny ``AutoencoderKLWan`` encoding the control ``video`` (5 frames of
+    64 px, seeded noise) and a ``mask`` keeping its left half, 4 x 2 + 64 control channels."""
+    from PIL import Image
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    with seeded(seed):
+        autoencoder = wan_vae()
+        transformer = WanVACETransformer3DModel(
+            **wan_transformer_kwargs(size, num_layers=3 if size == "tiny" else 6),
+            vace_layers=[0, 2], vace_in_channels=4 * 2 + 64)
+    pipe = WanVACEPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
+                           transformer=transformer, scheduler=_flow_unipc(3.0))
+    kwargs = _video_call(seed, size)
+    gen = torch.Generator().manual_seed(seed + 6)
+    side, frames = kwargs["height"], kwargs["num_frames"]
+    mask = Image.new("L", (side, side), 0)
+    mask.paste(255, (0, 0, side // 2, side))
+    return _finish(pipe), dict(kwargs, video=[_random_picture(gen, side) for _ in range(frames)],
+                               mask=[mask] * frames, conditioning_scale=[0.7, 1.3])
+
+
 def wan21_v2v(seed: int = 0, size: str = "tiny"):
     """WanVideoToVideoPipeline: :func:`wan21`'s transformer and scheduler, a tiny
     ``AutoencoderKLWan`` encoding ``video`` (5 frames of 64 px, seeded noise) and ``strength``
@@ -854,6 +878,49 @@ def hunyuan_video15(seed: int = 0, size: str = "tiny"):
         kwargs[prefix + "prompt_embeds_mask_2"] = torch.ones(1, 4)
     kwargs["negative_prompt_embeds_mask"][:, -2:] = 0
     return _finish(pipe), kwargs
+
+
+def _kandinsky5(cls_name: str, seed: int, size: str, **model: Any):
+    """A Kandinsky 5 pipeline class of diffusers (``vae=None``: 8x spatial, 4x temporal
+    compression) on a tiny ``Kandinsky5Transformer3DModel`` (its text blocks before the visual
+    blocks; channels-last latents), called with seeded packed text embeddings of 6 (negative: 4)
+    tokens and their ``cu_seqlens``: the two calls get text of different lengths. The
+    zero-initialised modulations (which would gate every visual block off, leaving the
+    prediction blind to the text) are re-drawn."""
+    import diffusers
+    from diffusers import Kandinsky5Transformer3DModel
+
+    with seeded(seed):
+        transformer = Kandinsky5Transformer3DModel(
+            in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
+            patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1,
+            num_visual_blocks={"tiny": 3, "small": 6}[size], axes_dims=(4, 6, 6), **model)
+    unzero(transformer, seed + 2)
+    pipe = getattr(diffusers, cls_name)(
+        transformer=transformer, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+        tokenizer_2=None, scheduler=flow_match_scheduler())
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs: dict[str, Any] = {"prompt": None}
+    for prefix, tokens in (("", 6), ("negative_", 4)):
+        kwargs[prefix + "prompt_embeds_qwen"] = _embeds(gen, 1, tokens, 16)
+        kwargs[prefix + "prompt_embeds_clip"] = torch.randn(1, 8, generator=gen)
+        kwargs[prefix + "prompt_cu_seqlens"] = torch.tensor([0, tokens], dtype=torch.int32)
+    return _finish(pipe), kwargs
+
+
+def kandinsky5_t2v(seed: int = 0, size: str = "tiny"):
+    """Kandinsky5T2VPipeline (:func:`_kandinsky5`, with ``visual_cond``: zero conditioning
+    channels and a mask ride along in the latents, which the loop updates in place), 5 frames
+    of 64 px -> 2 x 8 x 8 latents of 4 (+ 4 + 1) channels."""
+    pipe, kwargs = _kandinsky5("Kandinsky5T2VPipeline", seed, size, visual_cond=True)
+    return pipe, dict(kwargs, height=64, width=64, num_frames=5)
+
+
+def kandinsky5_t2i(seed: int = 0, size: str = "tiny"):
+    """Kandinsky5T2IPipeline (:func:`_kandinsky5`), which resizes any size to one of its
+    resolutions: 1024 x 1024 -> 128 x 128 latents (4096 tokens)."""
+    pipe, kwargs = _kandinsky5("Kandinsky5T2IPipeline", seed, size)
+    return pipe, dict(kwargs, height=1024, width=1024)
 
 
 def _flux_with_vae(cls_name: str, seed: int, size: str):
@@ -1213,6 +1280,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("skyreels-v2", skyreels_v2),
     ("skyreels-v2-i2v", skyreels_v2_i2v),
     ("chronoedit", chronoedit),
+    ("wan-vace", wan_vace),
     ("lucy-edit", lucy_edit),
     ("lumina2", lumina2),
     ("qwen-image", qwen_image),
@@ -1224,6 +1292,8 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("flux-controlnet", flux_controlnet),
     ("hunyuan-video", hunyuan_video),
     ("hunyuan-video15", hunyuan_video15),
+    ("kandinsky5-t2v", kandinsky5_t2v),
+    ("kandinsky5-t2i", kandinsky5_t2i),
     ("flux-kontext", flux_kontext),
     ("flux2-klein", flux2_klein),
     ("ovis-image", ovis_image),
@@ -1259,6 +1329,7 @@ DIT_INFO: dict[str, DiTInfo] = {
     "skyreels-v2-i2v": DiTInfo("SkyReelsV2ImageToVideoPipeline", "two-call",
                                {"guidance_scale": 5.0}),
     "chronoedit": DiTInfo("ChronoEditPipeline", "two-call", {"guidance_scale": 5.0}),
+    "wan-vace": DiTInfo("WanVACEPipeline", "two-call", {"guidance_scale": 5.0}),
     "lucy-edit": DiTInfo("LucyEditPipeline", "two-call", {"guidance_scale": 5.0}),
     # with 3 steps, steps 0 and 1 make two calls, step 2 one: (2 + 1) / 3 > 0.7
     "lumina2": DiTInfo("Lumina2Pipeline", "two-call", {"guidance_scale": 4.0,
@@ -1275,6 +1346,8 @@ DIT_INFO: dict[str, DiTInfo] = {
     "hunyuan-video": DiTInfo("HunyuanVideoPipeline", "two-call", {"true_cfg_scale": 4.0}),
     # the guidance scale is the guider's (6.0), not a call argument
     "hunyuan-video15": DiTInfo("HunyuanVideo15Pipeline", "two-call", {}),
+    "kandinsky5-t2v": DiTInfo("Kandinsky5T2VPipeline", "two-call", {"guidance_scale": 5.0}),
+    "kandinsky5-t2i": DiTInfo("Kandinsky5T2IPipeline", "two-call", {"guidance_scale": 3.5}),
     "flux-controlnet": DiTInfo("FluxControlNetPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-kontext": DiTInfo("FluxKontextPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux2-klein": DiTInfo("Flux2KleinPipeline", "two-call", {"guidance_scale": 4.0}),
