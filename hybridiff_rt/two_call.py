@@ -191,6 +191,8 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "FluxInpaintPipeline": _FLUX,
     "FluxControlNetPipeline": _FLUX,
     "HunyuanVideoPipeline": _FLUX,
+    "HunyuanVideoImageToVideoPipeline": _FLUX,
+    "HunyuanSkyreelsImageToVideoPipeline": _FLUX,
     "HunyuanVideo15Pipeline": _CFG_GUIDER,
     "Kandinsky5T2VPipeline": TwoCallLayout("cond", _guidance_above_one),
     "Kandinsky5T2IPipeline": TwoCallLayout("cond", _guidance_above_one),

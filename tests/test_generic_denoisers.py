@@ -88,10 +88,12 @@ def _dit_cases(seed):
                  "hunyuan-dit", "skyreels-v2", "ovis-image", "krea2", "nucleus-moe",
                  "wan2.1-i2v-clip", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
                  "cogview3-plus", "lumina-next", "hunyuan-video", "hunyuan-video15",
-                 "chronoedit", "wan-vace", "kandinsky5-t2v"):
-        size = "small" if name in ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi",
-                                   "allegro", "cogview3-plus", "hunyuan-video",
-                                   "hunyuan-video15") else "tiny"
+                 "chronoedit", "wan-vace", "kandinsky5-t2v",
+                 "hunyuan-video-i2v-token-replace"):
+        small = ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
+                 "cogview3-plus", "hunyuan-video", "hunyuan-video15",
+                 "hunyuan-video-i2v-token-replace")
+        size = "small" if name in small else "tiny"
         # the cond or the uncond call
         cases[name] = _denoiser_call(name, seed, size, pick=random.Random(seed).randrange)
     # Lumina2 with texts of different lengths in one batch: its layers get an attention mask

@@ -817,19 +817,28 @@ def flux(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def hunyuan_video_transformer(size: str = "tiny", **overrides: Any):
+    """A tiny ``HunyuanVideoTransformer3DModel``: 4-channel latents, patch 1, width 16, 1 + 1
+    (``size="small"``: 3 + 3) dual- and single-stream blocks, text width 16, pooled width 8."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    layers = {"tiny": 1, "small": 3}[size]
+    return HunyuanVideoTransformer3DModel(**{
+        "in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8,
+        "num_layers": layers, "num_single_layers": layers, "num_refiner_layers": 1,
+        "patch_size": 1, "patch_size_t": 1, "text_embed_dim": 16, "pooled_projection_dim": 8,
+        "rope_axes_dim": (2, 2, 4), **overrides})
+
+
 def hunyuan_video(seed: int = 0, size: str = "tiny"):
     """HunyuanVideoPipeline (dual- then single-stream blocks, a token refiner on the text, a
     guidance embedding; true CFG when ``true_cfg_scale > 1`` and negative embeddings are given),
     5 frames of 32 px -> 2 x 4 x 4 latents of 4 channels (vae=None: 4x temporal and 8x spatial
     compression); the negative prompt's last two tokens masked out."""
-    from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+    from diffusers import HunyuanVideoPipeline
 
-    layers = {"tiny": 1, "small": 3}[size]
     with seeded(seed):
-        transformer = HunyuanVideoTransformer3DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-            num_layers=layers, num_single_layers=layers, num_refiner_layers=1, patch_size=1,
-            patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
+        transformer = hunyuan_video_transformer(size)
     pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer,
                                 vae=None, scheduler=flow_match_scheduler(), text_encoder_2=None,
                                 tokenizer_2=None)
@@ -840,6 +849,48 @@ def hunyuan_video(seed: int = 0, size: str = "tiny"):
                                pooled_prompt_embeds=torch.randn(1, 8, generator=gen),
                                negative_pooled_prompt_embeds=torch.randn(1, 8, generator=gen),
                                height=32, width=32, num_frames=5)
+
+
+def _hunyuan_video_i2v(seed: int, size: str, condition: str | None,
+                       cls_name: str = "HunyuanVideoImageToVideoPipeline"):
+    """An image-to-video HunyuanVideo pipeline class of diffusers on :func:`hunyuan_video`'s
+    call (precomputed text, so the text encoder never sees the image) with a 32 px first frame
+    encoded by a tiny ``AutoencoderKLHunyuanVideo``; the transformer's ``image_condition_type``
+    is ``condition`` (None: SkyReels' image latents concatenated to the noise)."""
+    import diffusers
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    channels = {"latent_concat": 4 + 4 + 1, "token_replace": 4, None: 4 + 4}[condition]
+    with seeded(seed):
+        autoencoder = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(32,) * 4,
+                                                layers_per_block=1)
+        transformer = hunyuan_video_transformer(size, in_channels=channels,
+                                                image_condition_type=condition)
+    extra = {} if condition is None else {"image_processor": None}
+    pipe = getattr(diffusers, cls_name)(
+        text_encoder=None, tokenizer=None, transformer=transformer, vae=autoencoder,
+        scheduler=flow_match_scheduler(), text_encoder_2=None, tokenizer_2=None, **extra)
+    _, kwargs = hunyuan_video(seed, size)
+    gen = torch.Generator().manual_seed(seed + 3)
+    return _finish(pipe), dict(kwargs, image=_random_picture(gen, 32))
+
+
+def hunyuan_video_i2v(seed: int = 0, size: str = "tiny"):
+    """:func:`_hunyuan_video_i2v` with the image's latents and a mask concatenated to the noise
+    (4 + 4 + 1 input channels)."""
+    return _hunyuan_video_i2v(seed, size, "latent_concat")
+
+
+def hunyuan_video_i2v_token_replace(seed: int = 0, size: str = "tiny"):
+    """:func:`_hunyuan_video_i2v` with the image's latents as the first frame, whose tokens the
+    token-replace blocks modulate with their own (timestep 0) embedding."""
+    return _hunyuan_video_i2v(seed, size, "token_replace")
+
+
+def hunyuan_skyreels_i2v(seed: int = 0, size: str = "tiny"):
+    """HunyuanSkyreelsImageToVideoPipeline (:func:`_hunyuan_video_i2v`: the image's latents
+    concatenated to the noise, 4 + 4 input channels)."""
+    return _hunyuan_video_i2v(seed, size, None, "HunyuanSkyreelsImageToVideoPipeline")
 
 
 def hunyuan_video15(seed: int = 0, size: str = "tiny"):
@@ -1291,6 +1342,9 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("flux-true-cfg", flux),
     ("flux-controlnet", flux_controlnet),
     ("hunyuan-video", hunyuan_video),
+    ("hunyuan-video-i2v", hunyuan_video_i2v),
+    ("hunyuan-video-i2v-token-replace", hunyuan_video_i2v_token_replace),
+    ("hunyuan-skyreels-i2v", hunyuan_skyreels_i2v),
     ("hunyuan-video15", hunyuan_video15),
     ("kandinsky5-t2v", kandinsky5_t2v),
     ("kandinsky5-t2i", kandinsky5_t2i),
@@ -1346,6 +1400,12 @@ DIT_INFO: dict[str, DiTInfo] = {
     "hunyuan-video": DiTInfo("HunyuanVideoPipeline", "two-call", {"true_cfg_scale": 4.0}),
     # the guidance scale is the guider's (6.0), not a call argument
     "hunyuan-video15": DiTInfo("HunyuanVideo15Pipeline", "two-call", {}),
+    "hunyuan-video-i2v": DiTInfo("HunyuanVideoImageToVideoPipeline", "two-call",
+                                 {"true_cfg_scale": 4.0}),
+    "hunyuan-video-i2v-token-replace": DiTInfo("HunyuanVideoImageToVideoPipeline", "two-call",
+                                               {"true_cfg_scale": 4.0}),
+    "hunyuan-skyreels-i2v": DiTInfo("HunyuanSkyreelsImageToVideoPipeline", "two-call",
+                                    {"true_cfg_scale": 4.0}),
     "kandinsky5-t2v": DiTInfo("Kandinsky5T2VPipeline", "two-call", {"guidance_scale": 5.0}),
     "kandinsky5-t2i": DiTInfo("Kandinsky5T2IPipeline", "two-call", {"guidance_scale": 3.5}),
     "flux-controlnet": DiTInfo("FluxControlNetPipeline", "two-call", {"true_cfg_scale": 4.0}),
