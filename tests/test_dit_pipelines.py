@@ -71,7 +71,7 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "hunyuan-video": "reuse", "hunyuan-video15": "off",
                 "chronoedit": "reuse", "wan-vace": "off", "kandinsky5-t2v": "reuse",
                 "hunyuan-video-i2v": "off", "hunyuan-video-i2v-token-replace": "reuse",
-                "hunyuan-skyreels-i2v": "off"}
+                "hunyuan-skyreels-i2v": "off", "kandinsky5-i2v": "off"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
@@ -124,6 +124,7 @@ def emulate(pipe, name, kwargs, tau1, tau2, cuts, policy, seed, steps=STEPS_PIPE
     import hybridiff_rt as hr
     from hybridiff_rt.engine.batch import join_cfg_batch
     from hybridiff_rt.engine.branch_layout import split_branch_kwargs
+    from hybridiff_rt.stages.base import prediction_of
 
     memory = {"step": 0, "stale": None, "difference": None, "cond": None, "expert": None}
 
@@ -158,8 +159,8 @@ def emulate(pipe, name, kwargs, tau1, tau2, cuts, policy, seed, steps=STEPS_PIPE
                 cond = pipelined_cond(staged, cond_kw, step)
                 uncond = synth_uncond(cond)
             else:
-                uncond = original(**uncond_kw, return_dict=False)[0]
-                cond = original(**cond_kw, return_dict=False)[0]
+                uncond = prediction_of(original(**uncond_kw, return_dict=False))
+                cond = prediction_of(original(**cond_kw, return_dict=False))
                 memory["difference"] = cond - uncond
             if DIT_INFO[name].cond_first:
                 return (join_cfg_batch(cond, uncond),)
@@ -175,13 +176,13 @@ def emulate(pipe, name, kwargs, tau1, tau2, cuts, policy, seed, steps=STEPS_PIPE
                 if tau1 < step <= tau2:
                     memory["cond"] = pipelined_cond(staged, kw, step)
                 else:
-                    memory["cond"] = original(**kw, return_dict=False)[0]
+                    memory["cond"] = prediction_of(original(**kw, return_dict=False))
                 return wrap(memory["cond"])
             cond, memory["cond"] = memory["cond"], None
             memory["step"] += 1
             if tau1 < step <= tau2:
                 return wrap(synth_uncond(cond))
-            uncond = original(**kw, return_dict=False)[0]
+            uncond = prediction_of(original(**kw, return_dict=False))
             memory["difference"] = cond - uncond
             return wrap(uncond)
 

@@ -30,6 +30,7 @@ from hybridiff_rt.engine.branch_layout import (
     split_branch_kwargs,
 )
 from hybridiff_rt.stages import has_stage_adapter
+from hybridiff_rt.stages.base import prediction_of
 from hybridiff_rt.testing import DIT_INFO, build_dit, dit_pipelines, sd_pipeline
 
 
@@ -130,7 +131,7 @@ def test_staged_dit_equals_the_models_forward_bit_for_bit(seed):
             f"{attr}.{i}" for attr, blocks in zip(staged.family.blocks, lists)
             for i in range(len(blocks))] + ["out"], name
         with torch.no_grad():
-            expected = model(**kw, return_dict=False)[0]
+            expected = prediction_of(model(**kw, return_dict=False))
             ctx = staged.prepare(**kw)
             cut = random.Random(seed).randrange(1, len(staged.units))
             boundary = staged.run(ctx.initial_state, ctx, 0, cut)
@@ -170,7 +171,7 @@ def test_auraflow_at_every_cut_and_with_a_block_list_left_empty(seed, joint, sin
                       + [f"single_transformer_blocks.{i}" for i in range(single)] + ["out"])
     assert staged.unit_names == expected_names
     with torch.no_grad():
-        expected = model(**kw, return_dict=False)[0]
+        expected = prediction_of(model(**kw, return_dict=False))
         for cut in range(len(staged.units) + 1):
             ctx = staged.prepare(**kw)
             boundary = staged.run(ctx.initial_state, ctx, 0, cut)
@@ -187,7 +188,7 @@ def test_a_failed_forward_puts_the_real_blocks_back(seed):
         staged.prepare(**bad)
     assert model.transformer_blocks is blocks
     with torch.no_grad():
-        assert torch.equal(staged.forward(**kw), model(**kw, return_dict=False)[0])
+        assert torch.equal(staged.forward(**kw), prediction_of(model(**kw, return_dict=False)))
 
 
 def test_a_description_that_does_not_fit_is_refused_at_first_use(seed, monkeypatch):
@@ -248,7 +249,7 @@ def test_controlnet_residuals_between_blocks_are_reproduced_at_every_cut(seed):
         residuals = [k for k in staged.family.between if kw.get(k) is not None]
         assert residuals, name
         with torch.no_grad():
-            expected = model(**kw, return_dict=False)[0]
+            expected = prediction_of(model(**kw, return_dict=False))
             without = model(**{k: v for k, v in kw.items() if k not in residuals},
                             return_dict=False)[0]
             ctx = staged.prepare(**kw)
@@ -282,7 +283,7 @@ def test_class_conditional_dit_is_staged_though_its_forward_reads_block_0(seed):
                                      torch.full((batch,), 1000)])}
     staged = hr.stage_denoiser(model)
     with torch.no_grad():
-        expected = model(**kw, return_dict=False)[0]
+        expected = prediction_of(model(**kw, return_dict=False))
         ctx = staged.prepare(**kw)
         for cut in range(1, len(staged.units)):
             boundary = staged.run(ctx.initial_state, ctx, 0, cut)

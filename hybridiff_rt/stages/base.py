@@ -8,8 +8,8 @@ A *staged denoiser* exposes one denoiser call ``model(**kw)`` as three parts:
 * ``staged.units``: an ordered list of :class:`Unit`; ``unit(state, ctx) -> state``. Each unit is
   a real slice of the model's own submodules, run with the same arguments and in the same order as
   the model's own ``forward``, so running all of them is bit-identical to it.
-* ``staged.finish(state, ctx) -> Tensor``: the prediction, what ``model(**kw, return_dict=False)[0]``
-  returns.
+* ``staged.finish(state, ctx) -> Tensor``: the prediction ``model(**kw, return_dict=False)``
+  returns (its first item, or the tensor itself: :func:`prediction_of`).
 
 A *state* is a ``dict[str, torch.Tensor]`` holding exactly the live tensors at one point of the
 forward pass. Its keys, shapes and dtypes after each unit depend only on the model config and on
@@ -187,6 +187,13 @@ class StagedDenoiser(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} of {type(self.model).__name__}: {len(self.units)} units>"
+
+
+def prediction_of(out: Any) -> torch.Tensor:
+    """The prediction in what a denoiser's forward returned with ``return_dict=False``: the
+    first item of a tuple, or the tensor itself (Kandinsky 5's forward returns it bare, where
+    ``[0]`` would take its first sample and drop the batch axis)."""
+    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def require_plain_forward(model: torch.nn.Module, base: type) -> None:

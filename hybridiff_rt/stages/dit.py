@@ -59,7 +59,14 @@ from typing import Any
 import torch
 
 from ..errors import ShapeError, UnsupportedModelError
-from .base import StageContext, StagedDenoiser, State, Unit, require_plain_forward
+from .base import (
+    StageContext,
+    StagedDenoiser,
+    State,
+    Unit,
+    prediction_of,
+    require_plain_forward,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,14 +366,14 @@ class Epilogue(Unit):
         out = staged._run_forward(
             {**ctx.forward_kwargs, "return_dict": False},
             lambda li, i, a, k: result if li == last else staged._pass_through(li, a, k))
-        return {"sample": out[0]}
+        return {"sample": prediction_of(out)}
 
 
 class StagedDiT(StagedDenoiser):
     """A DiT described by a :class:`DiTFamily` as prepare / units / finish (module docstring).
 
     ``prepare`` takes exactly the keyword arguments of the model's forward; ``finish`` returns
-    what ``model(**kw, return_dict=False)[0]`` returns.
+    the prediction ``model(**kw, return_dict=False)`` returns (:func:`.base.prediction_of`).
     """
 
     def __init__(self, model: torch.nn.Module, family: DiTFamily) -> None:
@@ -537,7 +544,8 @@ class StagedDiT(StagedDenoiser):
         """Run the units once and compare with the model's own forward on the same inputs (bit
         for bit): a description that does not fit this model (another version of the class, a
         forward that acts between blocks) is refused at its first use, not run inexactly."""
-        expected = self._forward(self.model, **ctx.forward_kwargs, return_dict=False)[0]
+        expected = prediction_of(self._forward(self.model, **ctx.forward_kwargs,
+                                               return_dict=False))
         try:
             got = self.finish(self.run(ctx.initial_state, ctx), ctx)
             problem = "" if torch.equal(got, expected) else "a different prediction"

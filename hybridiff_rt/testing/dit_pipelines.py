@@ -931,7 +931,7 @@ def hunyuan_video15(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
-def _kandinsky5(cls_name: str, seed: int, size: str, **model: Any):
+def _kandinsky5(cls_name: str, seed: int, size: str, autoencoder: Any = None, **model: Any):
     """A Kandinsky 5 pipeline class of diffusers (``vae=None``: 8x spatial, 4x temporal
     compression) on a tiny ``Kandinsky5Transformer3DModel`` (its text blocks before the visual
     blocks; channels-last latents), called with seeded packed text embeddings of 6 (negative: 4)
@@ -948,8 +948,8 @@ def _kandinsky5(cls_name: str, seed: int, size: str, **model: Any):
             num_visual_blocks={"tiny": 3, "small": 6}[size], axes_dims=(4, 6, 6), **model)
     unzero(transformer, seed + 2)
     pipe = getattr(diffusers, cls_name)(
-        transformer=transformer, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-        tokenizer_2=None, scheduler=flow_match_scheduler())
+        transformer=transformer, vae=autoencoder, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, scheduler=flow_match_scheduler())
     gen = torch.Generator().manual_seed(seed + 1)
     kwargs: dict[str, Any] = {"prompt": None}
     for prefix, tokens in (("", 6), ("negative_", 4)):
@@ -965,6 +965,35 @@ def kandinsky5_t2v(seed: int = 0, size: str = "tiny"):
     of 64 px -> 2 x 8 x 8 latents of 4 (+ 4 + 1) channels."""
     pipe, kwargs = _kandinsky5("Kandinsky5T2VPipeline", seed, size, visual_cond=True)
     return pipe, dict(kwargs, height=64, width=64, num_frames=5)
+
+
+def kandinsky5_i2i(seed: int = 0, size: str = "tiny"):
+    """Kandinsky5I2IPipeline (:func:`_kandinsky5`, with ``visual_cond``): a 64 px ``image``,
+    which it resizes to 1024 x 1024 and encodes with a tiny 8x ``AutoencoderKL``; its latents
+    and a mask of ones ride along with the noise in every call (4 + 4 + 1 channels)."""
+    with seeded(seed + 5):
+        autoencoder = vae(block_out_channels=(8, 8, 8, 8))
+    pipe, kwargs = _kandinsky5("Kandinsky5I2IPipeline", seed, size, autoencoder,
+                               visual_cond=True)
+    gen = torch.Generator().manual_seed(seed + 6)
+    return pipe, dict(kwargs, image=_random_picture(gen, 64))
+
+
+def kandinsky5_i2v(seed: int = 0, size: str = "tiny"):
+    """Kandinsky5I2VPipeline (:func:`_kandinsky5`, with ``visual_cond``): a 64 px first frame
+    encoded by a tiny ``AutoencoderKLHunyuanVideo``, 17 frames -> 5 x 8 x 8 latents (the
+    pipeline renormalises the first 4 latent frames against the ones after them: with fewer
+    than 5 the output is NaN); the loop keeps frame 0 and steps the others."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    with seeded(seed + 5):
+        autoencoder = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(32,) * 4,
+                                                layers_per_block=1)
+    pipe, kwargs = _kandinsky5("Kandinsky5I2VPipeline", seed, size, autoencoder,
+                               visual_cond=True)
+    gen = torch.Generator().manual_seed(seed + 6)
+    return pipe, dict(kwargs, image=_random_picture(gen, 64), height=64, width=64,
+                      num_frames=17)
 
 
 def kandinsky5_t2i(seed: int = 0, size: str = "tiny"):
@@ -1348,6 +1377,8 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("hunyuan-video15", hunyuan_video15),
     ("kandinsky5-t2v", kandinsky5_t2v),
     ("kandinsky5-t2i", kandinsky5_t2i),
+    ("kandinsky5-i2i", kandinsky5_i2i),
+    ("kandinsky5-i2v", kandinsky5_i2v),
     ("flux-kontext", flux_kontext),
     ("flux2-klein", flux2_klein),
     ("ovis-image", ovis_image),
@@ -1408,6 +1439,8 @@ DIT_INFO: dict[str, DiTInfo] = {
                                     {"true_cfg_scale": 4.0}),
     "kandinsky5-t2v": DiTInfo("Kandinsky5T2VPipeline", "two-call", {"guidance_scale": 5.0}),
     "kandinsky5-t2i": DiTInfo("Kandinsky5T2IPipeline", "two-call", {"guidance_scale": 3.5}),
+    "kandinsky5-i2i": DiTInfo("Kandinsky5I2IPipeline", "two-call", {"guidance_scale": 3.5}),
+    "kandinsky5-i2v": DiTInfo("Kandinsky5I2VPipeline", "two-call", {"guidance_scale": 5.0}),
     "flux-controlnet": DiTInfo("FluxControlNetPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-kontext": DiTInfo("FluxKontextPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux2-klein": DiTInfo("Flux2KleinPipeline", "two-call", {"guidance_scale": 4.0}),

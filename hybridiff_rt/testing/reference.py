@@ -24,6 +24,7 @@ from ..engine.branch_layout import (
     frames_per_row,
     split_branch_kwargs,
 )
+from ..stages.base import prediction_of
 
 
 def per_branch_forward(model: torch.nn.Module) -> Callable[[], None]:
@@ -42,7 +43,7 @@ def per_branch_forward(model: torch.nn.Module) -> Callable[[], None]:
         return_dict = kw.pop("return_dict", True)
         branches = split_branch_kwargs(kw, full, frames_per_row(model, kw[key]),
                                        batch_axes(model))
-        outs = [original(**branch, return_dict=False)[0] for branch in branches]
+        outs = [prediction_of(original(**branch, return_dict=False)) for branch in branches]
         joined = join_cfg_batch(*outs)
         return (joined,) if not return_dict else type(original(**kw))(sample=joined)
 
