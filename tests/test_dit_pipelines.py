@@ -261,6 +261,14 @@ def _rank_dit(rank, seed):
         modes = list(hr.last_report(runner).modes)
         pipe = runner.restore()
         results[key] = (got, _call(pipe, "hunyuan-video15", kwargs, STEPS_K0, seed), modes)
+    # the guider stops guiding at step 4 of 6, inside the pipelined steps 3 and 4: the phase
+    # ends before step 4, which runs whole, as does step 5
+    pipe, kwargs = build_dit("hunyuan-video15", seed=seed)
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=6.0, stop=0.67)
+    runner = hr.parallelize(pipe, hr.HybridConfig(**PIPELINED))
+    got = _call(runner, "hunyuan-video15", kwargs, STEPS_PIPELINED, seed)
+    results["guider-stops-in-phase"] = (got, hr.last_report(runner).to_dict())
+    runner.restore()
     # ChronoEdit's temporal reasoning keeps 2 of its 3 latent frames from step 4 on: CBP stays
     # exact; the pipelined phase (steps 3 and 4) ends at the change, the rest runs CBP
     pipe, kwargs = build_dit("chronoedit", seed=seed)
@@ -469,6 +477,19 @@ def test_guider_steps_with_one_batch_run_whole_on_every_rank(ranks, key):
     assert not np.array_equal(r0[key][0], r0["hunyuan-video15"]["k0"])
 
 
+def test_an_unguided_step_inside_the_pipelined_phase_ends_the_phase(ranks):
+    """HunyuanVideo 1.5's guider stops at step 4 of 6, inside the pipelined steps 3 and 4: step 4
+    makes one call, run whole on every rank, and the phase ends before it (tau2 = 3, a note)."""
+    seed, (r0, r1) = ranks
+    (a, report), (b, other) = r0["guider-stops-in-phase"], r1["guider-stops-in-phase"]
+    assert np.array_equal(a, b) and np.isfinite(a).all(), f"seed {seed}"
+    for rep in (report, other):
+        assert rep["modes"] == ["cbp", "cbp", "cbp", "pipeline", "serial", "serial"]
+        assert (rep["tau1"], rep["tau2"]) == (2, 3)
+        assert any(n.startswith("step 4 makes one (unguided) denoiser call") and
+                   "the pipelined phase ended before it" in n for n in rep["notes"]), rep["notes"]
+
+
 def test_a_sample_that_changes_shape_inside_the_pipelined_phase_ends_the_phase(ranks):
     """ChronoEdit with temporal reasoning: CBP equals the plain pipeline bit for bit across the
     change; pipelined, the stale activations of step 3 do not fit step 4's sample, so the phase
@@ -483,8 +504,8 @@ def test_a_sample_that_changes_shape_inside_the_pipelined_phase_ends_the_phase(r
     report = a["k2_report"]
     assert report["modes"] == ["cbp", "cbp", "cbp", "pipeline", "cbp", "cbp"]
     assert (report["tau1"], report["tau2"]) == (2, 3)
-    assert any(n.startswith("step 4: the sample's shape changed from (1, 12, 3, 8, 8) to "
-                            "(1, 12, 2, 8, 8) inside the pipelined phase") for n in report["notes"])
+    assert any(n.startswith("step 4 has a sample of shape (1, 12, 2, 8, 8), not (1, 12, 3, 8, 8)")
+               and "the pipelined phase ended before it" in n for n in report["notes"])
     np.testing.assert_array_equal(a["k2"], a["emulated"], err_msg=f"seed {seed}")
 
 

@@ -352,6 +352,9 @@ class HybridDenoiser:
         if not self._agreed and self.world_size > 1:
             self._check_agreement({"guidance": "off", **self._run_fields(),
                                    "shapes": describe_shapes(kw), "inputs": kw})
+        if self._schedule is not None and self._schedule.mode(step) == "pipeline":
+            self._end_phase_early(step, "makes one (unguided) denoiser call, which runs whole "
+                                        "on every rank")
         with torch.no_grad():
             out = self._resolve_forward(forward)(**kw)
         self._report.note(reason)
@@ -605,20 +608,25 @@ class HybridDenoiser:
         """Whether this pipelined step's sample has another shape than the last guided step's
         (ChronoEdit's temporal reasoning keeps two of its frames from some step on). The stale
         boundary and the last measured cond - uncond difference no longer fit it, so the phase
-        ends here: its transfers complete, and this step and the rest of the run are CBP. Every
+        ends here (:meth:`_end_phase_early`): this step and the rest of the run are CBP. Every
         rank has the same shapes (its inputs were agreed), so every rank decides alike."""
         shape = tuple(cond_kw[self.sample_key].shape)
         if self._sample_shape is None or shape == self._sample_shape:
             return False
+        self._end_phase_early(step, f"has a sample of shape {shape}, not "
+                                    f"{self._sample_shape} (the pipeline's loop reshaped its "
+                                    "latents), which the stale activations no longer fit")
+        return True
+
+    def _end_phase_early(self, step: int, why: str) -> None:
+        """End the pipelined phase before ``step`` (a step it cannot pipeline): its transfers
+        complete, its stage times are published, and no later step of the run is pipelined."""
         self._discard_pipeline(wait=True)
         if self._phase is not None:
             self._close_phase(step - 1)
         self._schedule.end_pipelining(step)
-        self._report.note(
-            f"step {step}: the sample's shape changed from {self._sample_shape} to {shape} "
-            "inside the pipelined phase (the pipeline's loop reshaped its latents); the stale "
-            "activations no longer fit, so the phase ended and the rest of the run is CBP")
-        return True
+        self._report.note(f"step {step} {why}: the pipelined phase ended before it, and the "
+                          "later guided steps of the run are CBP")
 
     def _pipeline_step(self, cond_kw: Kwargs, step: int,
                        forward: Callable[..., Any] | None = None,
