@@ -194,6 +194,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "HunyuanVideoImageToVideoPipeline": _FLUX,
     "HunyuanSkyreelsImageToVideoPipeline": _FLUX,
     "HunyuanVideo15Pipeline": _CFG_GUIDER,
+    "HunyuanVideo15ImageToVideoPipeline": _CFG_GUIDER,
     "Kandinsky5T2VPipeline": TwoCallLayout("cond", _guidance_above_one),
     "Kandinsky5T2IPipeline": TwoCallLayout("cond", _guidance_above_one),
     "Kandinsky5I2IPipeline": TwoCallLayout("cond", _guidance_above_one),

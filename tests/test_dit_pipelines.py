@@ -71,7 +71,8 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "hunyuan-video": "reuse", "hunyuan-video15": "off",
                 "chronoedit": "reuse", "wan-vace": "off", "kandinsky5-t2v": "reuse",
                 "hunyuan-video-i2v": "off", "hunyuan-video-i2v-token-replace": "reuse",
-                "hunyuan-skyreels-i2v": "off", "kandinsky5-i2v": "off"}
+                "hunyuan-skyreels-i2v": "off", "kandinsky5-i2v": "off",
+                "hunyuan-video15-i2v": "reuse"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}

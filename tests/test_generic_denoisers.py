@@ -508,8 +508,7 @@ def test_pipelines_that_guide_through_a_diffusers_guider_are_refused_at_parallel
     with_guider = [c for c in classes if isinstance(c, type)
                    and guider_components(object.__new__(c))
                    and c.__name__ not in TWO_CALL_PIPELINES]
-    assert {"HunyuanImagePipeline", "HunyuanVideo15ImageToVideoPipeline"} <= {
-        c.__name__ for c in with_guider}
+    assert {"HunyuanImagePipeline", "MotifVideoPipeline"} <= {c.__name__ for c in with_guider}
     for cls in with_guider:
         with pytest.raises(hr.UnsupportedModelError, match=f"{cls.__name__} calls its denoiser "
                            "once per guidance branch and it guides through a diffusers guider"):

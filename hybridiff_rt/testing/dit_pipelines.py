@@ -893,6 +893,19 @@ def hunyuan_skyreels_i2v(seed: int = 0, size: str = "tiny"):
     return _hunyuan_video_i2v(seed, size, None, "HunyuanSkyreelsImageToVideoPipeline")
 
 
+def hunyuan_video15_transformer(size: str = "tiny", **overrides: Any):
+    """A tiny ``HunyuanVideo15Transformer3DModel``: 4-channel latents (+ 4 condition channels
+    and a mask), width 16, 2 (``size="small"``: 4) blocks, text widths 16 and 8, image width 8,
+    target size 64 px."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    return HunyuanVideo15Transformer3DModel(**{
+        "in_channels": 9, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8,
+        "num_layers": {"tiny": 2, "small": 4}[size], "num_refiner_layers": 1,
+        "text_embed_dim": 16, "text_embed_2_dim": 8, "image_embed_dim": 8,
+        "rope_axes_dim": (2, 2, 4), "target_size": 64, **overrides})
+
+
 def hunyuan_video15(seed: int = 0, size: str = "tiny"):
     """HunyuanVideo15Pipeline (text-to-video; dual-stream blocks on the noise, zero condition
     latents and a mask, 4 + 4 + 1 input channels; the text of two encoders and 729 masked-out
@@ -904,17 +917,12 @@ def hunyuan_video15(seed: int = 0, size: str = "tiny"):
         AutoencoderKLHunyuanVideo15,
         ClassifierFreeGuidance,
         HunyuanVideo15Pipeline,
-        HunyuanVideo15Transformer3DModel,
     )
 
     with seeded(seed):
         autoencoder = AutoencoderKLHunyuanVideo15(
             latent_channels=4, block_out_channels=(32,) * 5, layers_per_block=1)
-        transformer = HunyuanVideo15Transformer3DModel(
-            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-            num_layers={"tiny": 2, "small": 4}[size], num_refiner_layers=1, text_embed_dim=16,
-            text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4), target_size=64,
-            task_type="t2v")
+        transformer = hunyuan_video15_transformer(size, task_type="t2v")
     pipe = HunyuanVideo15Pipeline(
         text_encoder=None, tokenizer=None, transformer=transformer, vae=autoencoder,
         scheduler=flow_match_scheduler(), text_encoder_2=None, tokenizer_2=None,
@@ -1001,6 +1009,30 @@ def kandinsky5_t2i(seed: int = 0, size: str = "tiny"):
     resolutions: 1024 x 1024 -> 128 x 128 latents (4096 tokens)."""
     pipe, kwargs = _kandinsky5("Kandinsky5T2IPipeline", seed, size)
     return pipe, dict(kwargs, height=1024, width=1024)
+
+
+def hunyuan_video15_i2v(seed: int = 0, size: str = "tiny"):
+    """HunyuanVideo15ImageToVideoPipeline: :func:`hunyuan_video15`'s call, guider and
+    autoencoder (which here also encodes the image), a 64 px image whose 16 tokens from a tiny
+    ``SiglipVisionModel`` (32 px, 8 px patches, width 8) both calls of a step get as
+    ``image_embeds``, and a transformer for the i2v task."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    base, kwargs = hunyuan_video15(seed, size)
+    with seeded(seed + 4):
+        encoder = SiglipVisionModel(SiglipVisionConfig(
+            hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=8))
+        transformer = hunyuan_video15_transformer(size, task_type="i2v")
+    pipe = HunyuanVideo15ImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer, vae=base.vae,
+        scheduler=base.scheduler, text_encoder_2=None, tokenizer_2=None, guider=base.guider,
+        image_encoder=encoder,
+        feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}))
+    gen = torch.Generator().manual_seed(seed + 5)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("height", "width")}
+    return _finish(pipe), dict(kwargs, image=_random_picture(gen, 64))
 
 
 def _flux_with_vae(cls_name: str, seed: int, size: str):
@@ -1375,6 +1407,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("hunyuan-video-i2v-token-replace", hunyuan_video_i2v_token_replace),
     ("hunyuan-skyreels-i2v", hunyuan_skyreels_i2v),
     ("hunyuan-video15", hunyuan_video15),
+    ("hunyuan-video15-i2v", hunyuan_video15_i2v),
     ("kandinsky5-t2v", kandinsky5_t2v),
     ("kandinsky5-t2i", kandinsky5_t2i),
     ("kandinsky5-i2i", kandinsky5_i2i),
@@ -1431,6 +1464,7 @@ DIT_INFO: dict[str, DiTInfo] = {
     "hunyuan-video": DiTInfo("HunyuanVideoPipeline", "two-call", {"true_cfg_scale": 4.0}),
     # the guidance scale is the guider's (6.0), not a call argument
     "hunyuan-video15": DiTInfo("HunyuanVideo15Pipeline", "two-call", {}),
+    "hunyuan-video15-i2v": DiTInfo("HunyuanVideo15ImageToVideoPipeline", "two-call", {}),
     "hunyuan-video-i2v": DiTInfo("HunyuanVideoImageToVideoPipeline", "two-call",
                                  {"true_cfg_scale": 4.0}),
     "hunyuan-video-i2v-token-replace": DiTInfo("HunyuanVideoImageToVideoPipeline", "two-call",
