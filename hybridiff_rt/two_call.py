@@ -118,6 +118,8 @@ def _guider_step(pipe: Any, args: dict[str, Any], step: int) -> bool:
 
 
 def _guider_scale(pipe: Any, args: dict[str, Any]) -> Any:
+    """A guider pipeline's guidance scale: its guider's ``guidance_scale`` (not a call
+    argument)."""
     return cfg_guider(pipe).guidance_scale
 
 
