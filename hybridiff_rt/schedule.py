@@ -141,9 +141,10 @@ class SwitchSchedule:
         return MODE_PIPELINE if self.tau1 < i <= self.tau2 else MODE_CBP
 
     def end_pipelining(self, i: int) -> None:
-        """No pipelined step from step ``i`` on: ``tau2`` becomes ``i - 1`` if it was later (the
-        run's inputs changed shape inside the pipelined phase, so its stale activations no
-        longer fit). Steps after ``tau2`` run CBP as usual."""
+        """No pipelined step from step ``i`` on: ``tau2`` becomes ``i - 1`` if it was later (never
+        below ``tau1``), for a step of the phase that cannot be pipelined (its sample changed
+        shape, so the stale activations no longer fit, or it is unguided). Steps after ``tau2``
+        run CBP as usual."""
         i = self._check_step(i, "end_pipelining")
         if self.tau2 is not None and self.tau2 >= i:
             self.tau2 = max(i - 1, self.tau1)

@@ -215,7 +215,8 @@ VAR_POSITIONAL = "*args"
 
 
 def _named_before_var_positional(block: torch.nn.Module) -> list[str]:
-    """The parameters of ``block.forward`` before its ``*args``, in order."""
+    """The parameters of ``block.forward`` before its ``*args``, in order (all of them when it
+    takes no ``*args``)."""
     names = []
     for name, param in inspect.signature(block.forward).parameters.items():
         if param.kind is inspect.Parameter.VAR_POSITIONAL:
@@ -288,6 +289,7 @@ class DiTBlock(Unit):
                  flow: tuple[str, ...], returns: tuple[str, ...]) -> None:
         self.name, self.block, self.list_index, self.index = name, block, list_index, index
         self.flow, self.returns = flow, returns
+        self.before_var_positional = _named_before_var_positional(block)
 
     def __call__(self, state: State, ctx: DiTContext) -> State:
         li, i = self.list_index, self.index
@@ -298,8 +300,8 @@ class DiTBlock(Unit):
             kwargs[argument] = riding.pop(key) if last_use else riding[key]
         extra = kwargs.pop(VAR_POSITIONAL, ())
         if extra:  # the named parameters before *args go positionally, then *args
-            before = _named_before_var_positional(self.block)
-            out = self.block(*(kwargs.pop(k) for k in before), *extra, **kwargs)
+            out = self.block(*(kwargs.pop(k) for k in self.before_var_positional), *extra,
+                             **kwargs)
         else:
             out = self.block(**kwargs)
         values = (out,) if len(self.returns) == 1 else tuple(out)

@@ -417,6 +417,13 @@ def _random_picture(gen: torch.Generator, side: int):
     return Image.fromarray(pixels, mode="RGB")
 
 
+def _random_video(seed: int, side: int, frames: int) -> list:
+    """``frames`` PIL frames of ``side`` px, uniform noise drawn from ``seed + 6`` (the video
+    the video-to-video, editing and control pipelines take)."""
+    gen = torch.Generator().manual_seed(seed + 6)
+    return [_random_picture(gen, side) for _ in range(frames)]
+
+
 def _flow_unipc(flow_shift: float):
     """The video pipelines' ``UniPCMultistepScheduler`` on flow sigmas."""
     from diffusers import UniPCMultistepScheduler
@@ -577,11 +584,10 @@ def wan_vace(seed: int = 0, size: str = "tiny"):
     pipe = WanVACEPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
                            transformer=transformer, scheduler=_flow_unipc(3.0))
     kwargs = _video_call(seed, size)
-    gen = torch.Generator().manual_seed(seed + 6)
     side, frames = kwargs["height"], kwargs["num_frames"]
     mask = Image.new("L", (side, side), 0)
     mask.paste(255, (0, 0, side // 2, side))
-    return _finish(pipe), dict(kwargs, video=[_random_picture(gen, side) for _ in range(frames)],
+    return _finish(pipe), dict(kwargs, video=_random_video(seed, side, frames),
                                mask=[mask] * frames, conditioning_scale=[0.7, 1.3])
 
 
@@ -597,9 +603,7 @@ def wan21_v2v(seed: int = 0, size: str = "tiny"):
         autoencoder = wan_vae()
     pipe = WanVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
                                    transformer=base.transformer, scheduler=base.scheduler)
-    gen = torch.Generator().manual_seed(seed + 6)
-    side, frames = kwargs["height"], kwargs["num_frames"]
-    video = [_random_picture(gen, side) for _ in range(frames)]
+    video = _random_video(seed, kwargs["height"], kwargs["num_frames"])
     kwargs = {k: v for k, v in kwargs.items() if k != "num_frames"}
     return _finish(pipe), dict(kwargs, video=video, strength=0.6)
 
@@ -616,9 +620,8 @@ def lucy_edit(seed: int = 0, size: str = "tiny"):
     pipe = LucyEditPipeline(tokenizer=None, text_encoder=None, vae=autoencoder,
                             transformer=transformer, scheduler=_flow_unipc(3.0))
     kwargs = _video_call(seed)
-    gen = torch.Generator().manual_seed(seed + 6)
-    video = [_random_picture(gen, kwargs["height"]) for _ in range(kwargs["num_frames"])]
-    return _finish(pipe), dict(kwargs, video=video)
+    return _finish(pipe), dict(kwargs, video=_random_video(seed, kwargs["height"],
+                                                           kwargs["num_frames"]))
 
 
 def lumina2(seed: int = 0, size: str = "tiny"):
@@ -817,6 +820,15 @@ def flux(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def hunyuan_video_vae():
+    """A tiny ``AutoencoderKLHunyuanVideo``: 4 latent channels, 8x spatial and 4x temporal
+    compression (HunyuanVideo's and Kandinsky 5's video autoencoder)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(32,) * 4,
+                                     layers_per_block=1)
+
+
 def hunyuan_video_transformer(size: str = "tiny", **overrides: Any):
     """A tiny ``HunyuanVideoTransformer3DModel``: 4-channel latents, patch 1, width 16, 1 + 1
     (``size="small"``: 3 + 3) dual- and single-stream blocks, text width 16, pooled width 8."""
@@ -858,12 +870,10 @@ def _hunyuan_video_i2v(seed: int, size: str, condition: str | None,
     encoded by a tiny ``AutoencoderKLHunyuanVideo``; the transformer's ``image_condition_type``
     is ``condition`` (None: SkyReels' image latents concatenated to the noise)."""
     import diffusers
-    from diffusers import AutoencoderKLHunyuanVideo
 
     channels = {"latent_concat": 4 + 4 + 1, "token_replace": 4, None: 4 + 4}[condition]
     with seeded(seed):
-        autoencoder = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(32,) * 4,
-                                                layers_per_block=1)
+        autoencoder = hunyuan_video_vae()
         transformer = hunyuan_video_transformer(size, in_channels=channels,
                                                 image_condition_type=condition)
     extra = {} if condition is None else {"image_processor": None}
@@ -992,11 +1002,8 @@ def kandinsky5_i2v(seed: int = 0, size: str = "tiny"):
     encoded by a tiny ``AutoencoderKLHunyuanVideo``, 17 frames -> 5 x 8 x 8 latents (the
     pipeline renormalises the first 4 latent frames against the ones after them: with fewer
     than 5 the output is NaN); the loop keeps frame 0 and steps the others."""
-    from diffusers import AutoencoderKLHunyuanVideo
-
     with seeded(seed + 5):
-        autoencoder = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(32,) * 4,
-                                                layers_per_block=1)
+        autoencoder = hunyuan_video_vae()
     pipe, kwargs = _kandinsky5("Kandinsky5I2VPipeline", seed, size, autoencoder,
                                visual_cond=True)
     gen = torch.Generator().manual_seed(seed + 6)
