@@ -8,27 +8,30 @@ The protocol that lets rank 1 compute the cond call while rank 0 computes the un
 the pipeline unchanged:
 
 1. First call of a step: nothing runs. The inputs are kept and the call returns a *deferred
-   buffer*: an empty tensor (0 elements) of the denoiser's parameter dtype. The containers among
+   buffer*: a :class:`~hybridiff_rt.deferred.DeferredPrediction` of the denoiser's parameter
+   dtype, a tensor without a value yet, on which the loop may compute (the operations are
+   recorded, and replayed on the prediction when it comes). The containers among
    the inputs (dicts, lists, tuples, nested) are copied: a loop may change a dict it passes to
    both calls in between (Chroma puts the negative IP-Adapter embeddings into its
    ``joint_attention_kwargs`` before the uncond call), and the first call must see it as it was
    when it was made.
 2. Second call of the same step (same expert, same sample): the HybridDenoiser runs the step on
    both branches (CBP: one branch per rank, exchanged; or a pipelined step), the buffer returned
-   by the first call is re-pointed in place (``Tensor.set_``) at the first call's prediction, and
-   the second call returns its own prediction.
+   by the first call is filled: re-pointed in place (``Tensor.set_``) at the first call's
+   prediction, and what the loop computed from it replayed. The second call returns its own
+   prediction.
 
 This is exact only if the pipeline does not read the first call's result before the second call
-returns. That cannot be checked at run time in general, so it is a property of each pipeline
+returns (computing on it is fine: Cosmos 2's loops turn it into an x0 estimate, Motif-Video's
+clone it). That cannot be checked at run time in general, so it is a property of each pipeline
 class's loop, verified by a test that compares the two-rank output with the plain pipeline bit
 for bit (tests/test_dit_pipelines.py): only the classes in :data:`TWO_CALL_PIPELINES` are
 accepted, and the other pipelines known to call their denoiser per branch are refused by name
 (:data:`UNVERIFIED_TWO_CALL`), as are subclasses of either. As run-time guards, the second call
 must have the first call's expert, sample and timestep (else an error); a first call whose second
-call never comes is an error at the end of the pipeline call; and arithmetic on the deferred
-buffer before it is filled meets an empty tensor, which fails with a shape error in any
-broadcasting operation (a reduction such as ``sum()`` would not fail: the verification is what
-makes the protocol safe, not these guards).
+call never comes is an error at the end of the pipeline call; and reading the deferred buffer's
+value or shape before it is filled is an error (:mod:`hybridiff_rt.deferred`; the verification is
+what makes the protocol safe, not these guards).
 
 The output shape is never guessed: the buffer takes the shape, strides and storage of the real
 prediction when it is filled. Loops that slice the first call's result before the second call
@@ -51,6 +54,7 @@ from typing import Any
 
 import torch
 
+from .deferred import DeferredPrediction
 from .engine.batch import guidance_value
 from .engine.branch_layout import OutputKind
 from .errors import HybridError, UnsupportedModelError
@@ -215,6 +219,12 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "OvisImagePipeline": TwoCallLayout("cond", _guidance_above_one),
     "Krea2Pipeline": TwoCallLayout("cond", _pipeline_flag),
     "NucleusMoEImagePipeline": TwoCallLayout("cond", _guidance_above_one),
+    "CosmosTextToWorldPipeline": TwoCallLayout("cond", _pipeline_flag),
+    # these compute on the first call's result before the second call (a deferred prediction)
+    "Cosmos2TextToImagePipeline": TwoCallLayout("cond", _pipeline_flag),
+    "Cosmos2VideoToWorldPipeline": TwoCallLayout("cond", _pipeline_flag),
+    "MotifVideoPipeline": _CFG_GUIDER,
+    "MotifVideoImage2VideoPipeline": _CFG_GUIDER,
 }
 
 #: Pipelines of diffusers 0.42 whose loops call the denoiser once per guidance branch (found by
@@ -223,8 +233,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
 UNVERIFIED_TWO_CALL: dict[str, str] = {
     name: "its two-call loop is not verified by a test" for name in (
         "BriaFibo2Pipeline", "ChromaInpaintPipeline",
-        "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline",
-        "Cosmos2_5_TransferPipeline", "Cosmos3OmniPipeline", "CosmosTextToWorldPipeline",
+        "Cosmos2_5_PredictBasePipeline", "Cosmos2_5_TransferPipeline", "Cosmos3OmniPipeline",
         "CosmosVideoToWorldPipeline", "GlmImagePipeline", "HeliosPipeline",
         "HeliosPyramidPipeline", "JoyImageEditPipeline",
         "Kandinsky6TI2VAPipeline", "LongCatAudioDiTPipeline", "LongCatImageEditPipeline",
@@ -371,7 +380,8 @@ class TwoCallSteps:
         if self.layout.buffer_like_sample:
             buffer = torch.full(sample.shape, float("nan"), dtype=dtype, device=sample.device)
         else:
-            buffer = torch.empty(0, dtype=dtype, device=sample.device)
+            buffer = DeferredPrediction.make(sample.shape, dtype, sample.device,
+                                             owner=type(self.adapter.pipe).__name__)
         self.pending = (expert, {key: _as_called(value) for key, value in kw.items()}, buffer)
         return self._wrap(buffer, return_dict)
 
@@ -410,7 +420,7 @@ class TwoCallSteps:
                     "does not predict that shape; run this pipeline without hybridiff_rt")
             buffer.copy_(first)
         else:
-            buffer.set_(first)
+            buffer.fill(first)
         engine.report.note(
             f"two-call CFG: {type(self.adapter.pipe).__name__} calls its denoiser once per branch "
             f"({self.layout.first_branch} first); each step's first call returned a deferred "

@@ -10,7 +10,10 @@ Chroma, Flux and Chroma with an IP-Adapter (their loops write the negative image
 dict both calls share, between the calls), Flux and Qwen-Image with a ControlNet (run once per
 step, its residuals added between the blocks of both calls; Qwen-Image's also for inpainting), and
 Flux Kontext, Qwen-Image-Edit and Flux 2 Klein (their loops slice the cond call's result before the
-uncond call): two calls per step):
+uncond call), Cosmos 1.0 text-to-world, Cosmos 2 text-to-image and video-to-world (their loops turn
+the cond call's result into an x0 estimate before the uncond call) and Motif-Video text- and
+image-to-video (guided through a ClassifierFreeGuidance guider; the loop clones the cond call's
+result before the uncond call): two calls per step):
 
 * k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
   call, whole on every rank); equal bit for bit to the exact serial
@@ -72,7 +75,8 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "chronoedit": "reuse", "wan-vace": "off", "kandinsky5-t2v": "reuse",
                 "hunyuan-video-i2v": "off", "hunyuan-video-i2v-token-replace": "reuse",
                 "hunyuan-skyreels-i2v": "off", "kandinsky5-i2v": "off",
-                "hunyuan-video15-i2v": "reuse"}
+                "hunyuan-video15-i2v": "reuse", "cosmos-t2w": "off", "cosmos2-t2i": "reuse",
+                "cosmos2-v2w": "off", "motif-video": "reuse", "motif-video-i2v": "off"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
@@ -82,7 +86,7 @@ UNGUIDED_CALL = {"flux-true-cfg": {"true_cfg_scale": 1.0}, "flux-kontext": {"tru
                  "ovis-image": {"guidance_scale": 1.0},
                  "krea2": {"guidance_scale": 0.0}, "nucleus-moe": {"guidance_scale": 1.0},
                  "flux2-klein": {"guidance_scale": 1.0}, "hunyuan-video": {"true_cfg_scale": 1.0},
-                 "kandinsky5-t2v": {"guidance_scale": 1.0}}
+                 "kandinsky5-t2v": {"guidance_scale": 1.0}, "cosmos2-t2i": {"guidance_scale": 1.0}}
 #: ChronoEdit with temporal reasoning: 9 frames (3 latent frames), of which the loop keeps the
 #: first and the last from step 4 on (latents[:, :, [0, -1]]), inside the pipelined steps 3, 4
 TEMPORAL_REASONING = {"num_frames": 9, "enable_temporal_reasoning": True,

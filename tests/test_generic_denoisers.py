@@ -90,10 +90,10 @@ def _dit_cases(seed):
                  "wan2.1-i2v-clip", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
                  "cogview3-plus", "lumina-next", "hunyuan-video", "hunyuan-video15",
                  "chronoedit", "wan-vace", "kandinsky5-t2v",
-                 "hunyuan-video-i2v-token-replace"):
+                 "hunyuan-video-i2v-token-replace", "cosmos2-v2w", "motif-video"):
         small = ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
                  "cogview3-plus", "hunyuan-video", "hunyuan-video15",
-                 "hunyuan-video-i2v-token-replace")
+                 "hunyuan-video-i2v-token-replace", "cosmos2-v2w", "motif-video")
         size = "small" if name in small else "tiny"
         # the cond or the uncond call
         cases[name] = _denoiser_call(name, seed, size, pick=random.Random(seed).randrange)
@@ -213,6 +213,28 @@ def test_a_description_that_does_not_fit_is_refused_at_first_use(seed, monkeypat
             staged.prepare(**kw, controlnet_block_samples=residuals)
         staged.prepare(**kw)  # calls without residuals fit
     assert model.transformer_blocks is blocks  # the real blocks are back
+
+
+def test_motif_video_with_decoder_layers_is_refused_at_first_use(seed):
+    """Motif-Video's decoder layers run the last single-stream blocks on a copy of the flow made
+    before the first block, with the flow as their text: not a flow the description carries.
+    The first-use check finds the mismatch (the runtime then runs CBP only, with a note)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = dit_pipelines.motif_video_transformer(num_decoder_layers=1, seed=seed)
+    kw = {"hidden_states": _randn(gen, 1, 9, 2, 8, 8), "timestep": torch.rand(1, generator=gen),
+          "encoder_hidden_states": _randn(gen, 1, 6, 16),
+          "encoder_attention_mask": torch.ones(1, 6)}
+    staged = hr.stage_denoiser(model)
+    with pytest.raises(hr.UnsupportedModelError, match="staged MotifVideoTransformer3DModel .* "
+                                                       "gave a different prediction"), \
+            torch.no_grad():
+        staged.prepare(**kw)
+    with torch.no_grad():  # without decoder layers it stages exactly
+        plain = dit_pipelines.motif_video_transformer(seed=seed)
+        staged = hr.stage_denoiser(plain)
+        ctx = staged.prepare(**kw)
+        got = staged.finish(staged.run(ctx.initial_state, ctx, 0, None), ctx)
+        assert torch.equal(got, prediction_of(plain(**kw, return_dict=False)))
 
 
 def _controlnet_cases(seed):
@@ -508,7 +530,8 @@ def test_pipelines_that_guide_through_a_diffusers_guider_are_refused_at_parallel
     with_guider = [c for c in classes if isinstance(c, type)
                    and guider_components(object.__new__(c))
                    and c.__name__ not in TWO_CALL_PIPELINES]
-    assert {"HunyuanImagePipeline", "MotifVideoPipeline"} <= {c.__name__ for c in with_guider}
+    assert {"HunyuanImagePipeline", "HunyuanImageRefinerPipeline"} <= {
+        c.__name__ for c in with_guider}
     for cls in with_guider:
         with pytest.raises(hr.UnsupportedModelError, match=f"{cls.__name__} calls its denoiser "
                            "once per guidance branch and it guides through a diffusers guider"):
@@ -655,6 +678,7 @@ def test_a_deferred_buffer_shaped_like_the_sample_serves_a_slice_taken_before_th
 def test_a_deferred_call_keeps_its_arguments_as_the_loop_passed_them(seed):
     """Chroma's loop writes the negative IP-Adapter embeddings into the dict it passes to both
     calls between them; the deferred cond call must still run with the positive ones."""
+    from hybridiff_rt.deferred import DeferredPrediction
     from hybridiff_rt.two_call import TWO_CALL_PIPELINES, TwoCallSteps
 
     def forward(hidden_states, timestep, encoder_hidden_states, joint_attention_kwargs=None,
@@ -671,7 +695,7 @@ def test_a_deferred_call_keeps_its_arguments_as_the_loop_passed_them(seed):
     (first,) = steps.forward(0, (), {"hidden_states": sample, "timestep": timestep,
                                      "encoder_hidden_states": torch.ones(1, 2, 8),
                                      "joint_attention_kwargs": shared, "return_dict": False})
-    assert first.numel() == 0  # deferred
+    assert isinstance(first, DeferredPrediction) and not first.is_filled
     shared["image_embeds"][0] = negative  # in place, in the list both calls were given
     shared["scale"] = 0.0
     (second,) = steps.forward(0, (), {"hidden_states": sample, "timestep": timestep,
@@ -721,7 +745,7 @@ def test_a_first_call_asking_for_return_dict_gets_the_annotated_output_class(see
     steps = TwoCallSteps(_BranchRecorder(), TWO_CALL_PIPELINES["ChromaPipeline"], [annotated])
     steps.begin({"guidance_scale": 4.0})
     first = steps.forward(0, (), calls[0])
-    assert type(first) is Transformer2DModelOutput and first.sample.numel() == 0
+    assert type(first) is Transformer2DModelOutput and not first.sample.is_filled
     second = steps.forward(0, (), calls[1])
     assert type(second) is Transformer2DModelOutput
     assert torch.equal(first.sample, sample + positive.sum())

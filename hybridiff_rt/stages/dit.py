@@ -177,12 +177,19 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
         blocks=("transformer_blocks", "single_transformer_blocks"),
         flow=("hidden_states", "encoder_hidden_states"),
         returns=("hidden_states", "encoder_hidden_states")),
+    "MotifVideoTransformer3DModel": DiTFamily(
+        blocks=("transformer_blocks", "single_transformer_blocks"),
+        flow=("hidden_states", "encoder_hidden_states"),
+        returns=("hidden_states", "encoder_hidden_states")),
     "HunyuanVideo15Transformer3DModel": DiTFamily(
         blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
         returns=("hidden_states", "encoder_hidden_states")),
     # the text blocks run in the prologue; the visual blocks carry the visual tokens
     "Kandinsky5Transformer3DModel": DiTFamily(
         blocks=("visual_transformer_blocks",), flow=("visual_embed",), returns=("visual_embed",)),
+    # DiT blocks with cross-attention to the fixed text; a ControlNet residual is a block's own
+    # argument (the block adds it)
+    "CosmosTransformer3DModel": DiTFamily(blocks=("transformer_blocks",)),
     # ... and image-stream blocks with cross-attention to the fixed text
     "LTXVideoTransformer3DModel": DiTFamily(blocks=("transformer_blocks",)),
     "AllegroTransformer3DModel": DiTFamily(blocks=("transformer_blocks",)),

@@ -2,7 +2,10 @@
 HunyuanDiT, HiDream-I1, Lumina-Next, CogVideoX, LTX-Video, Mochi, Allegro, Latte, CogView3-Plus,
 Wan 2.1 / 2.2 text-to-video, Wan image-to-video, SkyReels V2 text-to-video and image-to-video,
 Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2 Klein, Ovis-Image,
-Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma; Flux and Chroma also
+Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma, ChronoEdit, Wan VACE,
+Lucy Edit, HunyuanVideo (text- and image-to-video, SkyReels I2V), HunyuanVideo 1.5 (text- and
+image-to-video), Kandinsky 5 (T2V, T2I, I2I, I2V), Cosmos 1.0 text-to-world, Cosmos 2
+text-to-image and video-to-world, Motif-Video (text- and image-to-video); Flux and Chroma also
 with an IP-Adapter, Sana, Flux and Qwen-Image also with a ControlNet. Outside
 :data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves): Chroma, Flux and Qwen-Image
 img2img, Flux, Qwen-Image, Flux Kontext, Qwen-Image-Edit and Flux 2 Klein inpainting, Wan
@@ -1042,6 +1045,147 @@ def hunyuan_video15_i2v(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), dict(kwargs, image=_random_picture(gen, 64))
 
 
+class GuardrailStandIn(torch.nn.Module):
+    """Stands in for ``cosmos_guardrail.CosmosSafetyChecker``, which the Cosmos pipelines make
+    when given none (and refuse to run without): every prompt passes, every video is returned
+    unchanged. Only for these tiny pipelines; real checkpoints use the real guardrail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("anchor", torch.zeros(()))
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, video: Any) -> Any:
+        return video
+
+
+def cosmos_transformer(size: str = "tiny", **overrides: Any):
+    """A tiny ``CosmosTransformer3DModel`` (DiT blocks with self-attention, cross-attention to
+    the T5 text and AdaLN-LoRA modulation): 4-channel latents, patch (1, 2, 2), width 32, 3
+    (``size="small"``: 6) blocks, text width 16, learnable positions; no padding-mask channel
+    (which would need torchvision). Its zero-initialised weights are re-drawn."""
+    from diffusers import CosmosTransformer3DModel
+
+    with seeded(overrides.pop("seed", 0)):
+        model = CosmosTransformer3DModel(**{
+            "in_channels": 4, "out_channels": 4, "num_attention_heads": 2,
+            "attention_head_dim": 16, "num_layers": {"tiny": 3, "small": 6}[size],
+            "mlp_ratio": 2.0, "text_embed_dim": 16, "adaln_lora_dim": 4, "max_size": (4, 32, 32),
+            "patch_size": (1, 2, 2), "concat_padding_mask": False, **overrides})
+    return unzero(model, 2)
+
+
+def _cosmos(cls_name: str, seed: int, size: str, scheduler: Any, transformer: dict[str, Any],
+            autoencoder: Any = None):
+    """A Cosmos pipeline class of diffusers on :func:`cosmos_transformer` with the
+    :class:`GuardrailStandIn`, called with seeded T5-width embeddings of 6 tokens."""
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name)(
+        text_encoder=None, tokenizer=None, vae=autoencoder, scheduler=scheduler,
+        transformer=cosmos_transformer(size, seed=seed, **transformer),
+        safety_checker=GuardrailStandIn())
+    gen = torch.Generator().manual_seed(seed + 1)
+    return _finish(pipe), {"prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
+                           "negative_prompt_embeds": _embeds(gen, 1, 6, 16)}
+
+
+def cosmos_t2w(seed: int = 0, size: str = "tiny"):
+    """CosmosTextToWorldPipeline (Cosmos 1.0: EDM Euler steps on x0, guided after both calls),
+    9 frames of 64 px -> 2 x 8 x 8 latents (``vae=None``: 8x spatial and temporal)."""
+    from diffusers import EDMEulerScheduler
+
+    scheduler = EDMEulerScheduler(sigma_max=80.0, sigma_min=0.002, sigma_data=0.5,
+                                  sigma_schedule="karras", prediction_type="epsilon", rho=7.0,
+                                  final_sigmas_type="sigma_min")
+    pipe, kwargs = _cosmos("CosmosTextToWorldPipeline", seed, size, scheduler, {})
+    return pipe, dict(kwargs, height=64, width=64, num_frames=9)
+
+
+def cosmos2_t2i(seed: int = 0, size: str = "tiny"):
+    """Cosmos2TextToImagePipeline (Cosmos-Predict2: each call's prediction is turned into an
+    x0 estimate, ``c_skip * latents + c_out * prediction``, the cond one *before* the uncond
+    call), 64 px -> 8 x 8 latents (``vae=None``: 8x)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe, kwargs = _cosmos("Cosmos2TextToImagePipeline", seed, size,
+                           FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), {})
+    return pipe, dict(kwargs, height=64, width=64)
+
+
+def cosmos2_v2w(seed: int = 0, size: str = "tiny"):
+    """Cosmos2VideoToWorldPipeline (:func:`cosmos2_t2i`'s loop; a first frame encoded by a tiny
+    ``AutoencoderKLWan`` conditions the video through a mask channel and is kept), a 64 px image,
+    5 frames -> 2 x 8 x 8 latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with seeded(seed + 5):
+        autoencoder = wan_vae()
+    pipe, kwargs = _cosmos("Cosmos2VideoToWorldPipeline", seed, size,
+                           FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
+                           {"in_channels": 5}, autoencoder)
+    gen = torch.Generator().manual_seed(seed + 6)
+    return pipe, dict(kwargs, image=_random_picture(gen, 64), height=64, width=64,
+                      num_frames=5)
+
+
+def motif_video_transformer(size: str = "tiny", **overrides: Any):
+    """A tiny ``MotifVideoTransformer3DModel`` (dual-stream, then single-stream blocks that
+    take and return both streams): 4-channel latents (+ 4 condition channels and a mask),
+    patch 2, width 16, 2 + 2 (``size="small"``: 3 + 3) blocks, text width 16. Its
+    zero-initialised weights are re-drawn."""
+    from diffusers import MotifVideoTransformer3DModel
+
+    blocks = {"tiny": 2, "small": 3}[size]
+    with seeded(overrides.pop("seed", 0)):
+        model = MotifVideoTransformer3DModel(**{
+            "in_channels": 9, "out_channels": 4, "num_attention_heads": 2,
+            "attention_head_dim": 8, "num_layers": blocks, "num_single_layers": blocks,
+            "mlp_ratio": 2.0, "text_embed_dim": 16, "rope_axes_dim": (2, 2, 4), **overrides})
+    return unzero(model, 2)
+
+
+def motif_video(seed: int = 0, size: str = "tiny"):
+    """MotifVideoPipeline (text-to-video through a ``ClassifierFreeGuidance`` guider at scale 5;
+    its loop ``clone()``s each call's result, the cond one before the uncond call), 5 frames of
+    64 px -> 2 x 8 x 8 latents (a tiny ``AutoencoderKLWan`` gives the latent channels), the
+    negative prompt's last two tokens masked out."""
+    from diffusers import ClassifierFreeGuidance, MotifVideoPipeline
+
+    with seeded(seed + 5):
+        autoencoder = wan_vae()
+    pipe = MotifVideoPipeline(
+        scheduler=flow_match_scheduler(), vae=autoencoder, text_encoder=None, tokenizer=None,
+        transformer=motif_video_transformer(size, seed=seed),
+        guider=ClassifierFreeGuidance(guidance_scale=5.0))
+    kwargs = dict(_masked_embeds(seed, 6, 16), height=64, width=64, num_frames=5)
+    kwargs["negative_prompt_attention_mask"][:, -2:] = 0
+    return _finish(pipe), kwargs
+
+
+def motif_video_i2v(seed: int = 0, size: str = "tiny"):
+    """MotifVideoImage2VideoPipeline: :func:`motif_video`'s transformer, guider, autoencoder
+    (which here also encodes the first frame into the condition channels and the mask) and
+    call, with a 64 px image (no image tokens: those come from the text encoder's vision
+    tower, which these pipelines do without)."""
+    from diffusers import MotifVideoImage2VideoPipeline
+    from transformers import SiglipImageProcessor
+
+    base, kwargs = motif_video(seed, size)
+    pipe = MotifVideoImage2VideoPipeline(
+        scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None,
+        transformer=base.transformer, guider=base.guider,
+        feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}))
+    gen = torch.Generator().manual_seed(seed + 6)
+    return _finish(pipe), dict(kwargs, image=_random_picture(gen, 64))
+
+
 def _flux_with_vae(cls_name: str, seed: int, size: str):
     """A Flux pipeline class of diffusers on :func:`flux`'s transformer and embeddings, with
     :func:`_kl_vae_and_image`'s VAE (64 px -> 64 tokens) and ``image`` in its call arguments."""
@@ -1419,6 +1563,11 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("kandinsky5-t2i", kandinsky5_t2i),
     ("kandinsky5-i2i", kandinsky5_i2i),
     ("kandinsky5-i2v", kandinsky5_i2v),
+    ("cosmos-t2w", cosmos_t2w),
+    ("cosmos2-t2i", cosmos2_t2i),
+    ("cosmos2-v2w", cosmos2_v2w),
+    ("motif-video", motif_video),
+    ("motif-video-i2v", motif_video_i2v),
     ("flux-kontext", flux_kontext),
     ("flux2-klein", flux2_klein),
     ("ovis-image", ovis_image),
@@ -1482,6 +1631,12 @@ DIT_INFO: dict[str, DiTInfo] = {
     "kandinsky5-t2i": DiTInfo("Kandinsky5T2IPipeline", "two-call", {"guidance_scale": 3.5}),
     "kandinsky5-i2i": DiTInfo("Kandinsky5I2IPipeline", "two-call", {"guidance_scale": 3.5}),
     "kandinsky5-i2v": DiTInfo("Kandinsky5I2VPipeline", "two-call", {"guidance_scale": 5.0}),
+    "cosmos-t2w": DiTInfo("CosmosTextToWorldPipeline", "two-call", {"guidance_scale": 7.0}),
+    "cosmos2-t2i": DiTInfo("Cosmos2TextToImagePipeline", "two-call", {"guidance_scale": 7.0}),
+    "cosmos2-v2w": DiTInfo("Cosmos2VideoToWorldPipeline", "two-call", {"guidance_scale": 7.0}),
+    # the guidance scale is the guider's (5.0)
+    "motif-video": DiTInfo("MotifVideoPipeline", "two-call", {}),
+    "motif-video-i2v": DiTInfo("MotifVideoImage2VideoPipeline", "two-call", {}),
     "flux-controlnet": DiTInfo("FluxControlNetPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux-kontext": DiTInfo("FluxKontextPipeline", "two-call", {"true_cfg_scale": 4.0}),
     "flux2-klein": DiTInfo("Flux2KleinPipeline", "two-call", {"guidance_scale": 4.0}),
