@@ -34,15 +34,11 @@ value or shape before it is filled is an error (:mod:`hybridiff_rt.deferred`; th
 what makes the protocol safe, not these guards).
 
 The output shape is never guessed: the buffer takes the shape, strides and storage of the real
-prediction when it is filled. Loops that slice the first call's result before the second call
-(image-conditioned edits: ``noise_pred[:, :n]`` drops the reference image's tokens) are the one
-exception, declared per class (``TwoCallLayout.buffer_like_sample``): their buffer has the
-sample's shape from the start and holds NaN until the prediction is copied into it, so a slice
-taken early sees the prediction, and arithmetic on it before the fill gives NaN (the next step's
-prediction is then NaN, which the runtime reports) rather than a plausible wrong value. The
-buffer's dtype must be fixed when it is returned, so the prediction must come back in the
-denoiser's parameter dtype (true of every verified class; a mismatch is an error at the first
-step, on every rank).
+prediction when it is filled, and what the loop computed on it before (Kontext-like image edits
+slice the reference image's tokens off the cond call's result, ``noise_pred[:, :n]``, before the
+uncond call) is replayed on the real prediction then. The buffer's dtype must be fixed when it is
+returned, so the prediction must come back in the denoiser's parameter dtype (true of every
+verified class; a mismatch is an error at the first step, on every rank).
 """
 
 from __future__ import annotations
@@ -140,11 +136,6 @@ class TwoCallLayout:
         step_guided: ``step_guided(pipe, call_args, step)``: whether step ``step`` of a guided
             call makes both calls (None: every step does), evaluated at the step's first call; a
             step that does not makes one cond call, run whole on every rank.
-        buffer_like_sample: the loop takes a view of the first call's result before the second
-            call (image-conditioned edits slice off the reference image's tokens:
-            ``noise_pred[:, :n]``). The deferred buffer is then allocated with the sample's
-            shape, holds NaN until it is filled, and the prediction is copied into it, so that
-            views taken of it see the prediction (the denoiser must predict the sample's shape).
         scale_of: ``scale_of(pipe, call_args)``: the guidance scale, where it is not a call
             argument (a guider's ``guidance_scale``); None: read ``scale_argument``.
         check: ``check(pipe)`` at ``hr.parallelize``, raising UnsupportedModelError for a
@@ -156,7 +147,6 @@ class TwoCallLayout:
     scale_argument: str = "guidance_scale"
     experts: tuple[str, ...] = ("transformer",)
     step_guided: Callable[[Any, dict[str, Any], int], bool] | None = None
-    buffer_like_sample: bool = False
     scale_of: Callable[[Any, dict[str, Any]], Any] | None = None
     check: Callable[[Any], Any] | None = None
 
@@ -166,17 +156,13 @@ _QWEN = TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
                       scale_argument="true_cfg_scale")
 _FLUX = TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
                       scale_argument="true_cfg_scale")
-# the editing loops: each call's result is sliced to the noisy tokens, the cond one's early
-_QWEN_EDIT = dataclasses.replace(_QWEN, buffer_like_sample=True)
-_FLUX_KONTEXT = dataclasses.replace(_FLUX, buffer_like_sample=True)
-_FLUX2_KLEIN = TwoCallLayout("cond", _pipeline_flag, buffer_like_sample=True)
 # a diffusers guider's loop: one call per batch its prepare_inputs makes, combined by the guider
 _CFG_GUIDER = TwoCallLayout("cond", _guider_enabled, step_guided=_guider_step,
                             scale_of=_guider_scale, check=cfg_guider)
 
 #: Pipeline classes whose loops were verified (tests/test_dit_pipelines.py): the first call's
-#: result is not read before the second call returns (or, with ``buffer_like_sample``, only
-#: sliced).
+#: result is not read before the second call returns (computing on it is recorded and replayed:
+#: the editing loops slice each call's result to the noisy tokens, the cond one's early).
 TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "WanPipeline": _WAN,
     "WanImageToVideoPipeline": _WAN,
@@ -189,9 +175,9 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "QwenImageInpaintPipeline": _QWEN,
     "QwenImageControlNetPipeline": _QWEN,
     "QwenImageControlNetInpaintPipeline": _QWEN,
-    "QwenImageEditPipeline": _QWEN_EDIT,
-    "QwenImageEditPlusPipeline": _QWEN_EDIT,
-    "QwenImageEditInpaintPipeline": _QWEN_EDIT,
+    "QwenImageEditPipeline": _QWEN,
+    "QwenImageEditPlusPipeline": _QWEN,
+    "QwenImageEditInpaintPipeline": _QWEN,
     "FluxPipeline": _FLUX,
     "FluxImg2ImgPipeline": _FLUX,
     "FluxInpaintPipeline": _FLUX,
@@ -205,10 +191,10 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "Kandinsky5T2IPipeline": TwoCallLayout("cond", _guidance_above_one),
     "Kandinsky5I2IPipeline": TwoCallLayout("cond", _guidance_above_one),
     "Kandinsky5I2VPipeline": TwoCallLayout("cond", _guidance_above_one),
-    "FluxKontextPipeline": _FLUX_KONTEXT,
-    "FluxKontextInpaintPipeline": _FLUX_KONTEXT,
-    "Flux2KleinPipeline": _FLUX2_KLEIN,
-    "Flux2KleinInpaintPipeline": _FLUX2_KLEIN,
+    "FluxKontextPipeline": _FLUX,
+    "FluxKontextInpaintPipeline": _FLUX,
+    "Flux2KleinPipeline": TwoCallLayout("cond", _pipeline_flag),
+    "Flux2KleinInpaintPipeline": TwoCallLayout("cond", _pipeline_flag),
     "Lumina2Pipeline": TwoCallLayout("cond", _pipeline_flag, step_guided=_lumina2_untruncated),
     "CogView4Pipeline": TwoCallLayout("cond", _pipeline_flag),
     "CogView4ControlPipeline": TwoCallLayout("cond", _pipeline_flag),
@@ -223,6 +209,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     # these compute on the first call's result before the second call (a deferred prediction)
     "Cosmos2TextToImagePipeline": TwoCallLayout("cond", _pipeline_flag),
     "Cosmos2VideoToWorldPipeline": TwoCallLayout("cond", _pipeline_flag),
+    "Cosmos2_5_PredictBasePipeline": TwoCallLayout("cond", _pipeline_flag),
     "MotifVideoPipeline": _CFG_GUIDER,
     "MotifVideoImage2VideoPipeline": _CFG_GUIDER,
 }
@@ -233,7 +220,7 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
 UNVERIFIED_TWO_CALL: dict[str, str] = {
     name: "its two-call loop is not verified by a test" for name in (
         "BriaFibo2Pipeline", "ChromaInpaintPipeline",
-        "Cosmos2_5_PredictBasePipeline", "Cosmos2_5_TransferPipeline", "Cosmos3OmniPipeline",
+        "Cosmos2_5_TransferPipeline", "Cosmos3OmniPipeline",
         "CosmosVideoToWorldPipeline", "GlmImagePipeline", "HeliosPipeline",
         "HeliosPyramidPipeline", "JoyImageEditPipeline",
         "Kandinsky6TI2VAPipeline", "LongCatAudioDiTPipeline", "LongCatImageEditPipeline",
@@ -377,11 +364,8 @@ class TwoCallSteps:
         sample = kw[self.adapter.engine.sample_key]
         param = next(self.adapter.engine.model.parameters(), None)
         dtype = param.dtype if param is not None else sample.dtype
-        if self.layout.buffer_like_sample:
-            buffer = torch.full(sample.shape, float("nan"), dtype=dtype, device=sample.device)
-        else:
-            buffer = DeferredPrediction.make(sample.shape, dtype, sample.device,
-                                             owner=type(self.adapter.pipe).__name__)
+        buffer = DeferredPrediction.make(sample.shape, dtype, sample.device,
+                                         owner=type(self.adapter.pipe).__name__)
         self.pending = (expert, {key: _as_called(value) for key, value in kw.items()}, buffer)
         return self._wrap(buffer, return_dict)
 
@@ -410,17 +394,7 @@ class TwoCallSteps:
                 f"{type(engine.model).__name__} returned {first.dtype} on {first.device}, but the "
                 f"deferred buffer of the first call was {buffer.dtype} on {buffer.device} (the "
                 "parameters' dtype); cast the denoiser and its inputs to one dtype")
-        if self.layout.buffer_like_sample:
-            if first.shape != buffer.shape:
-                raise HybridError(
-                    f"{type(engine.model).__name__} returned a prediction of shape "
-                    f"{tuple(first.shape)} for a sample of shape {tuple(buffer.shape)}: "
-                    f"{type(self.adapter.pipe).__name__} slices the first call's result before "
-                    "the second call, so its deferred buffer has the sample's shape; this denoiser "
-                    "does not predict that shape; run this pipeline without hybridiff_rt")
-            buffer.copy_(first)
-        else:
-            buffer.fill(first)
+        buffer.fill(first)
         engine.report.note(
             f"two-call CFG: {type(self.adapter.pipe).__name__} calls its denoiser once per branch "
             f"({self.layout.first_branch} first); each step's first call returned a deferred "

@@ -5,7 +5,7 @@ Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2 Klei
 Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma, ChronoEdit, Wan VACE,
 Lucy Edit, HunyuanVideo (text- and image-to-video, SkyReels I2V), HunyuanVideo 1.5 (text- and
 image-to-video), Kandinsky 5 (T2V, T2I, I2I, I2V), Cosmos 1.0 text-to-world, Cosmos 2
-text-to-image and video-to-world, Motif-Video (text- and image-to-video); Flux and Chroma also
+text-to-image and video-to-world, Cosmos-Predict2.5 text-to-world, Motif-Video (text- and image-to-video); Flux and Chroma also
 with an IP-Adapter, Sana, Flux and Qwen-Image also with a ControlNet. Outside
 :data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves): Chroma, Flux and Qwen-Image
 img2img, Flux, Qwen-Image, Flux Kontext, Qwen-Image-Edit and Flux 2 Klein inpainting, Wan
@@ -1135,6 +1135,25 @@ def cosmos2_v2w(seed: int = 0, size: str = "tiny"):
                       num_frames=5)
 
 
+def cosmos25_t2w(seed: int = 0, size: str = "tiny"):
+    """Cosmos2_5_PredictBasePipeline in its text-to-world mode (Cosmos-Predict2.5: each call's
+    velocity is replaced by the conditioning frames' own where the condition mask says, the cond
+    call's *before* the uncond call), UniPC on flow sigmas, 5 frames of 64 px -> 2 x 8 x 8
+    latents (a tiny ``AutoencoderKLWan``), the transformer projecting 24-wide text embeddings
+    (its Qwen2.5-VL layers, stacked) to 16. Its image- and video-to-world modes run the same
+    loop but convert their inputs with torchvision, which is not installed here."""
+    with seeded(seed + 5):
+        autoencoder = wan_vae()
+    pipe, _ = _cosmos("Cosmos2_5_PredictBasePipeline", seed, size,
+                      _flow_unipc(3.0), {"in_channels": 5, "use_crossattn_projection": True,
+                                         "crossattn_proj_in_channels": 24,
+                                         "encoder_hidden_states_channels": 16}, autoencoder)
+    gen = torch.Generator().manual_seed(seed + 1)
+    return pipe, {"prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 24),
+                  "negative_prompt_embeds": _embeds(gen, 1, 6, 24), "height": 64, "width": 64,
+                  "num_frames": 5}
+
+
 def motif_video_transformer(size: str = "tiny", **overrides: Any):
     """A tiny ``MotifVideoTransformer3DModel`` (dual-stream, then single-stream blocks that
     take and return both streams): 4-channel latents (+ 4 condition channels and a mask),
@@ -1566,6 +1585,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("cosmos-t2w", cosmos_t2w),
     ("cosmos2-t2i", cosmos2_t2i),
     ("cosmos2-v2w", cosmos2_v2w),
+    ("cosmos2.5-t2w", cosmos25_t2w),
     ("motif-video", motif_video),
     ("motif-video-i2v", motif_video_i2v),
     ("flux-kontext", flux_kontext),
@@ -1634,6 +1654,8 @@ DIT_INFO: dict[str, DiTInfo] = {
     "cosmos-t2w": DiTInfo("CosmosTextToWorldPipeline", "two-call", {"guidance_scale": 7.0}),
     "cosmos2-t2i": DiTInfo("Cosmos2TextToImagePipeline", "two-call", {"guidance_scale": 7.0}),
     "cosmos2-v2w": DiTInfo("Cosmos2VideoToWorldPipeline", "two-call", {"guidance_scale": 7.0}),
+    "cosmos2.5-t2w": DiTInfo("Cosmos2_5_PredictBasePipeline", "two-call",
+                             {"guidance_scale": 7.0}),
     # the guidance scale is the guider's (5.0)
     "motif-video": DiTInfo("MotifVideoPipeline", "two-call", {}),
     "motif-video-i2v": DiTInfo("MotifVideoImage2VideoPipeline", "two-call", {}),
