@@ -1,7 +1,7 @@
 """Two-call CFG: pipelines that call their denoiser once per guidance branch in each step.
 
-Wan, Lumina2, CogView4, Chroma, Qwen-Image, Flux and HunyuanVideo with ``true_cfg_scale > 1``,
-and HunyuanVideo 1.5 through its ``ClassifierFreeGuidance`` guider, do not stack
+Wan, Lumina2, CogView4, Chroma, Cosmos, Qwen-Image, Flux and HunyuanVideo with
+``true_cfg_scale > 1``, and HunyuanVideo 1.5 and Motif-Video through their guider, do not stack
 ``[uncond; cond]`` into one batch; each step calls the denoiser with the cond inputs and then
 again with the uncond inputs, and only after the second call combines the two predictions.
 The protocol that lets rank 1 compute the cond call while rank 0 computes the uncond call, with
@@ -83,44 +83,51 @@ def _lumina2_untruncated(pipe: Any, args: dict[str, Any], step: int) -> bool:
     return (step + 1) / int(args["num_inference_steps"]) <= float(args["cfg_trunc_ratio"])
 
 
-def cfg_guider(pipe: Any) -> Any:
-    """``pipe.guider`` if it is diffusers' ``ClassifierFreeGuidance`` (exactly that class: its
-    ``prepare_inputs`` makes the cond batch, then the uncond batch, and its combination reads both
-    predictions only after both calls), the guider loop the verified guider pipelines are tested
-    with.
+#: The diffusers guider classes the guider loops are verified with (exactly these classes):
+#: their ``prepare_inputs`` makes the cond batch, then the uncond batch, and their combination
+#: reads both predictions only after both calls (adaptive projected guidance with its momentum
+#: too: each rank gets both predictions, so each keeps the same momentum).
+VERIFIED_GUIDERS: tuple[str, ...] = ("ClassifierFreeGuidance", "AdaptiveProjectedGuidance")
+
+
+def verified_guider(pipe: Any) -> Any:
+    """``pipe.guider`` if it is one of :data:`VERIFIED_GUIDERS`, the guiders the verified guider
+    pipelines are tested with.
 
     Raises:
-        UnsupportedModelError: another guider (adaptive projected, perturbed-attention or
-            skip-layer guidance, ...: other combinations, or more than two batches per step).
+        UnsupportedModelError: another guider (perturbed-attention or skip-layer guidance, ...:
+            more than two batches per step, or other combinations).
     """
-    from diffusers.guiders import ClassifierFreeGuidance
+    import diffusers.guiders
 
     guider = getattr(pipe, "guider", None)
-    if type(guider) is not ClassifierFreeGuidance:
+    if not any(type(guider) is getattr(diffusers.guiders, name, None)
+               for name in VERIFIED_GUIDERS):
         raise UnsupportedModelError(
             f"{type(pipe).__name__}.guider is {type(guider).__name__}; hybridiff_rt splits guider "
-            "loops only with diffusers' ClassifierFreeGuidance (one cond and one uncond call per "
-            "step). Set pipe.guider = ClassifierFreeGuidance(guidance_scale=...), or run this "
-            "pipeline without hybridiff_rt")
+            f"loops only with diffusers' {' or '.join(VERIFIED_GUIDERS)} (one cond and one uncond "
+            "call per step, combined after both). Set pipe.guider = "
+            "ClassifierFreeGuidance(guidance_scale=...), or run this pipeline without "
+            "hybridiff_rt")
     return guider
 
 
 def _guider_enabled(pipe: Any, args: dict[str, Any]) -> bool:
     """A guider pipeline's rule: guided while its guider is enabled (the loop's own test,
     ``guider._enabled``); which steps are, the guider decides per step."""
-    return bool(getattr(cfg_guider(pipe), "_enabled", True))
+    return bool(getattr(verified_guider(pipe), "_enabled", True))
 
 
 def _guider_step(pipe: Any, args: dict[str, Any], step: int) -> bool:
     """Whether the guider makes two batches at this step (its state is set for the step before
     the step's first call): not outside its ``start``/``stop`` fractions, nor at scale 1."""
-    return cfg_guider(pipe).num_conditions > 1
+    return verified_guider(pipe).num_conditions > 1
 
 
 def _guider_scale(pipe: Any, args: dict[str, Any]) -> Any:
     """A guider pipeline's guidance scale: its guider's ``guidance_scale`` (not a call
     argument)."""
-    return cfg_guider(pipe).guidance_scale
+    return verified_guider(pipe).guidance_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +165,7 @@ _FLUX = TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
                       scale_argument="true_cfg_scale")
 # a diffusers guider's loop: one call per batch its prepare_inputs makes, combined by the guider
 _CFG_GUIDER = TwoCallLayout("cond", _guider_enabled, step_guided=_guider_step,
-                            scale_of=_guider_scale, check=cfg_guider)
+                            scale_of=_guider_scale, check=verified_guider)
 
 #: Pipeline classes whose loops were verified (tests/test_dit_pipelines.py): the first call's
 #: result is not read before the second call returns (computing on it is recorded and replayed:

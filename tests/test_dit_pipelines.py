@@ -95,11 +95,19 @@ UNGUIDED_CALL = {"flux-true-cfg": {"true_cfg_scale": 1.0}, "flux-kontext": {"tru
 #: first and the last from step 4 on (latents[:, :, [0, -1]]), inside the pipelined steps 3, 4
 TEMPORAL_REASONING = {"num_frames": 9, "enable_temporal_reasoning": True,
                       "num_temporal_reasoning_steps": 4}
-#: ClassifierFreeGuidance settings of the guider pipeline (HunyuanVideo 1.5) and the modes of
-#: its STEPS_K0 = 3 steps: start 0.34 skips step 0 (int(0.34 * 3) = 1), disabled skips all
-GUIDER_VARIANTS = {"guider-late-start": {"guidance_scale": 6.0, "start": 0.34},
-                   "guider-disabled": {"guidance_scale": 6.0, "enabled": False}}
-GUIDER_MODES = {"guider-late-start": ["serial", "cbp", "cbp"], "guider-disabled": ["serial"] * 3}
+#: Guiders of the guider pipeline (HunyuanVideo 1.5: class, settings) and the modes of its
+#: STEPS_K0 = 3 steps: start 0.34 skips step 0 (int(0.34 * 3) = 1), disabled skips all; adaptive
+#: projected guidance with momentum (its state carried across steps) guides every step
+GUIDER_VARIANTS = {
+    "guider-late-start": ("ClassifierFreeGuidance", {"guidance_scale": 6.0, "start": 0.34}),
+    "guider-disabled": ("ClassifierFreeGuidance", {"guidance_scale": 6.0, "enabled": False}),
+    "guider-apg": ("AdaptiveProjectedGuidance",
+                   {"guidance_scale": 6.0, "adaptive_projected_guidance_momentum": -0.5,
+                    "eta": 0.5})}
+GUIDER_MODES = {"guider-late-start": ["serial", "cbp", "cbp"], "guider-disabled": ["serial"] * 3,
+                "guider-apg": ["cbp"] * 3}
+#: Motif-Video with that adaptive projected guidance, pipelined (equal to the emulation)
+APG_PIPELINED = "motif-video-apg"
 #: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
 #: difference relative to the largest magnitude of the plain result (random models drive the
 #: latents to magnitudes of hundreds; measured: 3e-7 of that for Sana, up to 2.3e-5 for the
@@ -260,16 +268,30 @@ def _rank_dit(rank, seed):
         results[name] = cell
     # a guider that makes one batch at some steps (a late start) or at all (disabled): those
     # steps make one call, which every rank runs whole
+    import diffusers.guiders
     from diffusers import ClassifierFreeGuidance
 
-    for key, guider in GUIDER_VARIANTS.items():
+    for key, (guider, settings) in GUIDER_VARIANTS.items():
         pipe, kwargs = build_dit("hunyuan-video15", seed=seed)
-        pipe.guider = ClassifierFreeGuidance(**guider)
+        pipe.guider = getattr(diffusers.guiders, guider)(**settings)
         runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
         got = _call(runner, "hunyuan-video15", kwargs, STEPS_K0, seed)
         modes = list(hr.last_report(runner).modes)
         pipe = runner.restore()
         results[key] = (got, _call(pipe, "hunyuan-video15", kwargs, STEPS_K0, seed), modes)
+    # adaptive projected guidance, pipelined: the guider combines what the steps return
+    pipe, kwargs = build_dit("motif-video", seed=seed)
+    pipe.guider = diffusers.guiders.AdaptiveProjectedGuidance(**GUIDER_VARIANTS["guider-apg"][1])
+    runner = hr.parallelize(pipe, hr.HybridConfig(**PIPELINED, pipeline_guidance="reuse"))
+    cell = {"k2": _call(runner, "motif-video", kwargs, STEPS_PIPELINED, seed)}
+    cell["k2_report"] = report = hr.last_report(runner).to_dict()
+    pipe = runner.restore()
+    if rank == 0:
+        cell["emulated"] = emulate(pipe, "motif-video", kwargs, report["tau1"], report["tau2"],
+                                   report["extra"]["pipeline"]["plan"]["cuts"], "reuse", seed)
+        pipe.guider = ClassifierFreeGuidance(guidance_scale=6.0)  # another combination
+        cell["cfg"] = _call(pipe, "motif-video", kwargs, STEPS_PIPELINED, seed)
+    results[APG_PIPELINED] = cell
     # the guider stops guiding at step 4 of 6, inside the pipelined steps 3 and 4: the phase
     # ends before step 4, which runs whole, as does step 5
     pipe, kwargs = build_dit("hunyuan-video15", seed=seed)
@@ -476,13 +498,26 @@ def test_unguided_calls_run_whole_on_every_rank(ranks, name):
 def test_guider_steps_with_one_batch_run_whole_on_every_rank(ranks, key):
     """HunyuanVideo 1.5's guider decides per step whether the step makes one or two calls: the
     steps it leaves unguided (before its ``start``; all, when disabled) run whole on every rank,
-    the others CBP, and the output equals the plain pipeline bit for bit."""
+    the others CBP, and the output equals the plain pipeline bit for bit; likewise with adaptive
+    projected guidance (momentum carried across steps)."""
     seed, (r0, r1) = ranks
     assert np.array_equal(r0[key][0], r1[key][0])
     for got, plain, modes in (r0[key], r1[key]):
         np.testing.assert_array_equal(got, plain, err_msg=f"{key} seed {seed}")
         assert modes == GUIDER_MODES[key]
     assert not np.array_equal(r0[key][0], r0["hunyuan-video15"]["k0"])
+
+
+def test_adaptive_projected_guidance_pipelined_equals_the_emulation(ranks):
+    """Motif-Video guided by AdaptiveProjectedGuidance with momentum (state the guider carries
+    across steps, fed by both predictions): pipelined steps 3 and 4 equal the one-process
+    emulation bit for bit on both ranks, and the guider matters (CFG at the same scale differs)."""
+    seed, (r0, r1) = ranks
+    a, b = r0[APG_PIPELINED], r1[APG_PIPELINED]
+    assert np.array_equal(a["k2"], b["k2"]) and np.isfinite(a["k2"]).all()
+    assert a["k2_report"]["modes"] == ["cbp"] * 3 + ["pipeline"] * 2 + ["cbp"]
+    np.testing.assert_array_equal(a["k2"], a["emulated"], err_msg=f"seed {seed}")
+    assert not np.array_equal(a["emulated"], a["cfg"])
 
 
 def test_an_unguided_step_inside_the_pipelined_phase_ends_the_phase(ranks):

@@ -552,16 +552,16 @@ def test_pipelines_that_guide_through_a_diffusers_guider_are_refused_at_parallel
 
 
 def test_a_verified_guider_pipeline_with_another_guider_is_refused(seed):
-    """HunyuanVideo 1.5 is verified with ClassifierFreeGuidance: another guider (other
-    combinations, or more batches per step) is refused at parallelize, and one swapped in
-    afterwards at the first denoiser call; both name the guider and the fix."""
-    from diffusers.guiders import AdaptiveProjectedGuidance, PerturbedAttentionGuidance
+    """HunyuanVideo 1.5 is verified with ClassifierFreeGuidance and AdaptiveProjectedGuidance:
+    another guider (other combinations, or more batches per step) is refused at parallelize, and
+    one swapped in afterwards at the first denoiser call; both name the guider and the fix."""
+    from diffusers.guiders import PerturbedAttentionGuidance, TangentialClassifierFreeGuidance
 
     pipe, kwargs = build_dit("hunyuan-video15", seed=seed)
     cfg = pipe.guider
-    pipe.guider = AdaptiveProjectedGuidance(guidance_scale=6.0)
+    pipe.guider = TangentialClassifierFreeGuidance(guidance_scale=6.0)
     with pytest.raises(hr.UnsupportedModelError,
-                       match="guider is AdaptiveProjectedGuidance; .* Set pipe.guider = "
+                       match="guider is TangentialClassifierFreeGuidance; .* Set pipe.guider = "
                              r"ClassifierFreeGuidance\(guidance_scale=...\)"):
         hr.parallelize(pipe)
     assert "forward" not in vars(pipe.transformer)  # nothing was wrapped

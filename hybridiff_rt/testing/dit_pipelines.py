@@ -5,8 +5,9 @@ Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2 Klei
 Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma, ChronoEdit, Wan VACE,
 Lucy Edit, HunyuanVideo (text- and image-to-video, SkyReels I2V), HunyuanVideo 1.5 (text- and
 image-to-video), Kandinsky 5 (T2V, T2I, I2I, I2V), Cosmos 1.0 text-to-world, Cosmos 2
-text-to-image and video-to-world, Cosmos-Predict2.5 text-to-world, Motif-Video (text- and image-to-video); Flux and Chroma also
-with an IP-Adapter, Sana, Flux and Qwen-Image also with a ControlNet. Outside
+text-to-image and video-to-world, Cosmos-Predict2.5 text-to-world, Motif-Video (text- and
+image-to-video); Flux and Chroma also with an IP-Adapter, Sana, Flux and Qwen-Image also with a
+ControlNet. Outside
 :data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves): Chroma, Flux and Qwen-Image
 img2img, Flux, Qwen-Image, Flux Kontext, Qwen-Image-Edit and Flux 2 Klein inpainting, Wan
 video-to-video.
