@@ -85,14 +85,15 @@ def _lumina2_untruncated(pipe: Any, args: dict[str, Any], step: int) -> bool:
 
 #: The diffusers guider classes the guider loops are verified with (exactly these classes):
 #: their ``prepare_inputs`` makes the cond batch, then the uncond batch, and their combination
-#: reads both predictions only after both calls (adaptive projected guidance with its momentum
+#: reads both predictions only after both calls (the adaptive projected ones with their momentum
 #: too: each rank gets both predictions, so each keeps the same momentum).
-VERIFIED_GUIDERS: tuple[str, ...] = ("ClassifierFreeGuidance", "AdaptiveProjectedGuidance")
+VERIFIED_GUIDERS: tuple[str, ...] = ("ClassifierFreeGuidance", "AdaptiveProjectedGuidance",
+                                     "AdaptiveProjectedMixGuidance")
 
 
-def verified_guider(pipe: Any) -> Any:
-    """``pipe.guider`` if it is one of :data:`VERIFIED_GUIDERS`, the guiders the verified guider
-    pipelines are tested with.
+def _verified(guider: Any, where: str) -> Any:
+    """``guider`` (found at ``where``, e.g. ``"HunyuanVideo15Pipeline.guider"``) if it is one of
+    :data:`VERIFIED_GUIDERS`.
 
     Raises:
         UnsupportedModelError: another guider (perturbed-attention or skip-layer guidance, ...:
@@ -100,34 +101,43 @@ def verified_guider(pipe: Any) -> Any:
     """
     import diffusers.guiders
 
-    guider = getattr(pipe, "guider", None)
     if not any(type(guider) is getattr(diffusers.guiders, name, None)
                for name in VERIFIED_GUIDERS):
+        attribute = where.rsplit(".", 1)[-1]
         raise UnsupportedModelError(
-            f"{type(pipe).__name__}.guider is {type(guider).__name__}; hybridiff_rt splits guider "
-            f"loops only with diffusers' {' or '.join(VERIFIED_GUIDERS)} (one cond and one uncond "
-            "call per step, combined after both). Set pipe.guider = "
+            f"{where} is {type(guider).__name__}; hybridiff_rt splits guider loops only with "
+            f"diffusers' {', '.join(VERIFIED_GUIDERS)} (one cond and one uncond call per step, "
+            f"combined after both). Set pipe.{attribute} = "
             "ClassifierFreeGuidance(guidance_scale=...), or run this pipeline without "
             "hybridiff_rt")
     return guider
 
 
-def _guider_enabled(pipe: Any, args: dict[str, Any]) -> bool:
-    """A guider pipeline's rule: guided while its guider is enabled (the loop's own test,
-    ``guider._enabled``); which steps are, the guider decides per step."""
-    return bool(getattr(verified_guider(pipe), "_enabled", True))
+def verified_guider(pipe: Any, call_kwargs: dict[str, Any] | None = None) -> Any:
+    """``pipe.guider`` if it is one of :data:`VERIFIED_GUIDERS`, the guiders the verified guider
+    pipelines are tested with (a ``TwoCallLayout.guider_of``; raises UnsupportedModelError
+    otherwise)."""
+    return _verified(getattr(pipe, "guider", None), f"{type(pipe).__name__}.guider")
 
 
-def _guider_step(pipe: Any, args: dict[str, Any], step: int) -> bool:
-    """Whether the guider makes two batches at this step (its state is set for the step before
-    the step's first call): not outside its ``start``/``stop`` fractions, nor at scale 1."""
-    return verified_guider(pipe).num_conditions > 1
+def _hunyuan_image_guider(pipe: Any, call_kwargs: dict[str, Any]) -> Any:
+    """The guider HunyuanImage's loop picks, by its own rule: ``ocr_guider`` when the prompt has
+    text to render (its ByT5 embeddings, the cond call's ``encoder_hidden_states_2``, are not all
+    zero) and the pipeline has one, else ``guider``; None without either (a distilled model: one
+    call per step)."""
+    glyphs = call_kwargs.get("encoder_hidden_states_2")
+    if glyphs is not None and not bool(torch.all(glyphs == 0)) and pipe.ocr_guider is not None:
+        return _verified(pipe.ocr_guider, f"{type(pipe).__name__}.ocr_guider")
+    if pipe.guider is not None:
+        return verified_guider(pipe)
+    return None
 
 
-def _guider_scale(pipe: Any, args: dict[str, Any]) -> Any:
-    """A guider pipeline's guidance scale: its guider's ``guidance_scale`` (not a call
-    argument)."""
-    return verified_guider(pipe).guidance_scale
+def _hunyuan_image_guiders(pipe: Any) -> None:
+    """At ``hr.parallelize``: each guider HunyuanImage's loop may pick is a verified one."""
+    for attribute in ("guider", "ocr_guider"):
+        if getattr(pipe, attribute, None) is not None:
+            _verified(getattr(pipe, attribute), f"{type(pipe).__name__}.{attribute}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,18 +153,22 @@ class TwoCallLayout:
         step_guided: ``step_guided(pipe, call_args, step)``: whether step ``step`` of a guided
             call makes both calls (None: every step does), evaluated at the step's first call; a
             step that does not makes one cond call, run whole on every rank.
-        scale_of: ``scale_of(pipe, call_args)``: the guidance scale, where it is not a call
-            argument (a guider's ``guidance_scale``); None: read ``scale_argument``.
+        guider_of: for loops that guide through a diffusers guider, instead of ``guided``,
+            ``step_guided`` and ``scale_argument``: ``guider_of(pipe, call_kwargs)``, the guider
+            the loop makes a step's calls through, read at each step's first denoiser call from
+            the pipeline and that call's arguments (None: none, one call per step). The call is
+            guided while the guider is enabled, a step makes both calls when the guider's
+            ``num_conditions`` says two, and its ``guidance_scale`` is the scale.
         check: ``check(pipe)`` at ``hr.parallelize``, raising UnsupportedModelError for a
             pipeline of the class set up in a way the verification does not cover (None: none).
     """
 
     first_branch: str
-    guided: Callable[[Any, dict[str, Any]], bool]
+    guided: Callable[[Any, dict[str, Any]], bool] | None = None
     scale_argument: str = "guidance_scale"
     experts: tuple[str, ...] = ("transformer",)
     step_guided: Callable[[Any, dict[str, Any], int], bool] | None = None
-    scale_of: Callable[[Any, dict[str, Any]], Any] | None = None
+    guider_of: Callable[[Any, dict[str, Any]], Any] | None = None
     check: Callable[[Any], Any] | None = None
 
 
@@ -164,8 +178,7 @@ _QWEN = TwoCallLayout("cond", _true_cfg("negative_prompt_embeds_mask"),
 _FLUX = TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
                       scale_argument="true_cfg_scale")
 # a diffusers guider's loop: one call per batch its prepare_inputs makes, combined by the guider
-_CFG_GUIDER = TwoCallLayout("cond", _guider_enabled, step_guided=_guider_step,
-                            scale_of=_guider_scale, check=verified_guider)
+_GUIDER = TwoCallLayout("cond", guider_of=verified_guider, check=verified_guider)
 
 #: Pipeline classes whose loops were verified (tests/test_dit_pipelines.py): the first call's
 #: result is not read before the second call returns (computing on it is recorded and replayed:
@@ -192,8 +205,8 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "HunyuanVideoPipeline": _FLUX,
     "HunyuanVideoImageToVideoPipeline": _FLUX,
     "HunyuanSkyreelsImageToVideoPipeline": _FLUX,
-    "HunyuanVideo15Pipeline": _CFG_GUIDER,
-    "HunyuanVideo15ImageToVideoPipeline": _CFG_GUIDER,
+    "HunyuanVideo15Pipeline": _GUIDER,
+    "HunyuanVideo15ImageToVideoPipeline": _GUIDER,
     "Kandinsky5T2VPipeline": TwoCallLayout("cond", _guidance_above_one),
     "Kandinsky5T2IPipeline": TwoCallLayout("cond", _guidance_above_one),
     "Kandinsky5I2IPipeline": TwoCallLayout("cond", _guidance_above_one),
@@ -217,8 +230,10 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "Cosmos2TextToImagePipeline": TwoCallLayout("cond", _pipeline_flag),
     "Cosmos2VideoToWorldPipeline": TwoCallLayout("cond", _pipeline_flag),
     "Cosmos2_5_PredictBasePipeline": TwoCallLayout("cond", _pipeline_flag),
-    "MotifVideoPipeline": _CFG_GUIDER,
-    "MotifVideoImage2VideoPipeline": _CFG_GUIDER,
+    "MotifVideoPipeline": _GUIDER,
+    "MotifVideoImage2VideoPipeline": _GUIDER,
+    "HunyuanImagePipeline": TwoCallLayout("cond", guider_of=_hunyuan_image_guider,
+                                          check=_hunyuan_image_guiders),
 }
 
 #: Pipelines of diffusers 0.42 whose loops call the denoiser once per guidance branch (found by
@@ -322,6 +337,7 @@ class TwoCallSteps:
         self.call_args = call_args
         self.guided: bool | None = None
         self.pending: tuple[int, dict[str, Any], torch.Tensor] | None = None
+        self.step_guider: Any = None  # the guider of the step in progress (``guider_of``)
 
     def end(self) -> None:
         """The pipeline call returned: a first call without its second is an error."""
@@ -336,11 +352,15 @@ class TwoCallSteps:
         """One denoiser call of expert ``expert`` (index into ``layout.experts``)."""
         engine = self.adapter.engine
         kw = dict(self.signature.bind(*args, **kwargs).arguments)
+        pipe, layout = self.adapter.pipe, self.layout
+        if layout.guider_of is not None and self.pending is None:
+            self.step_guider = layout.guider_of(pipe, kw)
         if self.guided is None:
-            self.guided = bool(self.layout.guided(self.adapter.pipe, self.call_args))
+            self.guided = (bool(getattr(self.step_guider, "_enabled", False))
+                           if layout.guider_of is not None
+                           else bool(layout.guided(pipe, self.call_args)))
         step = engine._next_step
-        truncated = (self.guided and self.pending is None and self.layout.step_guided is not None
-                     and not self.layout.step_guided(self.adapter.pipe, self.call_args, step))
+        truncated = self.guided and self.pending is None and not self._both_calls(step)
         if not self.guided or truncated:
             return engine.serial_step(
                 kw, step=step, num_steps=self.adapter._planned_calls() if step == 0 else None,
@@ -353,6 +373,13 @@ class TwoCallSteps:
         if self.pending is None:
             return self._defer(expert, kw, return_dict)
         return self._complete(expert, kw, return_dict, step)
+
+    def _both_calls(self, step: int) -> bool:
+        """Whether step ``step`` of a guided pipeline call makes both calls (at its first)."""
+        if self.layout.guider_of is not None:
+            return self.step_guider is not None and self.step_guider.num_conditions > 1
+        return (self.layout.step_guided is None
+                or self.layout.step_guided(self.adapter.pipe, self.call_args, step))
 
     def _wrap(self, prediction: torch.Tensor, return_dict: bool) -> Any:
         """``prediction`` as the model would return it. Before the model has run once (the
@@ -388,8 +415,7 @@ class TwoCallSteps:
                 "expert, sample or timestep); the two-call protocol does not hold")
         cond_kw, uncond_kw = ((first_kw, kw) if self.layout.first_branch == "cond"
                               else (kw, first_kw))
-        scale = (self.layout.scale_of(self.adapter.pipe, self.call_args)
-                 if self.layout.scale_of is not None
+        scale = (self.step_guider.guidance_scale if self.layout.guider_of is not None
                  else self.call_args.get(self.layout.scale_argument))
         uncond, cond = engine.predict_branches(
             uncond_kw, cond_kw, guidance_scale=guidance_value(scale),

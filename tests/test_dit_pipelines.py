@@ -12,7 +12,8 @@ step, its residuals added between the blocks of both calls; Qwen-Image's also fo
 Flux Kontext, Qwen-Image-Edit and Flux 2 Klein (their loops slice the cond call's result before the
 uncond call), Cosmos 1.0 text-to-world, Cosmos 2 text-to-image and video-to-world and Cosmos 2.5
 text-to-world (their loops turn the cond call's result into an x0 estimate, or mask it, before the
-uncond call) and Motif-Video text- and
+uncond call), HunyuanImage (guided through the guider its loop picks per call: the OCR guider,
+adaptive projected mix guidance, for text to render, else CFG) and Motif-Video text- and
 image-to-video (guided through a ClassifierFreeGuidance guider; the loop clones the cond call's
 result before the uncond call): two calls per step):
 
@@ -80,7 +81,7 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "hunyuan-skyreels-i2v": "off", "kandinsky5-i2v": "off",
                 "hunyuan-video15-i2v": "reuse", "cosmos-t2w": "off", "cosmos2-t2i": "reuse",
                 "cosmos2-v2w": "off", "motif-video": "reuse", "motif-video-i2v": "off",
-                "cosmos2.5-t2w": "reuse"}
+                "cosmos2.5-t2w": "reuse", "hunyuan-image": "off"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
@@ -108,6 +109,10 @@ GUIDER_MODES = {"guider-late-start": ["serial", "cbp", "cbp"], "guider-disabled"
                 "guider-apg": ["cbp"] * 3}
 #: Motif-Video with that adaptive projected guidance, pipelined (equal to the emulation)
 APG_PIPELINED = "motif-video-apg"
+#: HunyuanImage picks its guider per call: without text to render (zero ByT5 embeddings) its
+#: ``guider``, not the OCR one; without either guider, none (one call per step)
+HUNYUAN_IMAGE_VARIANTS = {"hunyuan-image-no-glyphs": ["cbp"] * 3,
+                          "hunyuan-image-unguided": ["serial"] * 3}
 #: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
 #: difference relative to the largest magnitude of the plain result (random models drive the
 #: latents to magnitudes of hundreds; measured: 3e-7 of that for Sana, up to 2.3e-5 for the
@@ -279,6 +284,18 @@ def _rank_dit(rank, seed):
         modes = list(hr.last_report(runner).modes)
         pipe = runner.restore()
         results[key] = (got, _call(pipe, "hunyuan-video15", kwargs, STEPS_K0, seed), modes)
+    for key in HUNYUAN_IMAGE_VARIANTS:
+        pipe, kwargs = build_dit("hunyuan-image", seed=seed)
+        if key == "hunyuan-image-no-glyphs":
+            kwargs = dict(kwargs, **{name: torch.zeros_like(kwargs[name]) for name in
+                                     ("prompt_embeds_2", "negative_prompt_embeds_2")})
+        else:
+            pipe.guider = pipe.ocr_guider = None
+        runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
+        got = _call(runner, "hunyuan-image", kwargs, STEPS_K0, seed)
+        modes = list(hr.last_report(runner).modes)
+        pipe = runner.restore()
+        results[key] = (got, _call(pipe, "hunyuan-image", kwargs, STEPS_K0, seed), modes)
     # adaptive projected guidance, pipelined: the guider combines what the steps return
     pipe, kwargs = build_dit("motif-video", seed=seed)
     pipe.guider = diffusers.guiders.AdaptiveProjectedGuidance(**GUIDER_VARIANTS["guider-apg"][1])
@@ -500,12 +517,27 @@ def test_guider_steps_with_one_batch_run_whole_on_every_rank(ranks, key):
     steps it leaves unguided (before its ``start``; all, when disabled) run whole on every rank,
     the others CBP, and the output equals the plain pipeline bit for bit; likewise with adaptive
     projected guidance (momentum carried across steps)."""
+    _check_variant(ranks, key, GUIDER_MODES[key], "hunyuan-video15")
+
+
+@pytest.mark.parametrize("key", list(HUNYUAN_IMAGE_VARIANTS))
+def test_hunyuan_image_guides_with_the_guider_its_loop_picks(ranks, key):
+    """HunyuanImage's loop picks ``ocr_guider`` (adaptive projected mix guidance) for a prompt
+    with text to render, else ``guider`` (CFG), else none: the run follows the pick (CBP, or one
+    call per step run whole on every rank) and equals the plain pipeline bit for bit; without
+    glyphs the output differs from the OCR-guided run (the other guider, the other text)."""
+    _check_variant(ranks, key, HUNYUAN_IMAGE_VARIANTS[key], "hunyuan-image")
+
+
+def _check_variant(ranks, key, expected_modes, base):
+    """Variant ``key`` of pipeline ``base``: equal on both ranks and to its plain pipeline bit
+    for bit, in ``expected_modes``, and unlike the k=0 run of ``base`` as built."""
     seed, (r0, r1) = ranks
     assert np.array_equal(r0[key][0], r1[key][0])
     for got, plain, modes in (r0[key], r1[key]):
         np.testing.assert_array_equal(got, plain, err_msg=f"{key} seed {seed}")
-        assert modes == GUIDER_MODES[key]
-    assert not np.array_equal(r0[key][0], r0["hunyuan-video15"]["k0"])
+        assert modes == expected_modes
+    assert not np.array_equal(r0[key][0], r0[base]["k0"])
 
 
 def test_adaptive_projected_guidance_pipelined_equals_the_emulation(ranks):

@@ -91,7 +91,7 @@ def _dit_cases(seed):
                  "cogview3-plus", "lumina-next", "hunyuan-video", "hunyuan-video15",
                  "chronoedit", "wan-vace", "kandinsky5-t2v",
                  "hunyuan-video-i2v-token-replace", "cosmos2-v2w", "motif-video",
-                 "cosmos2.5-t2w"):
+                 "cosmos2.5-t2w", "hunyuan-image"):
         small = ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
                  "cogview3-plus", "hunyuan-video", "hunyuan-video15",
                  "hunyuan-video-i2v-token-replace", "cosmos2-v2w", "motif-video")
@@ -531,8 +531,7 @@ def test_pipelines_that_guide_through_a_diffusers_guider_are_refused_at_parallel
     with_guider = [c for c in classes if isinstance(c, type)
                    and guider_components(object.__new__(c))
                    and c.__name__ not in TWO_CALL_PIPELINES]
-    assert {"HunyuanImagePipeline", "HunyuanImageRefinerPipeline"} <= {
-        c.__name__ for c in with_guider}
+    assert "HunyuanImageRefinerPipeline" in {c.__name__ for c in with_guider}
     for cls in with_guider:
         with pytest.raises(hr.UnsupportedModelError, match=f"{cls.__name__} calls its denoiser "
                            "once per guidance branch and it guides through a diffusers guider"):
@@ -553,8 +552,9 @@ def test_pipelines_that_guide_through_a_diffusers_guider_are_refused_at_parallel
 
 def test_a_verified_guider_pipeline_with_another_guider_is_refused(seed):
     """HunyuanVideo 1.5 is verified with ClassifierFreeGuidance and AdaptiveProjectedGuidance:
-    another guider (other combinations, or more batches per step) is refused at parallelize, and
-    one swapped in afterwards at the first denoiser call; both name the guider and the fix."""
+    another guider (other combinations, or more batches per step) is refused at parallelize (for
+    HunyuanImage, also as its OCR guider), and one swapped in afterwards at the first denoiser
+    call; both name the guider and the fix."""
     from diffusers.guiders import PerturbedAttentionGuidance, TangentialClassifierFreeGuidance
 
     pipe, kwargs = build_dit("hunyuan-video15", seed=seed)
@@ -566,6 +566,11 @@ def test_a_verified_guider_pipeline_with_another_guider_is_refused(seed):
         hr.parallelize(pipe)
     assert "forward" not in vars(pipe.transformer)  # nothing was wrapped
     pipe.guider = cfg
+    image = build_dit("hunyuan-image", seed=seed)[0]  # each guider its loop may pick is checked
+    image.ocr_guider = TangentialClassifierFreeGuidance(guidance_scale=6.0)
+    with pytest.raises(hr.UnsupportedModelError, match="HunyuanImagePipeline.ocr_guider is "
+                       r"TangentialClassifierFreeGuidance; .* Set pipe.ocr_guider = "):
+        hr.parallelize(image)
     runner = hr.parallelize(pipe, hr.HybridConfig(k=0))
     pipe.guider = PerturbedAttentionGuidance(guidance_scale=6.0, perturbed_guidance_layers=[0])
     with pytest.raises(hr.UnsupportedModelError, match="guider is PerturbedAttentionGuidance"):

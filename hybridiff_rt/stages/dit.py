@@ -177,6 +177,10 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
         blocks=("transformer_blocks", "single_transformer_blocks"),
         flow=("hidden_states", "encoder_hidden_states"),
         returns=("hidden_states", "encoder_hidden_states")),
+    "HunyuanImageTransformer2DModel": DiTFamily(
+        blocks=("transformer_blocks", "single_transformer_blocks"),
+        flow=("hidden_states", "encoder_hidden_states"),
+        returns=("hidden_states", "encoder_hidden_states")),
     "MotifVideoTransformer3DModel": DiTFamily(
         blocks=("transformer_blocks", "single_transformer_blocks"),
         flow=("hidden_states", "encoder_hidden_states"),

@@ -5,12 +5,11 @@ Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2 Klei
 Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma, ChronoEdit, Wan VACE,
 Lucy Edit, HunyuanVideo (text- and image-to-video, SkyReels I2V), HunyuanVideo 1.5 (text- and
 image-to-video), Kandinsky 5 (T2V, T2I, I2I, I2V), Cosmos 1.0 text-to-world, Cosmos 2
-text-to-image and video-to-world, Cosmos-Predict2.5 text-to-world, Motif-Video (text- and
-image-to-video); Flux and Chroma also with an IP-Adapter, Sana, Flux and Qwen-Image also with a
-ControlNet. Outside
-:data:`DIT_BUILDERS` (they run the steps their ``strength`` leaves): Chroma, Flux and Qwen-Image
-img2img, Flux, Qwen-Image, Flux Kontext, Qwen-Image-Edit and Flux 2 Klein inpainting, Wan
-video-to-video.
+text-to-image and video-to-world, Cosmos-Predict2.5 text-to-world, HunyuanImage 2.1,
+Motif-Video (text- and image-to-video); Flux and Chroma also with an IP-Adapter, Sana, Flux and
+Qwen-Image also with a ControlNet. Outside :data:`DIT_BUILDERS` (they run the steps their
+``strength`` leaves): Chroma, Flux and Qwen-Image img2img, Flux, Qwen-Image, Flux Kontext,
+Qwen-Image-Edit and Flux 2 Klein inpainting, Wan video-to-video.
 
 These pipelines' real text encoders (T5, Gemma, UMT5, Qwen2.5-VL, GLM) have no cheap in-memory
 stand-in here, so each builder constructs the stock diffusers pipeline with ``text_encoder=None``,
@@ -1155,6 +1154,46 @@ def cosmos25_t2w(seed: int = 0, size: str = "tiny"):
                   "num_frames": 5}
 
 
+def hunyuan_image(seed: int = 0, size: str = "tiny"):
+    """HunyuanImagePipeline (HunyuanImage 2.1: dual- then single-stream blocks; the text of a
+    Qwen2.5-VL and, for text to render in the image, a ByT5 encoder joined into one context),
+    256 px -> 8 x 8 latents (``vae=None``: 32x) of 4 channels, patch 1. Its loop picks its guider
+    per call: ``ocr_guider`` when the ByT5 embeddings are not all zero, else ``guider``. Built
+    with a ``ClassifierFreeGuidance`` guider at scale 4 and an ``AdaptiveProjectedMixGuidance``
+    OCR guider at scale 3.5 (CFG with momentum, then APG after step 1), called with seeded
+    glyph embeddings (so the OCR guider guides) of 4 tokens, the negative's last one masked out;
+    zero them to make the loop pick ``guider``."""
+    from diffusers import (
+        AdaptiveProjectedMixGuidance,
+        ClassifierFreeGuidance,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
+
+    blocks = {"tiny": 2, "small": 3}[size]
+    with seeded(seed):
+        transformer = HunyuanImageTransformer2DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+            num_layers=blocks, num_single_layers=blocks, num_refiner_layers=1, mlp_ratio=2.0,
+            text_embed_dim=16, text_embed_2_dim=8, rope_axes_dim=(4, 4))
+    unzero(transformer, seed + 2)
+    pipe = HunyuanImagePipeline(
+        scheduler=flow_match_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, transformer=transformer,
+        guider=ClassifierFreeGuidance(guidance_scale=4.0),
+        ocr_guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5,
+                                                adaptive_projected_guidance_start_step=1))
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs: dict[str, Any] = {"prompt": None, "height": 256, "width": 256}
+    for prefix in ("", "negative_"):
+        kwargs[prefix + "prompt_embeds"] = _embeds(gen, 1, 6, 16)
+        kwargs[prefix + "prompt_embeds_mask"] = torch.ones(1, 6, dtype=torch.long)
+        kwargs[prefix + "prompt_embeds_2"] = _embeds(gen, 1, 4, 8)
+        kwargs[prefix + "prompt_embeds_mask_2"] = torch.ones(1, 4, dtype=torch.long)
+    kwargs["negative_prompt_embeds_mask_2"][:, -1:] = 0
+    return _finish(pipe), kwargs
+
+
 def motif_video_transformer(size: str = "tiny", **overrides: Any):
     """A tiny ``MotifVideoTransformer3DModel`` (dual-stream, then single-stream blocks that
     take and return both streams): 4-channel latents (+ 4 condition channels and a mask),
@@ -1587,6 +1626,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("cosmos2-t2i", cosmos2_t2i),
     ("cosmos2-v2w", cosmos2_v2w),
     ("cosmos2.5-t2w", cosmos25_t2w),
+    ("hunyuan-image", hunyuan_image),
     ("motif-video", motif_video),
     ("motif-video-i2v", motif_video_i2v),
     ("flux-kontext", flux_kontext),
@@ -1657,7 +1697,8 @@ DIT_INFO: dict[str, DiTInfo] = {
     "cosmos2-v2w": DiTInfo("Cosmos2VideoToWorldPipeline", "two-call", {"guidance_scale": 7.0}),
     "cosmos2.5-t2w": DiTInfo("Cosmos2_5_PredictBasePipeline", "two-call",
                              {"guidance_scale": 7.0}),
-    # the guidance scale is the guider's (5.0)
+    # the guidance scale is the guider's (5.0; HunyuanImage: the OCR guider's, 3.5)
+    "hunyuan-image": DiTInfo("HunyuanImagePipeline", "two-call", {}),
     "motif-video": DiTInfo("MotifVideoPipeline", "two-call", {}),
     "motif-video-i2v": DiTInfo("MotifVideoImage2VideoPipeline", "two-call", {}),
     "flux-controlnet": DiTInfo("FluxControlNetPipeline", "two-call", {"true_cfg_scale": 4.0}),
