@@ -121,20 +121,21 @@ def verified_guider(pipe: Any, call_kwargs: dict[str, Any] | None = None) -> Any
 
 
 def _hunyuan_image_guider(pipe: Any, call_kwargs: dict[str, Any]) -> Any:
-    """The guider HunyuanImage's loop picks, by its own rule: ``ocr_guider`` when the prompt has
-    text to render (its ByT5 embeddings, the cond call's ``encoder_hidden_states_2``, are not all
-    zero) and the pipeline has one, else ``guider``; None without either (a distilled model: one
-    call per step)."""
+    """The guider HunyuanImage's loops pick, by their own rule: ``ocr_guider`` when the prompt
+    has text to render (its ByT5 embeddings, the cond call's ``encoder_hidden_states_2``, are not
+    all zero) and the pipeline has one (the refiner has none), else ``guider``; None without
+    either (a distilled model: one call per step)."""
     glyphs = call_kwargs.get("encoder_hidden_states_2")
-    if glyphs is not None and not bool(torch.all(glyphs == 0)) and pipe.ocr_guider is not None:
-        return _verified(pipe.ocr_guider, f"{type(pipe).__name__}.ocr_guider")
+    ocr = getattr(pipe, "ocr_guider", None)
+    if glyphs is not None and not bool(torch.all(glyphs == 0)) and ocr is not None:
+        return _verified(ocr, f"{type(pipe).__name__}.ocr_guider")
     if pipe.guider is not None:
         return verified_guider(pipe)
     return None
 
 
 def _hunyuan_image_guiders(pipe: Any) -> None:
-    """At ``hr.parallelize``: each guider HunyuanImage's loop may pick is a verified one."""
+    """At ``hr.parallelize``: each guider HunyuanImage's loops may pick is a verified one."""
     for attribute in ("guider", "ocr_guider"):
         if getattr(pipe, attribute, None) is not None:
             _verified(getattr(pipe, attribute), f"{type(pipe).__name__}.{attribute}")
@@ -179,6 +180,9 @@ _FLUX = TwoCallLayout("cond", _true_cfg("negative_pooled_prompt_embeds"),
                       scale_argument="true_cfg_scale")
 # a diffusers guider's loop: one call per batch its prepare_inputs makes, combined by the guider
 _GUIDER = TwoCallLayout("cond", guider_of=verified_guider, check=verified_guider)
+# ... the guider the loop picks per call
+_HUNYUAN_IMAGE = TwoCallLayout("cond", guider_of=_hunyuan_image_guider,
+                               check=_hunyuan_image_guiders)
 
 #: Pipeline classes whose loops were verified (tests/test_dit_pipelines.py): the first call's
 #: result is not read before the second call returns (computing on it is recorded and replayed:
@@ -232,8 +236,8 @@ TWO_CALL_PIPELINES: dict[str, TwoCallLayout] = {
     "Cosmos2_5_PredictBasePipeline": TwoCallLayout("cond", _pipeline_flag),
     "MotifVideoPipeline": _GUIDER,
     "MotifVideoImage2VideoPipeline": _GUIDER,
-    "HunyuanImagePipeline": TwoCallLayout("cond", guider_of=_hunyuan_image_guider,
-                                          check=_hunyuan_image_guiders),
+    "HunyuanImagePipeline": _HUNYUAN_IMAGE,
+    "HunyuanImageRefinerPipeline": _HUNYUAN_IMAGE,
 }
 
 #: Pipelines of diffusers 0.42 whose loops call the denoiser once per guidance branch (found by

@@ -13,9 +13,9 @@ Flux Kontext, Qwen-Image-Edit and Flux 2 Klein (their loops slice the cond call'
 uncond call), Cosmos 1.0 text-to-world, Cosmos 2 text-to-image and video-to-world and Cosmos 2.5
 text-to-world (their loops turn the cond call's result into an x0 estimate, or mask it, before the
 uncond call), HunyuanImage (guided through the guider its loop picks per call: the OCR guider,
-adaptive projected mix guidance, for text to render, else CFG) and Motif-Video text- and
-image-to-video (guided through a ClassifierFreeGuidance guider; the loop clones the cond call's
-result before the uncond call): two calls per step):
+adaptive projected mix guidance, for text to render, else CFG) and its refiner, and Motif-Video
+text- and image-to-video (guided through a ClassifierFreeGuidance guider; the loop clones the
+cond call's result before the uncond call): two calls per step):
 
 * k=0: both ranks identical; every guided step a CBP step (Lumina2's truncated steps: one
   call, whole on every rank); equal bit for bit to the exact serial
@@ -81,7 +81,8 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "hunyuan-skyreels-i2v": "off", "kandinsky5-i2v": "off",
                 "hunyuan-video15-i2v": "reuse", "cosmos-t2w": "off", "cosmos2-t2i": "reuse",
                 "cosmos2-v2w": "off", "motif-video": "reuse", "motif-video-i2v": "off",
-                "cosmos2.5-t2w": "reuse", "hunyuan-image": "off"}
+                "cosmos2.5-t2w": "reuse", "hunyuan-image": "off",
+                "hunyuan-image-refiner": "reuse"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}

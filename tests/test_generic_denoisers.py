@@ -91,7 +91,7 @@ def _dit_cases(seed):
                  "cogview3-plus", "lumina-next", "hunyuan-video", "hunyuan-video15",
                  "chronoedit", "wan-vace", "kandinsky5-t2v",
                  "hunyuan-video-i2v-token-replace", "cosmos2-v2w", "motif-video",
-                 "cosmos2.5-t2w", "hunyuan-image"):
+                 "cosmos2.5-t2w", "hunyuan-image", "hunyuan-image-refiner"):
         small = ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
                  "cogview3-plus", "hunyuan-video", "hunyuan-video15",
                  "hunyuan-video-i2v-token-replace", "cosmos2-v2w", "motif-video")
@@ -522,17 +522,19 @@ def test_unverified_two_call_pipelines_are_refused_at_parallelize(seed):
 def test_pipelines_that_guide_through_a_diffusers_guider_are_refused_at_parallelize(seed):
     """A guider (diffusers.guiders) runs the denoiser once per guidance batch and combines the
     batches itself: every diffusers pipeline class built with one whose loop is not verified is
-    refused by name, as is a user's pipeline that takes a ``*_guider``; nothing is wrapped."""
+    refused by name (in diffusers 0.42 all six are verified: a later release may add more), as is
+    a user's pipeline that takes a ``*_guider``; nothing is wrapped."""
     import diffusers
 
     from hybridiff_rt.two_call import TWO_CALL_PIPELINES, guider_components, two_call_layout
 
     classes = [getattr(diffusers, n) for n in dir(diffusers) if n.endswith("Pipeline")]
-    with_guider = [c for c in classes if isinstance(c, type)
-                   and guider_components(object.__new__(c))
-                   and c.__name__ not in TWO_CALL_PIPELINES]
-    assert "HunyuanImageRefinerPipeline" in {c.__name__ for c in with_guider}
-    for cls in with_guider:
+    built_with_guider = {c for c in classes if isinstance(c, type)
+                         and guider_components(object.__new__(c))}
+    assert {"HunyuanImagePipeline", "HunyuanImageRefinerPipeline", "HunyuanVideo15Pipeline",
+            "HunyuanVideo15ImageToVideoPipeline", "MotifVideoPipeline",
+            "MotifVideoImage2VideoPipeline"} <= {c.__name__ for c in built_with_guider}
+    for cls in [c for c in built_with_guider if c.__name__ not in TWO_CALL_PIPELINES]:
         with pytest.raises(hr.UnsupportedModelError, match=f"{cls.__name__} calls its denoiser "
                            "once per guidance branch and it guides through a diffusers guider"):
             two_call_layout(object.__new__(cls))

@@ -5,9 +5,9 @@ Lumina2, Qwen-Image, Qwen-Image-Edit (and Plus), Flux, Flux Kontext, Flux 2 Klei
 Krea 2, Nucleus-MoE-Image, CogView4 (also with a control image), Chroma, ChronoEdit, Wan VACE,
 Lucy Edit, HunyuanVideo (text- and image-to-video, SkyReels I2V), HunyuanVideo 1.5 (text- and
 image-to-video), Kandinsky 5 (T2V, T2I, I2I, I2V), Cosmos 1.0 text-to-world, Cosmos 2
-text-to-image and video-to-world, Cosmos-Predict2.5 text-to-world, HunyuanImage 2.1,
-Motif-Video (text- and image-to-video); Flux and Chroma also with an IP-Adapter, Sana, Flux and
-Qwen-Image also with a ControlNet. Outside :data:`DIT_BUILDERS` (they run the steps their
+text-to-image and video-to-world, Cosmos-Predict2.5 text-to-world, HunyuanImage 2.1 and its
+refiner, Motif-Video (text- and image-to-video); Flux and Chroma also with an IP-Adapter, Sana,
+Flux and Qwen-Image also with a ControlNet. Outside :data:`DIT_BUILDERS` (they run the steps their
 ``strength`` leaves): Chroma, Flux and Qwen-Image img2img, Flux, Qwen-Image, Flux Kontext,
 Qwen-Image-Edit and Flux 2 Klein inpainting, Wan video-to-video.
 
@@ -1194,6 +1194,42 @@ def hunyuan_image(seed: int = 0, size: str = "tiny"):
     return _finish(pipe), kwargs
 
 
+def hunyuan_image_refiner(seed: int = 0, size: str = "tiny"):
+    """HunyuanImageRefinerPipeline (HunyuanImage 2.1's refiner: a guidance-distilled transformer
+    on one-frame video latents, the image's latents concatenated to the noise), guided by an
+    ``AdaptiveProjectedMixGuidance`` at scale 3.5 (APG after step 1), 128 px -> 1 x 8 x 8
+    latents (``vae=None``: 16x) of 4 (+ 4) channels, the image given as seeded latents (the
+    pipeline takes a tensor with its latent channels as they are)."""
+    from diffusers import (
+        AdaptiveProjectedMixGuidance,
+        HunyuanImageRefinerPipeline,
+        HunyuanImageTransformer2DModel,
+    )
+
+    blocks = {"tiny": 2, "small": 3}[size]
+    with seeded(seed):
+        transformer = HunyuanImageTransformer2DModel(
+            in_channels=8, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+            num_layers=blocks, num_single_layers=blocks, num_refiner_layers=1, mlp_ratio=2.0,
+            text_embed_dim=16, rope_axes_dim=(2, 2, 4), patch_size=(1, 1, 1),
+            guidance_embeds=True)
+    unzero(transformer, seed + 2)
+    pipe = HunyuanImageRefinerPipeline(
+        scheduler=flow_match_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+        transformer=transformer,
+        guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5,
+                                            adaptive_projected_guidance_start_step=1))
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs: dict[str, Any] = {"prompt": None, "height": 128, "width": 128,
+                              "distilled_guidance_scale": 3.25}
+    for prefix in ("", "negative_"):
+        kwargs[prefix + "prompt_embeds"] = _embeds(gen, 1, 6, 16)
+        kwargs[prefix + "prompt_embeds_mask"] = torch.ones(1, 6, dtype=torch.long)
+    kwargs["negative_prompt_embeds_mask"][:, -2:] = 0
+    kwargs["image"] = torch.randn(1, 4, 1, 8, 8, generator=gen)
+    return _finish(pipe), kwargs
+
+
 def motif_video_transformer(size: str = "tiny", **overrides: Any):
     """A tiny ``MotifVideoTransformer3DModel`` (dual-stream, then single-stream blocks that
     take and return both streams): 4-channel latents (+ 4 condition channels and a mask),
@@ -1627,6 +1663,7 @@ DIT_BUILDERS: OrderedDict[str, Callable[..., tuple[Any, dict[str, Any]]]] = Orde
     ("cosmos2-v2w", cosmos2_v2w),
     ("cosmos2.5-t2w", cosmos25_t2w),
     ("hunyuan-image", hunyuan_image),
+    ("hunyuan-image-refiner", hunyuan_image_refiner),
     ("motif-video", motif_video),
     ("motif-video-i2v", motif_video_i2v),
     ("flux-kontext", flux_kontext),
@@ -1699,6 +1736,7 @@ DIT_INFO: dict[str, DiTInfo] = {
                              {"guidance_scale": 7.0}),
     # the guidance scale is the guider's (5.0; HunyuanImage: the OCR guider's, 3.5)
     "hunyuan-image": DiTInfo("HunyuanImagePipeline", "two-call", {}),
+    "hunyuan-image-refiner": DiTInfo("HunyuanImageRefinerPipeline", "two-call", {}),
     "motif-video": DiTInfo("MotifVideoPipeline", "two-call", {}),
     "motif-video-i2v": DiTInfo("MotifVideoImage2VideoPipeline", "two-call", {}),
     "flux-controlnet": DiTInfo("FluxControlNetPipeline", "two-call", {"true_cfg_scale": 4.0}),
