@@ -1154,6 +1154,31 @@ def cosmos25_t2w(seed: int = 0, size: str = "tiny"):
                   "num_frames": 5}
 
 
+def hunyuan_image_transformer(size: str, seed: int, **config: Any):
+    """A tiny ``HunyuanImageTransformer2DModel`` (dual-, then single-stream blocks, a token
+    refiner on the text): 4 output channels, width 16, 2 + 2 (``size="small"``: 3 + 3) blocks,
+    text width 16, ``config`` for the rest; drawn from ``seed``, zero-initialised weights
+    re-drawn."""
+    from diffusers import HunyuanImageTransformer2DModel
+
+    blocks = {"tiny": 2, "small": 3}[size]
+    with seeded(seed):
+        transformer = HunyuanImageTransformer2DModel(
+            out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=blocks,
+            num_single_layers=blocks, num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16,
+            **config)
+    return unzero(transformer, seed + 2)
+
+
+def _apg_mix():
+    """HunyuanImage's guider class at scale 3.5: CFG with momentum, then adaptive projected
+    guidance after step 1."""
+    from diffusers import AdaptiveProjectedMixGuidance
+
+    return AdaptiveProjectedMixGuidance(guidance_scale=3.5,
+                                        adaptive_projected_guidance_start_step=1)
+
+
 def hunyuan_image(seed: int = 0, size: str = "tiny"):
     """HunyuanImagePipeline (HunyuanImage 2.1: dual- then single-stream blocks; the text of a
     Qwen2.5-VL and, for text to render in the image, a ByT5 encoder joined into one context),
@@ -1163,26 +1188,14 @@ def hunyuan_image(seed: int = 0, size: str = "tiny"):
     OCR guider at scale 3.5 (CFG with momentum, then APG after step 1), called with seeded
     glyph embeddings (so the OCR guider guides) of 4 tokens, the negative's last one masked out;
     zero them to make the loop pick ``guider``."""
-    from diffusers import (
-        AdaptiveProjectedMixGuidance,
-        ClassifierFreeGuidance,
-        HunyuanImagePipeline,
-        HunyuanImageTransformer2DModel,
-    )
+    from diffusers import ClassifierFreeGuidance, HunyuanImagePipeline
 
-    blocks = {"tiny": 2, "small": 3}[size]
-    with seeded(seed):
-        transformer = HunyuanImageTransformer2DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-            num_layers=blocks, num_single_layers=blocks, num_refiner_layers=1, mlp_ratio=2.0,
-            text_embed_dim=16, text_embed_2_dim=8, rope_axes_dim=(4, 4))
-    unzero(transformer, seed + 2)
     pipe = HunyuanImagePipeline(
         scheduler=flow_match_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None, transformer=transformer,
-        guider=ClassifierFreeGuidance(guidance_scale=4.0),
-        ocr_guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5,
-                                                adaptive_projected_guidance_start_step=1))
+        text_encoder_2=None, tokenizer_2=None,
+        transformer=hunyuan_image_transformer(size, seed, in_channels=4, text_embed_2_dim=8,
+                                              rope_axes_dim=(4, 4)),
+        guider=ClassifierFreeGuidance(guidance_scale=4.0), ocr_guider=_apg_mix())
     gen = torch.Generator().manual_seed(seed + 1)
     kwargs: dict[str, Any] = {"prompt": None, "height": 256, "width": 256}
     for prefix in ("", "negative_"):
@@ -1200,25 +1213,13 @@ def hunyuan_image_refiner(seed: int = 0, size: str = "tiny"):
     ``AdaptiveProjectedMixGuidance`` at scale 3.5 (APG after step 1), 128 px -> 1 x 8 x 8
     latents (``vae=None``: 16x) of 4 (+ 4) channels, the image given as seeded latents (the
     pipeline takes a tensor with its latent channels as they are)."""
-    from diffusers import (
-        AdaptiveProjectedMixGuidance,
-        HunyuanImageRefinerPipeline,
-        HunyuanImageTransformer2DModel,
-    )
+    from diffusers import HunyuanImageRefinerPipeline
 
-    blocks = {"tiny": 2, "small": 3}[size]
-    with seeded(seed):
-        transformer = HunyuanImageTransformer2DModel(
-            in_channels=8, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-            num_layers=blocks, num_single_layers=blocks, num_refiner_layers=1, mlp_ratio=2.0,
-            text_embed_dim=16, rope_axes_dim=(2, 2, 4), patch_size=(1, 1, 1),
-            guidance_embeds=True)
-    unzero(transformer, seed + 2)
     pipe = HunyuanImageRefinerPipeline(
         scheduler=flow_match_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-        transformer=transformer,
-        guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5,
-                                            adaptive_projected_guidance_start_step=1))
+        transformer=hunyuan_image_transformer(size, seed, in_channels=8, rope_axes_dim=(2, 2, 4),
+                                              patch_size=(1, 1, 1), guidance_embeds=True),
+        guider=_apg_mix())
     gen = torch.Generator().manual_seed(seed + 1)
     kwargs: dict[str, Any] = {"prompt": None, "height": 128, "width": 128,
                               "distilled_guidance_scale": 3.25}
