@@ -26,7 +26,8 @@ first call's result before they make the second call: Cosmos 2 turns it into an 
   read that the loop changed in place before the fill (its version counter moved); a replayed
   result of another dtype or device than the stand-ins gave.
 
-After the fill, operations on these tensors run as on any tensor and return ordinary tensors.
+After the fill, operations on these tensors run as on any tensor and return ordinary tensors; a
+deep copy or a pickle (``torch.save``) of one is an ordinary tensor (before the fill, an error).
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ class _Recording:
             "at the second call). Run this pipeline without hybridiff_rt")
 
 
+#: The recording of a deferred tensor made another way than by :meth:`DeferredPrediction.make`
+#: or a recorded operation (``as_subclass``, say): an ordinary tensor, nothing to replay.
+_NONE = _Recording("")
+_NONE.filled = True
+
+
 class DeferredPrediction(torch.Tensor):
     """The result of a deferred denoiser call, or a tensor computed from one (module docstring).
 
@@ -85,8 +92,22 @@ class DeferredPrediction(torch.Tensor):
     others.
     """
 
-    _recording: _Recording
+    _recording: _Recording = _NONE
     _stand_in: torch.Tensor
+
+    def __deepcopy__(self, memo: dict) -> torch.Tensor:
+        """A copy (an ordinary tensor) once filled; before, an error like any read."""
+        if not self._recording.filled:
+            raise self._recording.error("copies the first call's prediction (`deepcopy`)")
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.clone()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickled (``torch.save``) as the ordinary tensor it holds once filled."""
+        if not self._recording.filled:
+            raise self._recording.error("saves the first call's prediction (`pickle`)")
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
 
     @staticmethod
     def make(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device,

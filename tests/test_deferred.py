@@ -8,6 +8,8 @@ an x0 estimate; Motif-Video: a clone) are in tests/test_dit_pipelines.py.
 
 from __future__ import annotations
 
+import copy
+import io
 import random
 
 import pytest
@@ -62,6 +64,15 @@ def test_what_the_loop_computed_before_the_fill_equals_the_eager_computation(see
     # filled: ordinary tensors from here on, and the operations return ordinary tensors
     assert type(got[0] * 2) is torch.Tensor and torch.equal(got[0] * 2, expected[0] * 2)
     assert got[0].shape == expected[0].shape and got[0].data_ptr() != 0
+    # a callback may keep a copy, or save it
+    kept = copy.deepcopy(got[1])
+    assert type(kept) is torch.Tensor and torch.equal(kept, expected[1])
+    assert kept.data_ptr() != got[1].data_ptr()
+    buffer = io.BytesIO()
+    torch.save(got[0], buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)  # weights_only: an ordinary tensor was saved
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, expected[0])
 
 
 def test_a_prediction_of_another_shape_than_the_sample_replays_exactly(seed):
@@ -89,6 +100,8 @@ def test_reading_a_value_or_shape_before_the_fill_is_an_error(seed, read):
              "equal": lambda: torch.equal(deferred, latents)}
     with pytest.raises(HybridError, match=f"^{OWNER}'s loop .*before its second denoiser call"):
         reads[read]()
+    with pytest.raises(HybridError, match=r"copies the first call's prediction \(`deepcopy`\)"):
+        copy.deepcopy(derived)
     # printing it (a debugger, an error message) says what it is
     assert repr(derived) == str(deferred) == (
         f"<deferred prediction of {OWNER}: computed at the step's second denoiser call>")
