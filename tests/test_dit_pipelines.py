@@ -273,7 +273,7 @@ def _rank_dit(rank, seed):
                                                **UNGUIDED_CALL[name])
         results[name] = cell
     # a guider that makes one batch at some steps (a late start) or at all (disabled): those
-    # steps make one call, which every rank runs whole
+    # steps make one call, which every rank runs whole; and adaptive projected guidance
     import diffusers.guiders
     from diffusers import ClassifierFreeGuidance
 
@@ -285,6 +285,7 @@ def _rank_dit(rank, seed):
         modes = list(hr.last_report(runner).modes)
         pipe = runner.restore()
         results[key] = (got, _call(pipe, "hunyuan-video15", kwargs, STEPS_K0, seed), modes)
+    # HunyuanImage without glyphs (its loop picks ``guider``) or without guiders (none)
     for key in HUNYUAN_IMAGE_VARIANTS:
         pipe, kwargs = build_dit("hunyuan-image", seed=seed)
         if key == "hunyuan-image-no-glyphs":
