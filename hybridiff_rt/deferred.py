@@ -132,8 +132,12 @@ class DeferredPrediction(torch.Tensor):
         """Whether :meth:`fill` has run (the tensor holds its value)."""
         return self._recording.filled
 
-    def fill(self, value: torch.Tensor) -> None:
+    def fill(self, value: torch.Tensor) -> list[str]:
         """Point this (the first call's) tensor at ``value`` and replay what was computed from it.
+
+        Returns:
+            the names of the replayed operations, in their order (empty: the loop computed
+            nothing on the prediction before the fill).
 
         Raises:
             HybridError: ``value``'s dtype or device is not this tensor's, or a replayed
@@ -151,6 +155,7 @@ class DeferredPrediction(torch.Tensor):
             try:
                 for step in recording.steps:
                     _replay(recording, step)
+                return [_name(step.func) for step in recording.steps]
             finally:
                 recording.filled = True
                 recording.steps = []

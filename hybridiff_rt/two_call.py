@@ -431,7 +431,12 @@ class TwoCallSteps:
                 f"{type(engine.model).__name__} returned {first.dtype} on {first.device}, but the "
                 f"deferred buffer of the first call was {buffer.dtype} on {buffer.device} (the "
                 "parameters' dtype); cast the denoiser and its inputs to one dtype")
-        buffer.fill(first)
+        replayed = buffer.fill(first)
+        if replayed:
+            engine.report.note(
+                f"two-call CFG: {type(self.adapter.pipe).__name__}'s loop computes on the first "
+                f"call's result before its second call ({', '.join(dict.fromkeys(replayed))}); "
+                "those operations were recorded and replayed on the prediction at the second call")
         engine.report.note(
             f"two-call CFG: {type(self.adapter.pipe).__name__} calls its denoiser once per branch "
             f"({self.layout.first_branch} first); each step's first call returned a deferred "

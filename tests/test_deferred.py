@@ -56,7 +56,9 @@ def test_what_the_loop_computed_before_the_fill_equals_the_eager_computation(see
     got = _loop(deferred, latents, sigma)
     assert all(type(t) is DeferredPrediction and not t.is_filled for t in got)
     assert got[5] is got[0]  # the cast to its own dtype returned the same tensor, as eagerly
-    deferred.fill(prediction)
+    # what was recorded: only the operations that take the prediction or what came of it
+    assert deferred.fill(prediction) == ["float", "mul", "add", "to", "clone", "mul_", "to",
+                                         "sum", "__getitem__", "float", "cat"]
     for name, want, have in zip(("x0", "doubled", "sum", "slice", "cat", "same", "prediction"),
                                 expected, got):
         assert have.is_filled and have.shape == want.shape and have.dtype == want.dtype, name

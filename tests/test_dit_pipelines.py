@@ -114,6 +114,12 @@ APG_PIPELINED = "motif-video-apg"
 #: ``guider``, not the OCR one; without either guider, none (one call per step)
 HUNYUAN_IMAGE_VARIANTS = {"hunyuan-image-no-glyphs": ["cbp"] * 3,
                           "hunyuan-image-unguided": ["serial"] * 3}
+#: the two-call loops that compute on the cond call's result before the uncond call, and one
+#: operation each applies to it (read off their source)
+COMPUTES_EARLY = {"cosmos2-t2i": "float", "cosmos2-v2w": "float", "cosmos2.5-t2w": "mul",
+                  "motif-video": "clone", "motif-video-i2v": "clone",
+                  "flux-kontext": "__getitem__", "qwen-image-edit": "__getitem__",
+                  "qwen-image-edit-plus": "__getitem__", "flux2-klein": "__getitem__"}
 #: fp32, batch-2 calls vs two batch-1 calls over a few steps of a tiny random model: the largest
 #: difference relative to the largest magnitude of the plain result (random models drive the
 #: latents to magnitudes of hundreds; measured: 3e-7 of that for Sana, up to 2.3e-5 for the
@@ -416,6 +422,21 @@ def test_k0_equals_the_exact_serial_reference_on_both_ranks(ranks, name):
         np.testing.assert_array_equal(a["k0"], a["reference"], err_msg=f"{name} seed {seed}")
         scale = float(np.abs(a["plain"]).max())
         assert float(np.abs(a["k0"] - a["plain"]).max()) <= BATCH_TOLERANCE * scale
+
+
+def test_the_report_names_what_a_loop_computed_before_its_second_call(ranks):
+    """The loops that compute on the cond call's result before the uncond call (slices, x0
+    estimates, masks, clones) get one report note naming those operations, replayed at the
+    second call; no other loop gets one (it computes nothing on the deferred prediction)."""
+    seed, (r0, _) = ranks
+    for name in DIT_BUILDERS:
+        notes = [n for n in r0[name]["k0_report"]["notes"] if "recorded and replayed" in n]
+        if name not in COMPUTES_EARLY:
+            assert not notes, (name, notes)
+            continue
+        assert len(notes) == 1, (name, r0[name]["k0_report"]["notes"])
+        operations = notes[0].split("before its second call (")[1].split(")")[0].split(", ")
+        assert COMPUTES_EARLY[name] in operations, (name, notes)
 
 
 @pytest.mark.parametrize("name", list(WITH_ADAPTER))
