@@ -51,16 +51,14 @@ _READS_VALUE = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "
 
 @dataclasses.dataclass
 class _Step:
-    """One recorded operation: ``out`` (a deferred tensor) is ``func(*args, **kwargs)``;
-    ``expected`` is the stand-ins' result (meta: its dtype is checked at the replay);
-    ``versions`` the version counters of the ordinary tensors among the arguments when it was
-    recorded."""
+    """One recorded operation: ``out`` (a deferred tensor, of the dtype the stand-ins gave) is
+    ``func(*args, **kwargs)``; ``versions`` the version counters of the ordinary tensors among
+    the arguments when it was recorded."""
 
     func: Callable[..., Any]
     args: tuple
     kwargs: dict
     out: DeferredPrediction
-    expected: torch.Tensor
     versions: list[tuple[torch.Tensor, int]]
 
 
@@ -172,12 +170,13 @@ class DeferredPrediction(torch.Tensor):
         recording = pending[0]._recording
         if any(t._recording is not recording for t in pending):
             raise HybridError("two unfilled deferred predictions meet in one operation")
-        return _record(recording, func, args, kwargs)
+        return _record(recording, pending[0], func, args, kwargs)
 
 
-def _record(recording: _Recording, func: Callable[..., Any], args: tuple,
-            kwargs: dict) -> Any:
-    """Record ``func(*args, **kwargs)`` on unfilled deferred tensors (module docstring)."""
+def _record(recording: _Recording, pending: DeferredPrediction, func: Callable[..., Any],
+            args: tuple, kwargs: dict) -> Any:
+    """Record ``func(*args, **kwargs)`` on unfilled deferred tensors, ``pending`` one of them
+    (module docstring)."""
     name = _name(func)
     if name in _KNOWN_BEFORE_FILL:  # a property read: the placeholder has the right ones
         with torch._C.DisableTorchFunctionSubclass():
@@ -210,10 +209,10 @@ def _record(recording: _Recording, func: Callable[..., Any], args: tuple,
         out = target
         target._stand_in = expected
     else:
-        device = next(t for t in _tensors((args, kwargs))
-                      if isinstance(t, DeferredPrediction)).device
+        with torch._C.DisableTorchFunctionSubclass():
+            device = pending.device
         out = DeferredPrediction._derived(recording, expected, device)
-    recording.steps.append(_Step(func, args, kwargs, out, expected, versions))
+    recording.steps.append(_Step(func, args, kwargs, out, versions))
     return out
 
 
@@ -227,10 +226,10 @@ def _replay(recording: _Recording, step: _Step) -> None:
     result = step.func(*step.args, **step.kwargs)
     if result is step.out:  # in place on a deferred tensor
         return
-    if result.dtype != step.expected.dtype or result.device != step.out.device:
+    if result.dtype != step.out.dtype or result.device != step.out.device:
         raise recording.error(
             f"computes `{name}` on the first call's prediction, which gave {result.dtype} on "
-            f"{result.device} where {step.expected.dtype} on {step.out.device} was expected")
+            f"{result.device} where {step.out.dtype} on {step.out.device} was expected")
     step.out.set_(result)
 
 

@@ -91,9 +91,8 @@ VERIFIED_GUIDERS: tuple[str, ...] = ("ClassifierFreeGuidance", "AdaptiveProjecte
                                      "AdaptiveProjectedMixGuidance")
 
 
-def _verified(guider: Any, where: str) -> Any:
-    """``guider`` (found at ``where``, e.g. ``"HunyuanVideo15Pipeline.guider"``) if it is one of
-    :data:`VERIFIED_GUIDERS`.
+def _verified(pipe: Any, attribute: str) -> Any:
+    """The guider ``pipe.<attribute>`` if it is one of :data:`VERIFIED_GUIDERS`.
 
     Raises:
         UnsupportedModelError: another guider (perturbed-attention or skip-layer guidance, ...:
@@ -101,13 +100,13 @@ def _verified(guider: Any, where: str) -> Any:
     """
     import diffusers.guiders
 
+    guider = getattr(pipe, attribute, None)
     if not any(type(guider) is getattr(diffusers.guiders, name, None)
                for name in VERIFIED_GUIDERS):
-        attribute = where.rsplit(".", 1)[-1]
         raise UnsupportedModelError(
-            f"{where} is {type(guider).__name__}; hybridiff_rt splits guider loops only with "
-            f"diffusers' {', '.join(VERIFIED_GUIDERS)} (one cond and one uncond call per step, "
-            f"combined after both). Set pipe.{attribute} = "
+            f"{type(pipe).__name__}.{attribute} is {type(guider).__name__}; hybridiff_rt splits "
+            f"guider loops only with diffusers' {', '.join(VERIFIED_GUIDERS)} (one cond and one "
+            f"uncond call per step, combined after both). Set pipe.{attribute} = "
             "ClassifierFreeGuidance(guidance_scale=...), or run this pipeline without "
             "hybridiff_rt")
     return guider
@@ -117,7 +116,7 @@ def verified_guider(pipe: Any, call_kwargs: dict[str, Any] | None = None) -> Any
     """``pipe.guider`` if it is one of :data:`VERIFIED_GUIDERS`, the guiders the verified guider
     pipelines are tested with (a ``TwoCallLayout.guider_of``; raises UnsupportedModelError
     otherwise)."""
-    return _verified(getattr(pipe, "guider", None), f"{type(pipe).__name__}.guider")
+    return _verified(pipe, "guider")
 
 
 def _hunyuan_image_guider(pipe: Any, call_kwargs: dict[str, Any]) -> Any:
@@ -126,11 +125,11 @@ def _hunyuan_image_guider(pipe: Any, call_kwargs: dict[str, Any]) -> Any:
     all zero) and the pipeline has one (the refiner has none), else ``guider``; None without
     either (a distilled model: one call per step)."""
     glyphs = call_kwargs.get("encoder_hidden_states_2")
-    ocr = getattr(pipe, "ocr_guider", None)
-    if glyphs is not None and not bool(torch.all(glyphs == 0)) and ocr is not None:
-        return _verified(ocr, f"{type(pipe).__name__}.ocr_guider")
+    if (glyphs is not None and not bool(torch.all(glyphs == 0))
+            and getattr(pipe, "ocr_guider", None) is not None):
+        return _verified(pipe, "ocr_guider")
     if pipe.guider is not None:
-        return verified_guider(pipe)
+        return _verified(pipe, "guider")
     return None
 
 
@@ -138,7 +137,7 @@ def _hunyuan_image_guiders(pipe: Any) -> None:
     """At ``hr.parallelize``: each guider HunyuanImage's loops may pick is a verified one."""
     for attribute in ("guider", "ocr_guider"):
         if getattr(pipe, attribute, None) is not None:
-            _verified(getattr(pipe, attribute), f"{type(pipe).__name__}.{attribute}")
+            _verified(pipe, attribute)
 
 
 @dataclasses.dataclass(frozen=True)

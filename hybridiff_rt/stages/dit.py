@@ -110,6 +110,13 @@ _FLUX_LISTS_JOINED: dict[str, Any] = dict(
     returns=("encoder_hidden_states", "hidden_states"),
     per_list={"single_transformer_blocks": (("hidden_states",), ("hidden_states",))})
 
+#: Dual-stream blocks, then single-stream blocks that take and return both streams too, each
+#: returning (hidden, encoder): HunyuanVideo, HunyuanImage, Motif-Video.
+_BOTH_STREAMS_THROUGH_BOTH_LISTS = DiTFamily(
+    blocks=("transformer_blocks", "single_transformer_blocks"),
+    flow=("hidden_states", "encoder_hidden_states"),
+    returns=("hidden_states", "encoder_hidden_states"))
+
 #: class name -> description. A new DiT family is one entry here plus a test that its staged
 #: forward equals its own forward (tests/test_generic_denoisers.py).
 DIT_FAMILIES: dict[str, DiTFamily] = {
@@ -173,18 +180,9 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
         blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
         returns=("hidden_states", "encoder_hidden_states")),
     # dual-stream, then single-stream blocks that take and return both streams too
-    "HunyuanVideoTransformer3DModel": DiTFamily(
-        blocks=("transformer_blocks", "single_transformer_blocks"),
-        flow=("hidden_states", "encoder_hidden_states"),
-        returns=("hidden_states", "encoder_hidden_states")),
-    "HunyuanImageTransformer2DModel": DiTFamily(
-        blocks=("transformer_blocks", "single_transformer_blocks"),
-        flow=("hidden_states", "encoder_hidden_states"),
-        returns=("hidden_states", "encoder_hidden_states")),
-    "MotifVideoTransformer3DModel": DiTFamily(
-        blocks=("transformer_blocks", "single_transformer_blocks"),
-        flow=("hidden_states", "encoder_hidden_states"),
-        returns=("hidden_states", "encoder_hidden_states")),
+    "HunyuanVideoTransformer3DModel": _BOTH_STREAMS_THROUGH_BOTH_LISTS,
+    "HunyuanImageTransformer2DModel": _BOTH_STREAMS_THROUGH_BOTH_LISTS,
+    "MotifVideoTransformer3DModel": _BOTH_STREAMS_THROUGH_BOTH_LISTS,
     "HunyuanVideo15Transformer3DModel": DiTFamily(
         blocks=("transformer_blocks",), flow=("hidden_states", "encoder_hidden_states"),
         returns=("hidden_states", "encoder_hidden_states")),

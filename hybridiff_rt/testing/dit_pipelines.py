@@ -1082,9 +1082,10 @@ def cosmos_transformer(size: str = "tiny", **overrides: Any):
 
 
 def _cosmos(cls_name: str, seed: int, size: str, scheduler: Any, transformer: dict[str, Any],
-            autoencoder: Any = None):
+            autoencoder: Any = None, text_width: int = 16):
     """A Cosmos pipeline class of diffusers on :func:`cosmos_transformer` with the
-    :class:`GuardrailStandIn`, called with seeded T5-width embeddings of 6 tokens."""
+    :class:`GuardrailStandIn`, called with seeded text embeddings of 6 tokens (``text_width``
+    wide: the T5 width of the tiny transformer by default)."""
     import diffusers
 
     pipe = getattr(diffusers, cls_name)(
@@ -1092,8 +1093,8 @@ def _cosmos(cls_name: str, seed: int, size: str, scheduler: Any, transformer: di
         transformer=cosmos_transformer(size, seed=seed, **transformer),
         safety_checker=GuardrailStandIn())
     gen = torch.Generator().manual_seed(seed + 1)
-    return _finish(pipe), {"prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 16),
-                           "negative_prompt_embeds": _embeds(gen, 1, 6, 16)}
+    return _finish(pipe), {"prompt": None, "prompt_embeds": _embeds(gen, 1, 6, text_width),
+                           "negative_prompt_embeds": _embeds(gen, 1, 6, text_width)}
 
 
 def cosmos_t2w(seed: int = 0, size: str = "tiny"):
@@ -1144,14 +1145,12 @@ def cosmos25_t2w(seed: int = 0, size: str = "tiny"):
     loop but convert their inputs with torchvision, which is not installed here."""
     with seeded(seed + 5):
         autoencoder = wan_vae()
-    pipe, _ = _cosmos("Cosmos2_5_PredictBasePipeline", seed, size,
-                      _flow_unipc(3.0), {"in_channels": 5, "use_crossattn_projection": True,
-                                         "crossattn_proj_in_channels": 24,
-                                         "encoder_hidden_states_channels": 16}, autoencoder)
-    gen = torch.Generator().manual_seed(seed + 1)
-    return pipe, {"prompt": None, "prompt_embeds": _embeds(gen, 1, 6, 24),
-                  "negative_prompt_embeds": _embeds(gen, 1, 6, 24), "height": 64, "width": 64,
-                  "num_frames": 5}
+    pipe, kwargs = _cosmos("Cosmos2_5_PredictBasePipeline", seed, size,
+                           _flow_unipc(3.0), {"in_channels": 5, "use_crossattn_projection": True,
+                                              "crossattn_proj_in_channels": 24,
+                                              "encoder_hidden_states_channels": 16},
+                           autoencoder, text_width=24)
+    return pipe, dict(kwargs, height=64, width=64, num_frames=5)
 
 
 def hunyuan_image_transformer(size: str, seed: int, **config: Any):
