@@ -173,9 +173,19 @@ check_sdist() {  # check_sdist SDIST: prints its log, records its result
   fi
 }
 
-artefacts=("${wheels[@]}")
+# Longest checks first, so the last ones running are short: the sdist (it compiles the
+# extension), the demo wheel, the other cp311 wheels (torch installed, tests run), then the rest
+# (often PARTIAL: no local torch for their interpreter). The results print in the same order.
+artefacts=()
 sdists=("$DIST"/hybridiff_rt-*.tar.gz)
 [[ ${#sdists[@]} -gt 0 ]] && artefacts+=("${sdists[0]}")
+artefacts+=("$demo_wheel")
+for w in "${wheels[@]}"; do
+  [[ "$w" != "$demo_wheel" && "$(basename "$w")" == *-cp311-* ]] && artefacts+=("$w")
+done
+for w in "${wheels[@]}"; do
+  [[ "$w" != "$demo_wheel" && "$(basename "$w")" != *-cp311-* ]] && artefacts+=("$w")
+done
 
 # JOBS checks at a time, each in the background with its own log and pip cache
 running=0

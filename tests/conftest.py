@@ -1,4 +1,6 @@
-"""Test-wide settings: offline hub, one CPU thread, GPU tests skipped without CUDA."""
+"""Test-wide settings: offline hub, one CPU thread, GPU tests skipped without CUDA; test modules
+that define ``start_early(selected)`` / ``stop_early()`` get them called at the end of collection
+(with the names of their selected tests) and at the end of the session."""
 
 import os
 
@@ -18,3 +20,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _early_starters(session) -> dict:
+    """{module: names of its selected tests} for the collected modules that define start_early."""
+    modules: dict = {}
+    for item in getattr(session, "items", ()):  # none when collection failed
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_early"):
+            modules.setdefault(module, set()).add(getattr(item, "originalname", item.name))
+    return modules
+
+
+def pytest_collection_finish(session):
+    # a subprocess that mostly waits (for limits, timeouts) runs beside the tests before its own
+    if session.config.option.collectonly:
+        return
+    for module, selected in _early_starters(session).items():
+        module.start_early(selected)
+
+
+def pytest_sessionfinish(session):
+    for module in _early_starters(session):
+        module.stop_early()

@@ -57,7 +57,7 @@ def _rank_late_peer(rank, seed, delay_s):
 
 def test_a_late_peer_within_the_handshake_limit_just_works():
     seed = random.randrange(1 << 16)
-    (a1, a2, modes0), (b1, b2, modes1) = all_ok(run_ranks(_rank_late_peer, seed, 5.0,
+    (a1, a2, modes0), (b1, b2, modes1) = all_ok(run_ranks(_rank_late_peer, seed, 3.5,
                                                           timeout_s=240))
     assert (a1 == b1).all() and (a1 == a2).all() and (b1 == b2).all()
     assert modes0 == modes1 == ["cbp"] * STEPS
@@ -92,11 +92,11 @@ def _rank_dead_peer(rank, seed, phase):
     pipe = testing.build("sdxl", seed=seed)
     steps = 8
     if phase == "cbp":
-        cfg = hr.HybridConfig(k=0, timeout_s=3, handshake_timeout_s=10)
+        cfg = hr.HybridConfig(k=0, timeout_s=3, handshake_timeout_s=5)
         die_at = 2
     else:  # tau1 by cap at step 1: steps 2..4 pipelined
         cfg = hr.HybridConfig(window=1, slope_eps=0.0, k=3, tau_cap=1, timeout_s=3,
-                              handshake_timeout_s=10)
+                              handshake_timeout_s=5)
         die_at = 3
     runner = hr.parallelize(pipe, cfg)
 
