@@ -185,11 +185,46 @@ def scale_to_steps(fields: dict[str, Any], num_steps: int) -> dict[str, Any]:
     out["tau_cap"] = max(1, round(fields["tau_cap"] * ratio))
     out["k"] = max(1, round(fields["k"] * ratio)) if fields["k"] > 0 else 0
     out["slope_eps"] = fields["slope_eps"] / ratio
-    limit = num_steps - 2
-    if out["tau_cap"] + out["k"] > limit:
-        out["tau_cap"] = max(1, limit - out["k"])
-        out["k"] = max(0, min(out["k"], limit - out["tau_cap"]))
+    out["tau_cap"], out["k"] = _fitted_cap_and_k(out["tau_cap"], out["k"], num_steps)
     return out
+
+
+def _fitted_cap_and_k(tau_cap: int, k: int, num_steps: int) -> tuple[int, int]:
+    """(tau_cap, k) lowered until tau_cap + k <= num_steps - 2 (a CBP step is left after the
+    pipelined ones): tau_cap first (not below 1), then k (not below 0)."""
+    limit = num_steps - 2
+    if tau_cap + k > limit:
+        tau_cap = max(1, limit - k)
+        k = max(0, min(k, limit - tau_cap))
+    return tau_cap, k
+
+
+def fit_to_steps(cfg: HybridConfig, num_steps: int) -> tuple[HybridConfig, str | None]:
+    """``cfg`` with its pipelined phase fitted into a run of ``num_steps`` denoiser steps, and a
+    note for the run report saying what changed (None when nothing did).
+
+    A run must end with at least one CBP step after its pipelined ones: tau_cap + k <= num_steps
+    - 2. A run too short for ``cfg`` (img2img at a low strength, a few-step sampler, a 2-step
+    test) gets tau_cap lowered to fit, then k; below 4 steps k becomes 0 (condition-based
+    partitioning throughout). Only the switch point's cap and the pipelined length change; the
+    other fields stay as given (:meth:`HybridConfig.preset` with ``num_steps`` rescales them all).
+    """
+    _check_int("num_steps", num_steps, minimum=1)
+    if cfg.k == 0:
+        return cfg, None
+    tau_cap, k = _fitted_cap_and_k(cfg.tau_cap, cfg.k, num_steps)
+    if (tau_cap, k) == (cfg.tau_cap, cfg.k):
+        return cfg, None
+    why = (f"this run has {num_steps} denoiser steps, too few for tau_cap={cfg.tau_cap} and "
+           f"k={cfg.k} (a CBP step must follow the pipelined ones: tau_cap + k <= "
+           f"{num_steps - 2})")
+    if k == 0:
+        done = "no pipelined steps (k=0), condition-based partitioning only"
+    else:
+        done = f"fitted to tau_cap={tau_cap}, k={k}"
+    return (cfg.replace(tau_cap=tau_cap, k=k),
+            f"{why}: {done}; HybridConfig.preset(name, num_steps={num_steps}) tunes every field "
+            f"to {num_steps} steps")
 
 
 def require_config(cfg: Any) -> HybridConfig:

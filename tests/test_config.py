@@ -7,12 +7,13 @@ what compile / cuda_graphs do at run time in test_compiled.py.)
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
 
 import hybridiff_rt as hr
-from hybridiff_rt.config import COMPILE_MODES, PRESETS, scale_to_steps
+from hybridiff_rt.config import COMPILE_MODES, PRESETS, fit_to_steps, scale_to_steps
 
 
 def test_presets_are_the_paper_defaults_at_50_steps():
@@ -41,6 +42,36 @@ def test_scaled_presets_give_a_schedule_the_runtime_accepts(name, steps):
 def test_scaling_identity_at_50_steps_and_tiny_runs_drop_pipelining():
     assert scale_to_steps(PRESETS["sdxl"], 50) == PRESETS["sdxl"]
     assert hr.HybridConfig.preset("sdxl", num_steps=3).k == 0
+
+
+def test_a_run_too_short_for_the_pipelined_phase_gets_it_fitted_with_a_note():
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for _ in range(300):
+        cfg = hr.HybridConfig(window=rng.randint(1, 20), k=rng.randint(0, 10),
+                              tau_cap=rng.randint(1, 40), slope_eps=rng.choice([0.0, 4e-4]))
+        steps = rng.randint(1, 60)
+        fitted, note = fit_to_steps(cfg, steps)
+        hr.SwitchSchedule(fitted, steps)  # always a schedule the runtime accepts
+        fits = cfg.k == 0 or cfg.tau_cap + cfg.k <= steps - 2
+        if fits:  # nothing changes, nothing to say
+            assert fitted is cfg and note is None, (seed, cfg, steps)
+            continue
+        # only the cap and the pipelined length move, and only down; the cap first
+        assert fitted == cfg.replace(tau_cap=fitted.tau_cap, k=fitted.k), (seed, cfg, steps)
+        assert 1 <= fitted.tau_cap <= cfg.tau_cap and 0 <= fitted.k <= cfg.k
+        assert fitted.k == cfg.k or fitted.tau_cap == 1, (seed, cfg, steps)
+        # as long a pipelined phase as fits: k = 0 only when no step can be pipelined
+        assert fitted.k == 0 or fitted.tau_cap + fitted.k == steps - 2, (seed, cfg, steps)
+        assert (fitted.k == 0) == (steps < 4 or cfg.k == 0), (seed, cfg, steps)
+        assert f"this run has {steps} denoiser steps" in note and \
+            f"tau_cap={cfg.tau_cap} and k={cfg.k}" in note, note
+        assert (f"fitted to tau_cap={fitted.tau_cap}, k={fitted.k}" in note if fitted.k
+                else "no pipelined steps (k=0)" in note), note
+        assert f"HybridConfig.preset(name, num_steps={steps})" in note
+    # the paper's default on a 20-step run keeps its 5 pipelined steps, switching by step 13
+    fitted, note = fit_to_steps(hr.HybridConfig(), 20)
+    assert (fitted.tau_cap, fitted.k) == (13, 5), note
 
 
 @pytest.mark.parametrize("field,value,fragment", [

@@ -28,7 +28,7 @@ from ..comm import (
     make_transport,
     wait_for_keys,
 )
-from ..config import HybridConfig, require_config
+from ..config import HybridConfig, fit_to_steps, require_config
 from ..errors import (
     HybridError,
     NonFinitePredictionError,
@@ -457,6 +457,9 @@ class HybridDenoiser:
                 schedule_cfg = self.cfg.replace(k=0)
                 self._report.note(f"no pipelined steps in this run (k=0 instead of "
                                   f"{self.cfg.k}): {problem}")
+        schedule_cfg, fitted = fit_to_steps(schedule_cfg, num_steps)
+        if fitted:  # the same step count on every rank (just checked): the same schedule
+            self._report.note(fitted)
         self._schedule = SwitchSchedule(schedule_cfg, num_steps)
         transport = self._get_transport()
         self._report.transport = transport.name
@@ -557,7 +560,9 @@ class HybridDenoiser:
             self._report.layout["links"] = {f"{self.rank}->{1 - self.rank}":
                                            transport.link_name(1 - self.rank)}
             return
-        self._scale = ScaleOut(layout=layout, transport=transport, cfg=self.cfg,
+        # the run's schedule may have fitted k and tau_cap to its step count (fit_to_steps)
+        run_cfg = self.cfg.replace(k=self._schedule.k, tau_cap=self._schedule.tau_cap)
+        self._scale = ScaleOut(layout=layout, transport=transport, cfg=run_cfg,
                                staged=self._staged,
                                expert_stages=tuple(self._expert_stages.values()),
                                report=self._report, run_model=self._run_model,
@@ -600,7 +605,7 @@ class HybridDenoiser:
             self._report.note("some steps had a non-finite discrepancy (all-zero uncond "
                               "prediction); they never trigger a switch")
         self._schedule.observe(step, measured)
-        if self.cfg.pipeline_guidance == "reuse" and self.cfg.k > 0:
+        if self.cfg.pipeline_guidance == "reuse" and self._schedule.k > 0:
             self._last_difference = cond_pred - uncond_pred
         return measured
 
