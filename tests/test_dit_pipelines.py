@@ -2,7 +2,7 @@
 the generic DiT stage adapter.
 
 One spawn of two ranks runs, for every tiny pipeline of hybridiff_rt.testing.dit_pipelines
-(PixArt-Sigma, Sana with and without a ControlNet, AuraFlow, HunyuanDiT, HiDream-I1 (CBP only),
+(PixArt-Sigma, Sana with and without a ControlNet, AuraFlow, HunyuanDiT, HiDream-I1,
 CogVideoX, LTX-Video, Mochi, Allegro, Latte (CBP only), CogView3-Plus: batched [uncond; cond];
 Lumina-Next: batched [cond; uncond]; Wan 2.1, Wan 2.2 with two experts, Wan image-to-video, Lumina2
 (with CFG truncation), Qwen-Image, Flux true CFG, CogView4 with and without a control image,
@@ -25,7 +25,8 @@ cond call's result before the uncond call): two calls per step):
   (relative to the largest magnitude) of the ordinary batch-2 pipeline;
 * k>0 for the families with a DiT stage adapter (PixArt-Sigma, Sana, CogVideoX, LTX-Video, Mochi,
   Allegro, CogView3-Plus, Lumina-Next (its halves swapped into the runtime's roles), AuraFlow,
-  HunyuanDiT with its long skip connections, Wan 2.1 T2V and I2V, Wan 2.2 with two experts,
+  HunyuanDiT with its long skip connections, HiDream-I1 with its Llama layers appended around each
+  block, Wan 2.1 T2V and I2V, Wan 2.2 with two experts,
   Lumina2, Qwen-Image, Flux and Chroma with and without an IP-Adapter, Flux and Qwen-Image with a
   ControlNet, CogView4 with and without a control image):
   the modes follow the schedule and the output equals, bit for bit, a one-process emulation of
@@ -82,7 +83,7 @@ WITH_ADAPTER = {"pixart-sigma": "reuse", "sana": "off", "auraflow": "reuse", "hu
                 "hunyuan-video15-i2v": "reuse", "cosmos-t2w": "off", "cosmos2-t2i": "reuse",
                 "cosmos2-v2w": "off", "motif-video": "reuse", "motif-video-i2v": "off",
                 "cosmos2.5-t2w": "reuse", "hunyuan-image": "off",
-                "hunyuan-image-refiner": "reuse"}
+                "hunyuan-image-refiner": "reuse", "hidream": "off"}
 #: call arguments of the pipelined runs: Lumina2 without CFG truncation, so that the pipelined
 #: steps are guided (its truncated steps run whole on every rank, as in the k=0 runs)
 PIPELINED_CALL = {"lumina2": {"cfg_trunc_ratio": 1.0}}
@@ -152,7 +153,7 @@ def emulate(pipe, name, kwargs, tau1, tau2, cuts, policy, seed, steps=STEPS_PIPE
 
     import hybridiff_rt as hr
     from hybridiff_rt.engine.batch import join_cfg_batch
-    from hybridiff_rt.engine.branch_layout import split_branch_kwargs
+    from hybridiff_rt.engine.branch_layout import batch_axes, split_branch_kwargs
     from hybridiff_rt.stages.base import prediction_of
 
     memory = {"step": 0, "stale": None, "difference": None, "cond": None, "expert": None}
@@ -181,7 +182,9 @@ def emulate(pipe, name, kwargs, tau1, tau2, cuts, policy, seed, steps=STEPS_PIPE
             kw.pop("return_dict", None)
             step = memory["step"]
             memory["step"] += 1
-            uncond_kw, cond_kw = split_branch_kwargs(kw, kw["hidden_states"].shape[0])
+            # HiDream's stacked Llama states are split along their own batch axis
+            uncond_kw, cond_kw = split_branch_kwargs(kw, kw["hidden_states"].shape[0],
+                                                     axes=batch_axes(model))
             if DIT_INFO[name].cond_first:
                 uncond_kw, cond_kw = cond_kw, uncond_kw
             if tau1 < step <= tau2:

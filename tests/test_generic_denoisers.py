@@ -83,7 +83,8 @@ def _dit_cases(seed):
     # dual-stream (and AuraFlow's, Chroma's and Flux 2's dual- then single-stream, Chroma's
     # per-block modulation, Lumina2's refiners before its layers, HunyuanDiT's long skip
     # connections, its sample and timestep passed positionally; the video DiTs CogVideoX, LTX,
-    # Mochi, Allegro, HunyuanVideo and 1.5): inputs as their pipelines make them
+    # Mochi, Allegro, HunyuanVideo and 1.5; HiDream's Llama layers appended to a stream around
+    # every block): inputs as their pipelines make them
     # (CogView4: the uncond call's text is longer than the cond call's, a layout of its own)
     for name in ("qwen-image", "flux-true-cfg", "cogview4", "auraflow", "lumina2", "chroma",
                  "hunyuan-dit", "skyreels-v2", "ovis-image", "krea2", "nucleus-moe",
@@ -91,7 +92,7 @@ def _dit_cases(seed):
                  "cogview3-plus", "lumina-next", "hunyuan-video", "hunyuan-video15",
                  "chronoedit", "wan-vace", "kandinsky5-t2v",
                  "hunyuan-video-i2v-token-replace", "cosmos2-v2w", "motif-video",
-                 "cosmos2.5-t2w", "hunyuan-image", "hunyuan-image-refiner"):
+                 "cosmos2.5-t2w", "hunyuan-image", "hunyuan-image-refiner", "hidream"):
         small = ("chroma", "flux2-klein", "cogvideox", "ltx-video", "mochi", "allegro",
                  "cogview3-plus", "hunyuan-video", "hunyuan-video15",
                  "hunyuan-video-i2v-token-replace", "cosmos2-v2w", "motif-video")
@@ -340,6 +341,59 @@ class ToyArgsDiT(torch.nn.Module):
         for i, block in enumerate(self.blocks):
             hidden_states = block(hidden_states, temb, 1.0 + 0.5 * i, temb * i)
         return (self.proj(hidden_states),)
+
+
+class ToyJoinDiT(torch.nn.Module):
+    """Before each block, the forward joins that block's own tokens to the flow (after it, or
+    before it with ``prepend``) and afterwards keeps the flow's own tokens (HiDream's pattern)."""
+
+    def __init__(self, layers, prepend=False):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(layers))
+        self.prepend = prepend
+
+    def forward(self, hidden_states, extra, return_dict=True):
+        tokens = hidden_states.shape[1]
+        for i, block in enumerate(self.blocks):
+            joined = [extra[i], hidden_states] if self.prepend else [hidden_states, extra[i]]
+            hidden_states = block(torch.cat(joined, dim=1))
+            hidden_states = hidden_states[:, -tokens:] if self.prepend else \
+                hidden_states[:, :tokens]
+        return (hidden_states * 2,)
+
+
+def test_tokens_appended_around_each_block_are_appended_again_at_every_cut(seed, monkeypatch):
+    """A description's ``appended``: each unit keeps its output's own tokens and appends the next
+    block's recorded ones, equal to the forward bit for bit at every cut; a forward that puts the
+    tokens in front is refused at first use, naming the description."""
+    from hybridiff_rt.stages import dit
+
+    monkeypatch.setitem(dit.DIT_FAMILIES, "ToyJoinDiT", dit.DiTFamily(
+        blocks=("blocks",), flow=("input",), returns=("input",),
+        appended={"blocks": ("input",)}))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layers = random.Random(seed).randint(2, 4)
+    kw = {"hidden_states": _randn(gen, 2, 5, 8),
+          "extra": [_randn(gen, 2, random.Random(seed + i).randint(1, 4), 8)
+                    for i in range(layers)]}
+    model = ToyJoinDiT(layers)
+    staged = hr.stage_denoiser(model)
+    with torch.no_grad():
+        expected = model(**kw)[0]
+        ctx = staged.prepare(**kw)
+        # unit i appends block i+1's tokens after the 5 kept; the last unit returns all of them
+        assert [sorted(j) for j in ctx.joined[0]] == [["input"]] * (layers - 1) + [[]]
+        for i, join in enumerate(ctx.joined[0][:-1]):
+            kept, tokens = join["input"]
+            assert kept == 5 and torch.equal(tokens, kw["extra"][i + 1])
+        for cut in range(1, len(staged.units)):
+            boundary = staged.run(ctx.initial_state, ctx, 0, cut)
+            got = staged.finish(staged.run(boundary, ctx, cut, None), ctx)
+            assert torch.equal(got, expected), (seed, cut)
+        with pytest.raises(hr.UnsupportedModelError, match="'appended' does not fit"):
+            hr.stage_denoiser(ToyJoinDiT(layers, prepend=True)).prepare(**kw)
 
 
 def test_blocks_given_values_through_their_star_args_get_them_back_at_every_cut(seed,

@@ -5,7 +5,8 @@
 * ``UNet2DConditionModel`` -> :class:`~hybridiff_rt.stages.unet.StagedUNet`
 * ``SD3Transformer2DModel`` -> :class:`~hybridiff_rt.stages.mmdit.StagedSD3Transformer`
 * the DiT families described in :data:`~hybridiff_rt.stages.dit.DIT_FAMILIES` (PixArt-Sigma,
-  Sana, Wan, Qwen-Image, Flux, CogView4) -> :class:`~hybridiff_rt.stages.dit.StagedDiT`
+  Sana, Wan, Qwen-Image, Flux, HiDream-I1 and the others listed there) ->
+  :class:`~hybridiff_rt.stages.dit.StagedDiT`
 
 See :mod:`hybridiff_rt.stages.base` for the prepare / units / finish contract and the state format,
 :mod:`hybridiff_rt.stages.partition` for the cut search and :mod:`hybridiff_rt.stages.costs` for

@@ -33,6 +33,15 @@ temporarily replaced by stand-ins:
   (``0 + r == r``); the block's unit adds it to its output (the step context's ``added``). After
   the last block of a list the forward's own code adds it, in ``into.<list>`` or ``out``.
 
+* Tokens the forward appends to a flow before each block and cuts off after it (HiDream-I1 joins
+  each block's own Llama 3 layer to a stream: the family's ``appended``): ``prepare`` records
+  with stand-ins that return NaN for those flows, so in what the next block receives the
+  positions that came from the previous block are NaN and the appended tokens are not. The
+  previous block's unit then does what the forward did: keeps that many leading tokens of its
+  output and appends the recorded tokens (the step context's ``joined``). A block whose output
+  the forward's own code cuts next (the last of a list, before ``into.<list>`` or ``out``)
+  returns its output whole.
+
 Running all units therefore equals the model's own forward bit for bit, for model classes whose
 forward does nothing else to the flow between the blocks of a list (it may compute each block's
 non-flow arguments there, as Chroma slices its modulation table per block), checked for each
@@ -84,6 +93,9 @@ class DiTFamily:
             units reproduce from what ``prepare`` records (module docstring).
         per_list: ``flow`` and ``returns`` of the lists whose blocks differ from the others,
             by list attribute: ``{attribute: (flow, returns)}``.
+        appended: per list attribute, the flow arguments to which the forward appends tokens
+            (dim 1) before each block of the list and cuts them off after it, keeping the
+            leading ones (module docstring); not with ``between``.
     """
 
     blocks: tuple[str, ...]
@@ -93,6 +105,7 @@ class DiTFamily:
     between: tuple[str, ...] = ()
     per_list: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = dataclasses.field(
         default_factory=dict)
+    appended: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def flow_of(self, blocks: str) -> tuple[str, ...]:
         """The flow arguments of the blocks of list ``blocks``."""
@@ -195,6 +208,16 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
     # ... and image-stream blocks with cross-attention to the fixed text
     "LTXVideoTransformer3DModel": DiTFamily(blocks=("transformer_blocks",)),
     "AllegroTransformer3DModel": DiTFamily(blocks=("transformer_blocks",)),
+    # dual- then single-stream blocks (mixture-of-experts feed-forward); before each block the
+    # forward appends that block's Llama 3 layer to a stream (the text stream of the dual-stream
+    # blocks, the joined sequence of the single-stream ones) and cuts it off after the block
+    "HiDreamImageTransformer2DModel": DiTFamily(
+        blocks=("double_stream_blocks", "single_stream_blocks"),
+        flow=("hidden_states", "encoder_hidden_states"),
+        returns=("hidden_states", "encoder_hidden_states"),
+        per_list={"single_stream_blocks": (("hidden_states",), ("hidden_states",))},
+        appended={"double_stream_blocks": ("encoder_hidden_states",),
+                  "single_stream_blocks": ("hidden_states",)}),
     # Flux-like lists, joined as AuraFlow's; each block gets its own slice of one modulation table
     "ChromaTransformer2DModel": DiTFamily(
         **_FLUX_LISTS_JOINED,
@@ -237,6 +260,23 @@ def _named_before_var_positional(block: torch.nn.Module) -> list[str]:
 def dit_family(model: torch.nn.Module) -> DiTFamily | None:
     """The description of ``model``'s class (exact class name match), or None."""
     return DIT_FAMILIES.get(type(model).__name__)
+
+
+def _appended_tokens(received: torch.Tensor, where: str) -> tuple[int, torch.Tensor] | None:
+    """How a flow the previous block's stand-in returned as NaN reached the next block: (number
+    of leading tokens kept from it, the tokens appended after them) along dim 1, or None when
+    nothing was appended. Anything else (NaN mixed with values within a token, values before
+    NaN, no NaN at all) raises UnsupportedModelError: the description does not fit."""
+    per_token = received.movedim(1, 0).reshape(received.shape[1], -1).isnan()
+    from_previous, appended = per_token.all(dim=1), ~per_token.any(dim=1)
+    kept = int(from_previous.sum())
+    if not (kept and from_previous[:kept].all() and appended[kept:].all()):
+        raise UnsupportedModelError(
+            f"{where} does not receive the previous block's output followed by appended tokens "
+            "(dim 1); the DiT description's 'appended' does not fit this model")
+    if kept == received.shape[1]:
+        return None
+    return kept, received[:, kept:]
 
 
 class _Stop(Exception):
@@ -282,6 +322,9 @@ class DiTContext(StageContext):
             that output before the next block of the list (or of the next list, when no
             ``into.`` unit is between them) takes it: ControlNet residuals, each shaped like the
             output; empty dicts when the call passes none (the family's ``between``).
+        joined: per block list, per block, ``{returned name: (kept, tokens)}`` for the outputs
+            the next block takes as ``cat([output[:, :kept], tokens], dim=1)`` (the family's
+            ``appended``); empty dicts elsewhere.
     """
 
     block_kwargs: list[list[dict[str, Any]]]
@@ -289,6 +332,7 @@ class DiTContext(StageContext):
     carried: list[list[dict[str, tuple[str, bool]]]]
     kept: list[list[dict[str, str]]]
     added: list[list[dict[str, torch.Tensor]]]
+    joined: list[list[dict[str, tuple[int, torch.Tensor]]]]
 
 
 class DiTBlock(Unit):
@@ -317,6 +361,8 @@ class DiTBlock(Unit):
         new = dict(zip(self.returns, values))
         for name, residual in ctx.added[li][i].items():
             new[name] = new[name] + residual
+        for name, (kept, tokens) in ctx.joined[li][i].items():
+            new[name] = torch.cat([new[name][:, :kept], tokens], dim=1)
         riding.update({key: new[name] for name, key in ctx.kept[li][i].items()})
         return {**new, **riding}
 
@@ -403,6 +449,12 @@ class StagedDiT(StagedDenoiser):
         if not self._lists:
             raise UnsupportedModelError(f"{type(model).__name__} has no blocks in "
                                         f"{', '.join(family.blocks)}: nothing to stage")
+        if family.appended and family.between:
+            raise UnsupportedModelError(f"the description of {type(model).__name__} has both "
+                                        "'appended' and 'between', which the staged DiT does not "
+                                        "combine")
+        #: per list, the flows the forward appends tokens to around each block
+        self._appended = [family.appended.get(attr, ()) for attr, _ in self._lists]
         #: the forward signature of each list's block class (bound at every block call)
         self._block_signatures = [inspect.signature(type(blocks[0]).forward)
                                   for _, blocks in self._lists]
@@ -499,6 +551,8 @@ class StagedDiT(StagedDenoiser):
         returned: dict[tuple[int, int], dict[str, Any]] = {}  # what each stand-in returned
         added: list[list[dict[str, torch.Tensor]]] = [[{} for _ in blocks]
                                                       for _, blocks in self._lists]
+        joined: list[list[dict[str, tuple[int, torch.Tensor]]]] = [[{} for _ in blocks]
+                                                                   for _, blocks in self._lists]
 
         def record(li: int, index: int, args: tuple, kw: dict) -> Any:
             recorded[li][index] = named = self._bind_block_call(li, args, kw)
@@ -508,12 +562,20 @@ class StagedDiT(StagedDenoiser):
                 for name in self._flows[li]:  # not what the previous stand-in returned: 0 + r
                     if isinstance(gave.get(name), torch.Tensor) and named[name] is not gave[name]:
                         added[previous[0]][previous[1]][name] = named[name]
-            fresh = {}  # the flow passed through (or zeros), as the block's returns
+            if previous is not None:  # the previous stand-in returned NaN for these flows
+                for name in self._appended[li]:
+                    join = _appended_tokens(named[name], f"{self._lists[li][0]}.{index}")
+                    if join is not None:
+                        joined[previous[0]][previous[1]][name] = join
+            fresh = {}  # the flow passed through (zeros, NaN), as the block's returns
             for name in self._returns[li]:
                 value = named[name]
                 if isinstance(value, torch.Tensor):
                     # a new object: its users can be told apart
-                    value = torch.zeros_like(value) if zeros else value.view_as(value)
+                    if name in self._appended[li]:
+                        value = torch.full_like(value, float("nan"))
+                    else:
+                        value = torch.zeros_like(value) if zeros else value.view_as(value)
                     producer[id(value)] = (li, index, name)
                     views.append(value)
                 fresh[name] = value
@@ -544,7 +606,7 @@ class StagedDiT(StagedDenoiser):
                         for calls, flow, taken_here in zip(recorded, self._flows, sources)]
         ctx = DiTContext(initial_state={k: recorded[0][0][k] for k in self._flows[0]},
                          block_kwargs=block_kwargs, forward_kwargs=kwargs, carried=carried,
-                         kept=kept, added=added)
+                         kept=kept, added=added, joined=joined)
         layout = _layout(kwargs)
         if layout not in self._checked:
             self._check_against_forward(ctx)

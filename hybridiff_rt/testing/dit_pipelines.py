@@ -232,18 +232,20 @@ def hidream(seed: int = 0, size: str = "tiny"):
     one batched [uncond; cond] call per step) at 64 px -> 8 x 8 latents, 16 tokens. Its text
     conditioning: T5 embeddings (1, 6, 8), the hidden states of two Llama 3 layers stacked in
     front, (2, 1, 5, 4), which the pipeline joins along axis 1, and pooled embeddings (1, 16).
-    The pipeline rescales every request to the area of ``default_sample_size`` latents a side,
-    set to 8 here; the transformer is put in eval mode (in training mode it returns patches)."""
+    The transformer appends one of the two Llama layers (in turn) to a stream before each of its
+    blocks (2 dual- and 2 single-stream blocks; "small": 3 of each). The pipeline rescales every
+    request to the area of ``default_sample_size`` latents a side, set to 8 here; the transformer
+    is put in eval mode (in training mode it returns patches)."""
     from diffusers import HiDreamImagePipeline, HiDreamImageTransformer2DModel
 
-    layers = {"tiny": 1, "small": 3}[size]
+    layers = {"tiny": 2, "small": 3}[size]
     with seeded(seed):
         transformer = HiDreamImageTransformer2DModel(
             patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
             num_single_layers=layers, attention_head_dim=8, num_attention_heads=4,
             caption_channels=[8, 4], text_emb_dim=16, num_routed_experts=4,
             num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32),
-            llama_layers=[0, 1]).eval()
+            llama_layers=[0, 1] * layers).eval()
     pipe = HiDreamImagePipeline(
         scheduler=flow_match_scheduler(), vae=None, text_encoder=None, tokenizer=None,
         text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
