@@ -3,7 +3,9 @@
 The two-rank output is compared bit for bit with a one-process emulation of the same schedule:
 per-branch denoiser calls on CBP steps and the staged model run with the stale boundary on
 pipelined steps. The mode sequence is checked against an independent implementation of the
-switching rule of docs/method.md applied to the discrepancies the run recorded.
+switching rule of docs/method.md applied to the discrepancies the run recorded. A staged model
+that cannot take the call's arguments makes the run CBP only with a note; any other error in its
+prepare is raised, never turned into a note.
 """
 
 from __future__ import annotations
@@ -176,3 +178,53 @@ def test_peer_death_during_pipelined_steps_raises_timeout_on_survivor():
     assert 0 in outcomes, "rank 0 hung"
     assert outcomes[0].error_type == "PeerTimeoutError", outcomes[0]
     assert "pipeline step" in outcomes[0].error
+
+
+def _rank_staging_checks(rank, seed):
+    """What the first pipelined run does when the staged model's prepare (a) is not given an
+    argument it takes, (b) fails inside: (a) runs CBP only with a note, (b) raises."""
+    import hybridiff_rt as hr
+    from hybridiff_rt import testing
+    from hybridiff_rt.stages.mmdit import StagedSD3Transformer
+
+    cfg = hr.HybridConfig(window=1, slope_eps=0.0, k=2, tau_cap=1, timeout_s=20)
+    call = {"prompt": "a red fox", "height": 32, "width": 32, "num_inference_steps": 5,
+            "output_type": "latent", "generator": torch.Generator().manual_seed(seed)}
+    results = {}
+    original = StagedSD3Transformer.prepare
+    # (a) a prepare that takes no joint_attention_kwargs (the pipeline passes it, None)
+    StagedSD3Transformer.prepare = lambda self, hidden_states, encoder_hidden_states, \
+        pooled_projections, timestep, return_dict=True: original(
+            self, hidden_states, encoder_hidden_states, pooled_projections, timestep)
+    try:
+        runner = hr.parallelize(testing.build("sd3", seed=seed), cfg)
+        runner(**call)
+        report = hr.last_report(runner)
+        results["unbound"] = (list(report.modes), list(report.notes))
+        runner.restore()
+
+        # (b) a bug inside prepare: it must surface, not pass for a note
+        def broken(self, **kw):
+            raise TypeError("a bug inside prepare")
+
+        StagedSD3Transformer.prepare = broken
+        runner = hr.parallelize(testing.build("sd3", seed=seed), cfg)
+        try:
+            runner(**call)
+            results["bug"] = None
+        except TypeError as exc:
+            results["bug"] = str(exc)
+    finally:
+        StagedSD3Transformer.prepare = original
+    return results
+
+
+def test_an_argument_the_stages_do_not_take_is_noted_and_a_bug_in_prepare_is_raised():
+    seed = random.randrange(1 << 16)
+    for rank, results in enumerate(all_ok(run_ranks(_rank_staging_checks, seed,
+                                                    timeout_s=240))):
+        modes, notes = results["unbound"]
+        assert modes == ["cbp"] * 5, (rank, modes)
+        assert any("the stage pipeline cannot carry these inputs (its prepare:" in n and
+                   "joint_attention_kwargs" in n for n in notes), (rank, notes)
+        assert results["bug"] == "a bug inside prepare", (rank, results["bug"])

@@ -12,6 +12,7 @@ Per step it asks the SwitchSchedule for the mode and then
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import json
 import math
@@ -504,9 +505,13 @@ class HybridDenoiser:
     def _staging_problem(self, cond_kw: Kwargs) -> str:
         """Why the staged denoiser cannot run these inputs ("" when it can): checked at the first
         call on every rank, so an unsupported input never surfaces in the middle of a run."""
-        try:
+        try:  # an argument the adapter does not take: a TypeError from the binding alone
+            inspect.signature(self._staged.prepare).bind(**cond_kw)
+        except TypeError as exc:
+            return f"the stage pipeline cannot carry these inputs (its prepare: {exc})"
+        try:  # any other error escapes: a bug must not pass for a note
             self._staged.prepare(**cond_kw)
-        except (UnsupportedModelError, ShapeError, TypeError) as exc:
+        except (UnsupportedModelError, ShapeError) as exc:
             return f"the stage pipeline cannot carry these inputs ({exc})"
         return ""
 

@@ -67,7 +67,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ShapeError, UnsupportedModelError
+from ..errors import HybridError, ShapeError, UnsupportedModelError
 from .base import (
     StageContext,
     StagedDenoiser,
@@ -534,7 +534,11 @@ class StagedDiT(StagedDenoiser):
         """Run the prologue of the model's forward on these arguments (its own code) and record
         what its blocks are called with. Arguments as in the model's forward; ``return_dict``
         is ignored."""
-        kwargs = dict(self._signature.bind(self.model, **denoiser_kwargs).arguments)
+        try:
+            kwargs = dict(self._signature.bind(self.model, **denoiser_kwargs).arguments)
+        except TypeError as exc:
+            raise UnsupportedModelError(f"{type(self.model).__name__}'s forward does not take "
+                                        f"these arguments: {exc}") from exc
         kwargs.pop("self", None)
         kwargs.pop("return_dict", None)
         for name in self.family.refused:
@@ -582,7 +586,15 @@ class StagedDiT(StagedDenoiser):
             returned[(li, index)] = fresh
             return _block_output(tuple(fresh.values()))
 
-        self._run_forward({**kwargs, "return_dict": False}, record)
+        try:
+            self._run_forward({**kwargs, "return_dict": False}, record)
+        except HybridError:
+            raise
+        except Exception as exc:  # bad inputs, or stand-ins that do not fit the forward
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}'s forward failed with its blocks stood in for "
+                f"({type(exc).__name__}: {exc}): these inputs or the DiT description do not "
+                "fit it") from exc
         missing = [f"{attr}.{i}" for (attr, _), calls in zip(self._lists, recorded)
                    for i, call in enumerate(calls) if call is None]
         if missing:
