@@ -215,9 +215,10 @@ def fit_to_steps(cfg: HybridConfig, num_steps: int) -> tuple[HybridConfig, str |
     tau_cap, k = _fitted_cap_and_k(cfg.tau_cap, cfg.k, num_steps)
     if (tau_cap, k) == (cfg.tau_cap, cfg.k):
         return cfg, None
+    rule = ("a pipelined phase needs at least 4 steps" if num_steps < 4 else
+            f"a CBP step must follow the pipelined ones: tau_cap + k <= {num_steps - 2}")
     why = (f"this run has {num_steps} denoiser steps, too few for tau_cap={cfg.tau_cap} and "
-           f"k={cfg.k} (a CBP step must follow the pipelined ones: tau_cap + k <= "
-           f"{num_steps - 2})")
+           f"k={cfg.k} ({rule})")
     if k == 0:
         done = "no pipelined steps (k=0), condition-based partitioning only"
     else:

@@ -69,6 +69,8 @@ def test_a_run_too_short_for_the_pipelined_phase_gets_it_fitted_with_a_note():
         assert (f"fitted to tau_cap={fitted.tau_cap}, k={fitted.k}" in note if fitted.k
                 else "no pipelined steps (k=0)" in note), note
         assert f"HybridConfig.preset(name, num_steps={steps})" in note
+        assert ("needs at least 4 steps" in note if steps < 4 else
+                f"tau_cap + k <= {steps - 2})" in note), note
     # the paper's default on a 20-step run keeps its 5 pipelined steps, switching by step 13
     fitted, note = fit_to_steps(hr.HybridConfig(), 20)
     assert (fitted.tau_cap, fitted.k) == (13, 5), note
